@@ -1,0 +1,291 @@
+"""Typed recipe configuration.
+
+A recipe is the paper's training setup as data: model, per-stage data/augmentation/optimisation,
+hardware, evaluation plan and the paper's claims. Claims are kept apart from what vfm computes
+(`vfm plan`, evaluation). Where the paper and its upstream code disagree, the paper's value is the
+field value and the upstream value is recorded in `upstream` (see `UpstreamNote`).
+
+Every model forbids unknown fields and validates types strictly enough that a typo in a YAML file or
+in `--set a.b=value` fails with the field's path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    timm_name: str
+    """Name in timm's registry, e.g. `vit_huge_patch14_224`."""
+    kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    """Architecture overrides passed to `timm.create_model` (e.g. patch_size=16, img_size=512)."""
+    family: Literal["vit", "convnext"] = "vit"
+
+
+class AugmentConfig(_Strict):
+    """Training-time augmentation. Field names follow timm's `transforms_imagenet_train`/`Mixup`."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    color_jitter: float | None = 0.4
+    force_color_jitter: bool = False
+    """timm drops colour jitter when RandAugment is on unless forced; some papers use both."""
+    rand_augment: str | None = None
+    """timm RandAugment string, e.g. `rand-m9-mstd0.5`."""
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    random_erase: float = 0.0
+    interpolation: str = "bicubic"
+
+
+class MultiCropConfig(_Strict):
+    """DINOv2 multi-crop: global crops see the teacher, local crops only the student."""
+
+    global_crops_count: int = Field(2, ge=1)
+    global_crops_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops_count: int = Field(8, ge=0)
+    local_crops_size: int = 98
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+
+
+class DataConfig(_Strict):
+    dataset: str
+    """Dataset id: in22k-fall11, in21k-winter21, in1k, lvd142m, imagenet-r, imagenet-c, folder."""
+    resolution: int = Field(224, ge=8)
+    crop_pct: float = Field(0.875, gt=0, le=1.0)
+    """Eval transform: resize to resolution/crop_pct, centre-crop resolution."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    multicrop: MultiCropConfig | None = None
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float | None = Field(None, gt=0)
+    """Absolute peak learning rate at the recipe's global batch. Exactly one of lr / base_lr."""
+    base_lr: float | None = Field(None, gt=0)
+    """Peak learning rate at `base_batch`; scaled by `lr_scaling` to the actual global batch."""
+    base_batch: int = 256
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.05, ge=0)
+    weight_decay_end: float | None = None
+    """Cosine weight-decay schedule end value (DINOv2); None keeps it constant."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay for fine-tuning (timm `param_groups_layer_decay`)."""
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_epochs: float | None = Field(None, ge=0)
+    warmup_lr_init: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = Field(1e-6, ge=0)
+    clip_grad: float | None = Field(None, gt=0)
+    patch_embed_lr_mult: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_lr(self) -> OptimConfig:
+        if (self.lr is None) == (self.base_lr is None):
+            raise ValueError("set exactly one of `lr` (absolute) or `base_lr` (scaled with lr_scaling)")
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError("set at most one of `warmup_steps` or `warmup_epochs`")
+        return self
+
+    def peak_lr(self, global_batch: int) -> float:
+        """The lr at `global_batch` after the scaling rule (DINOv2: sqrt w.r.t. 1024; DeiT: linear w.r.t. 256)."""
+        if self.lr is not None:
+            return self.lr
+        assert self.base_lr is not None
+        ratio = global_batch / self.base_batch
+        return {"none": self.base_lr, "linear": self.base_lr * ratio, "sqrt": self.base_lr * ratio**0.5}[
+            self.lr_scaling
+        ]
+
+
+class BatchConfig(_Strict):
+    global_batch: int = Field(ge=1)
+    micro_batch: int = Field(ge=1)
+    """Samples per GPU per forward/backward."""
+    grad_accum: int | None = Field(None, ge=1)
+    """Micro-steps per optimiser update; None derives global / (micro × world size)."""
+
+
+class SSLConfig(_Strict):
+    """DINOv2 self-distillation settings."""
+
+    momentum_start: float = 0.994
+    momentum_end: float = 1.0
+    momentum_schedule: Literal["cosine", "linear"] = "cosine"
+    teacher_temp_start: float = 0.04
+    teacher_temp_end: float = 0.07
+    teacher_temp_warmup_epochs: float = 30
+    student_temp: float = 0.1
+    centering: Literal["centering", "sinkhorn_knopp"] = "sinkhorn_knopp"
+    center_momentum: float = 0.9
+    head_prototypes: int = 65536
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_layers: int = 3
+    ibot: bool = True
+    ibot_separate_head: bool = False
+    ibot_prototypes: int = 65536
+    ibot_bottleneck: int = 256
+    ibot_loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    koleo: bool = True
+    koleo_loss_weight: float = 0.1
+    freeze_last_layer_epochs: float = 1
+    epoch_length_steps: int | None = 1250
+    """DINOv2's fixed "epoch" of iterations, unrelated to dataset size."""
+
+
+class StageConfig(_Strict):
+    data: DataConfig
+    batch: BatchConfig
+    optim: OptimConfig
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    """Total optimiser updates; alternative to epochs."""
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    ema: float | None = None
+    """Model EMA decay (ConvNeXt fine-tune evaluates the EMA); None disables."""
+    head_init_scale: float | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    checkpoint_every_steps: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    num_samples: int | None = None
+    """Samples per epoch; None takes the dataset's standard size (vfm.recipes.datasets)."""
+
+    @model_validator(mode="after")
+    def _duration(self) -> StageConfig:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("set exactly one of `epochs` or `steps`")
+        return self
+
+
+class HardwareConfig(_Strict):
+    gpu: str = "H100-SXM-80GB"
+    gpus: int = Field(8, ge=1)
+    gpus_per_node: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _whole_nodes(self) -> HardwareConfig:
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise ValueError(
+                f"gpus={self.gpus} is not a whole number of nodes of gpus_per_node={self.gpus_per_node}; "
+                "use a multiple of gpus_per_node"
+            )
+        return self
+
+    @property
+    def nodes(self) -> int:
+        return max(1, -(-self.gpus // self.gpus_per_node))
+
+    @property
+    def procs_per_node(self) -> int:
+        return min(self.gpus, self.gpus_per_node)
+
+
+class EvalConfig(_Strict):
+    suites: list[Literal["in1k", "in_c", "in_r", "knn"]] = Field(default_factory=lambda: ["in1k"])
+    knn_every_steps: int | None = None
+    """k-NN of the (teacher) backbone during pretraining every N steps; None disables."""
+    knn_k: list[int] = Field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+
+
+class PaperConfig(_Strict):
+    title: str
+    seed: str
+    """The seed document id this recipe was transcribed from."""
+    arxiv: str | None = None
+    year: int | None = None
+    country: str | None = None
+
+
+class Claims(_Strict):
+    """What the paper says it achieved. Never written by vfm; compared against what vfm measures."""
+
+    top1: float | None = None
+    knn_top1: float | None = None
+    params_millions: float | None = None
+    duration_days: float | None = None
+    duration_text: str | None = None
+
+
+class UpstreamNote(_Strict):
+    """A place where the paper and the upstream code disagree (or the paper is ambiguous)."""
+
+    field: str
+    paper: str
+    upstream: str
+    source: str
+
+
+class Recipe(_Strict):
+    id: str
+    title: str
+    paper: PaperConfig
+    model: ModelConfig
+    stages: dict[Literal["pretrain", "finetune"], StageConfig]
+    ssl: SSLConfig | None = None
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    claims: Claims = Field(default_factory=Claims)
+    upstream: list[UpstreamNote] = Field(default_factory=list)
+    provenance: dict[str, str] = Field(default_factory=dict)
+    """Field path → where a value came from when the seed paper is silent."""
+    profile: Literal["paper", "smoke"] = "paper"
+
+    @model_validator(mode="after")
+    def _batches(self) -> Recipe:
+        world = self.hardware.gpus
+        for name, stage in self.stages.items():
+            b = stage.batch
+            per_update = b.micro_batch * world
+            if b.grad_accum is None:
+                if b.global_batch % per_update:
+                    raise ValueError(
+                        f"stages.{name}.batch.global_batch={b.global_batch} is not a multiple of "
+                        f"micro_batch × world size = {b.micro_batch} × {world} = {per_update}; "
+                        "change global_batch, micro_batch or hardware.gpus"
+                    )
+            elif b.micro_batch * b.grad_accum * world != b.global_batch:
+                raise ValueError(
+                    f"stages.{name}.batch: micro_batch × grad_accum × world size = {b.micro_batch} × "
+                    f"{b.grad_accum} × {world} = {b.micro_batch * b.grad_accum * world} ≠ "
+                    f"global_batch={b.global_batch}; fix one of them or drop grad_accum to derive it"
+                )
+            if stage.data.augment.mixup or stage.data.augment.cutmix:
+                if b.micro_batch % 2:
+                    raise ValueError(
+                        f"stages.{name}.batch.micro_batch={b.micro_batch} must be even with Mixup/CutMix"
+                    )
+        if self.ssl is not None and "pretrain" in self.stages:
+            if self.stages["pretrain"].data.multicrop is None:
+                raise ValueError("stages.pretrain.data.multicrop is required when `ssl` is set")
+        return self
+
+    def grad_accum(self, stage: str) -> int:
+        b = self.stages[stage].batch  # type: ignore[index]
+        return b.grad_accum or b.global_batch // (b.micro_batch * self.hardware.gpus)
+
+    @property
+    def is_ssl(self) -> bool:
+        return self.ssl is not None
