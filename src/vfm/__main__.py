@@ -1,0 +1,3 @@
+from vfm.cli import main
+
+main()

@@ -1,0 +1,136 @@
+"""The `vfm` command. Each area registers its own commands (`register(app)`); this file holds the
+recipe/plan commands and the error policy: user-fixable errors print one message and exit 2."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from vfm.errors import USER_ERRORS
+
+app = typer.Typer(help="vfm: vision foundation model recipes → shards → training → evaluation → MLflow.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipes_app = typer.Typer(help="The seed recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
+ProfileOpt = Annotated[str, typer.Option("--profile", help="Scale profile: paper or smoke.")]
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """The five seed recipes."""
+    from vfm.recipes import list_recipes, load_recipe
+
+    table = Table("id", "model", "stages", "paper seed", "claims")
+    for rid in list_recipes():
+        r = load_recipe(rid)
+        claims = ", ".join(f"{k}={v}" for k, v in r.claims.model_dump(exclude_none=True).items())
+        kw = ",".join(f"{k}={v}" for k, v in r.model.kwargs.items())
+        table.add_row(rid, r.model.timm_name + (f" ({kw})" if kw else ""), " → ".join(r.stages),
+                      r.paper.seed, claims)
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    recipe_id: str,
+    resolved: Annotated[bool, typer.Option("--resolved", help="After profile, overrides and defaults.")] = False,
+    overrides: SetOpt = None,
+    profile: ProfileOpt = "paper",
+) -> None:
+    """Print a recipe as YAML: the seed as written, or `--resolved` with every default filled in."""
+    from vfm.recipes import load_recipe, recipe_dict
+
+    recipe = load_recipe(recipe_id, overrides, profile)  # validates even when showing the raw seed
+    data = recipe.model_dump(mode="json") if resolved or overrides or profile != "paper" else recipe_dict(recipe_id)
+    console.print(yaml.safe_dump(data, sort_keys=False), markup=False, highlight=False)
+
+
+@app.command("plan")
+def plan_cmd(
+    recipe_id: str,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="Plan for this many GPUs instead.")] = None,
+    mfu: Annotated[float, typer.Option("--mfu", help="Model FLOP utilisation to assume.")] = 0.4,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    overrides: SetOpt = None,
+    profile: ProfileOpt = "paper",
+) -> None:
+    """Derived numbers of a recipe: world size, batch arithmetic, steps, params, FLOPs, GPU-hours, memory."""
+    from vfm.plan import plan
+    from vfm.recipes import load_recipe
+
+    sets = list(overrides or [])
+    if gpus is not None:
+        sets.insert(0, f"hardware.gpus={gpus}")
+    p = plan(load_recipe(recipe_id, sets, profile), mfu=mfu)
+    if as_json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return
+    console.print(f"[bold]{p.recipe}[/] ({p.profile}): {p.gpus}× {p.gpu} = {p.nodes} node(s) × "
+                  f"{min(p.gpus, p.gpus_per_node)} GPUs, MFU {p.mfu:.0%}")
+    table = Table("", *[s.stage for s in p.stages])
+
+    def row(label: str, fmt) -> None:
+        table.add_row(label, *[fmt(s) for s in p.stages])
+
+    row("dataset @ resolution", lambda s: f"{s.dataset} @ {s.resolution}px")
+    row("samples / epoch", lambda s: f"{s.samples_per_epoch:,}")
+    row("micro × accum × world", lambda s: f"{s.micro_batch} × {s.grad_accum} × {s.world_size} = {s.global_batch:,}")
+    row("steps / epoch", lambda s: f"{s.steps_per_epoch:,}")
+    row("total steps (warmup)", lambda s: f"{s.total_steps:,} ({s.warmup_steps:,})")
+    row("peak lr", lambda s: f"{s.peak_lr:.3g}")
+    row("params", lambda s: f"{s.params / 1e6:,.1f} M")
+    row("fwd GFLOP / image", lambda s: f"{s.forward_gflops_per_image:,.1f}")
+    row("train GFLOP / sample", lambda s: f"{s.train_gflops_per_sample:,.1f}")
+    row("train FLOPs", lambda s: f"{s.train_flops:.3g}")
+    row("GPU-hours", lambda s: "n/a" if s.gpu_hours is None else f"{s.gpu_hours:,.0f}")
+    row("wall-clock", lambda s: "n/a" if s.wall_clock_hours is None else f"{s.wall_clock_hours / 24:,.2f} days")
+    row("memory / GPU", lambda s: f"{s.memory_gb['total_gb']:.1f} GB "
+        f"(states {s.memory_gb['weights_grads_adamw_gb']:.1f} + act {s.memory_gb['activations_gb']:.1f})")
+    console.print(table)
+    if p.params_claim_millions is not None:
+        console.print(f"params: paper {p.params_claim_millions:g} M, counted {p.params_counted_millions:,.1f} M")
+    if p.total_wall_clock_days is not None:
+        claim = f" (paper: {p.claimed_days:g} days)" if p.claimed_days else ""
+        console.print(f"total: {p.total_gpu_hours:,.0f} GPU-hours, {p.total_wall_clock_days:.2f} days{claim}")
+    for w in p.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+# each area's commands; a module listed here exposes `register(app)`
+_AREAS: list[str] = []
+
+
+def _register_areas() -> None:
+    for name in _AREAS:
+        importlib.import_module(name).register(app)
+
+
+_register_areas()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except USER_ERRORS as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,70 @@
+"""timm model construction from a recipe, and parameter / FLOP counting on the meta device.
+
+timm's data config ignores size overrides (recipes.md §1.3 gotcha 2), so the data side never asks the
+model for its input size: resolution comes from the recipe stage and is passed to the model here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vfm.recipes.datasets import NUM_CLASSES
+from vfm.recipes.schema import Recipe
+
+
+def stage_num_classes(recipe: Recipe, stage: str) -> int:
+    """Classes of a stage's dataset (0 = headless backbone, e.g. self-supervised pretraining)."""
+    if recipe.is_ssl and stage == "pretrain":
+        return 0
+    return NUM_CLASSES.get(recipe.stages[stage].data.dataset, 0)  # type: ignore[index]
+
+
+def model_kwargs(recipe: Recipe, stage: str, num_classes: int | None = None) -> dict:
+    st = recipe.stages[stage]  # type: ignore[index]
+    kwargs: dict = dict(recipe.model.kwargs)
+    if recipe.model.family == "vit":
+        kwargs["img_size"] = st.data.resolution
+    if recipe.is_ssl:
+        kwargs["dynamic_img_size"] = True  # multi-crop: one backbone sees 224 px globals and 98 px locals
+    kwargs["drop_path_rate"] = st.drop_path
+    kwargs["num_classes"] = stage_num_classes(recipe, stage) if num_classes is None else num_classes
+    if st.head_init_scale is not None and recipe.model.family == "convnext":
+        kwargs["head_init_scale"] = st.head_init_scale
+    return kwargs
+
+
+def build_model(
+    recipe: Recipe, stage: str = "pretrain", *, num_classes: int | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """`timm.create_model` with the recipe's architecture overrides and the stage's resolution/classes.
+
+    Always passes `num_classes`: `vit_huge_patch14_224` and `vit_giant_patch14_dinov2` default to headless.
+    """
+    import timm
+
+    with torch.device(device):
+        return timm.create_model(recipe.model.timm_name, pretrained=False, **model_kwargs(recipe, stage, num_classes))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: nn.Module, resolution: int, batch: int = 1) -> int:
+    """Real floating-point ops (2 × MACs) of one forward pass, counted by torch's FlopCounterMode.
+
+    Works on meta-device models (nothing is allocated), so ViT-g/14 is counted on a laptop.
+    Training cost is taken as 3 × forward (perf.md §2: verified for ViTs; the counter over-counts
+    ConvNeXt's depthwise backward, so we never count backward directly).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    x = torch.empty(batch, 3, resolution, resolution, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())

@@ -1,0 +1,180 @@
+"""MLflow conventions shared by every stage.
+
+- one experiment per recipe: `vfm/<recipe-id>`;
+- one parent run per pipeline run, one child run per stage (`mlflow.parentRunId` tag, so the UI nests them);
+- params = the flattened resolved recipe; tags = recipe id, stage, profile, git sha, `claim.*`;
+- a run is found again by its `vfm.run_key` tag, so a pod restarted after a crash (or a retried KFP
+  task) continues the *same* run id instead of starting a new one;
+- an exception marks the run FAILED; SIGTERM-style exits (SystemExit with a retryable code) mark it
+  KILLED so the restarted process re-opens it.
+
+All calls go through `MlflowClient` (no fluent global state): several runs can be open in one process
+(a pipeline parent and its stages) and nothing leaks between tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vfm.recipes import Recipe, flatten
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "vfm.run_key"
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def experiment_name(recipe_id: str) -> str:
+    return f"vfm/{recipe_id}"
+
+
+def git_sha() -> str:
+    if sha := os.environ.get("VFM_GIT_SHA"):
+        return sha
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def recipe_tags(recipe: Recipe) -> dict[str, str]:
+    tags = {"vfm.recipe": recipe.id, "vfm.profile": recipe.profile, "vfm.git_sha": git_sha(),
+            "vfm.paper_seed": recipe.paper.seed}
+    for key, value in recipe.claims.model_dump().items():
+        if value is not None:
+            tags[f"claim.{key}"] = str(value)
+    return tags
+
+
+@dataclass
+class TrackedRun:
+    """A handle on one MLflow run; a no-op when tracking is off (`client is None`)."""
+
+    client: Any
+    run_id: str | None
+    experiment_id: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        path = Path(local_path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        if self.enabled:
+            self.client.log_dict(self.run_id, obj, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def tracking_uri(uri: str | None = None) -> str | None:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def open_run(
+    recipe: Recipe,
+    *,
+    stage: str,
+    run_key: str,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> TrackedRun:
+    """Create the run for (`recipe`, `run_key`) or re-open it if a previous attempt created it."""
+    uri = tracking_uri(uri)
+    if uri is None:
+        log.info("MLflow tracking is off for %s/%s: set MLFLOW_TRACKING_URI to record it", recipe.id, stage)
+        return TrackedRun(client=None, run_id=None)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    name = experiment_name(recipe.id)
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else _create_experiment(client, name)
+
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        log.info("continuing MLflow run %s (%s)", run_id, run_key)
+    else:
+        tags = {**recipe_tags(recipe), "vfm.stage": stage, RUN_KEY_TAG: run_key, **(extra_tags or {})}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, run_name=run_name or f"{recipe.id}-{stage}", tags=tags).info.run_id
+    run = TrackedRun(client=client, run_id=run_id, experiment_id=exp_id)
+    run.log_params(flatten(recipe))
+    return run
+
+
+def _create_experiment(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another rank/task
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def tracked_run(recipe: Recipe, **kwargs: Any) -> Iterator[TrackedRun]:
+    """`open_run` + terminal status: FINISHED, FAILED on an exception, KILLED on a retryable exit."""
+    run = open_run(recipe, **kwargs)
+    try:
+        yield run
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        run.end("KILLED" if code >= 128 or code == 0 else "FAILED")
+        raise
+    except BaseException:
+        run.end("FAILED")
+        raise
+    else:
+        run.end("FINISHED")
