@@ -1,0 +1,54 @@
+"""MLflow conventions against the real `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vfm.recipes import load_recipe
+from vfm.tracking import experiment_name, open_run, tracked_run
+
+
+def test_run_layout_params_tags_and_restart(mlflow_uri):
+    recipe = load_recipe("meta-dinov2-giant", profile="smoke")
+    parent = open_run(recipe, stage="pipeline", run_key="pipe-1", uri=mlflow_uri)
+    with tracked_run(recipe, stage="pretrain", run_key="pipe-1/pretrain", parent_run_id=parent.run_id,
+                     uri=mlflow_uri) as run:
+        run.log_metrics({"train.loss": 1.5}, step=3)
+    client = MlflowClient(mlflow_uri)
+    got = client.get_run(run.run_id)
+    assert client.get_experiment(got.info.experiment_id).name == experiment_name(recipe.id) == "vfm/meta-dinov2-giant"
+    assert got.info.status == "FINISHED"
+    assert got.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert got.data.tags["vfm.recipe"] == "meta-dinov2-giant" and got.data.tags["claim.params_millions"] == "450.0"
+    assert got.data.params["stages.pretrain.batch.global_batch"] == "8"
+    assert got.data.params["ssl.momentum_start"] == "0.996"
+    assert got.data.metrics["train.loss"] == 1.5
+
+    # a restarted pod re-opens the same run and keeps logging into it
+    again = open_run(recipe, stage="pretrain", run_key="pipe-1/pretrain", uri=mlflow_uri)
+    assert again.run_id == run.run_id
+    again.log_metrics({"train.loss": 1.0}, step=4)
+    history = client.get_metric_history(run.run_id, "train.loss")
+    assert [(m.step, m.value) for m in history] == [(3, 1.5), (4, 1.0)]
+    parent.end()
+
+
+def test_failure_marks_failed_and_preemption_marks_killed(mlflow_uri):
+    recipe = load_recipe("vit-huge", profile="smoke")
+    with pytest.raises(RuntimeError):
+        with tracked_run(recipe, stage="pretrain", run_key="fail-1", uri=mlflow_uri) as run:
+            raise RuntimeError("boom")
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    with pytest.raises(SystemExit):
+        with tracked_run(recipe, stage="pretrain", run_key="sigterm-1", uri=mlflow_uri) as run2:
+            raise SystemExit(143)
+    assert client.get_run(run2.run_id).info.status == "KILLED"
+
+
+def test_tracking_off_without_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = open_run(load_recipe("vit-huge", profile="smoke"), stage="pretrain", run_key="x")
+    assert not run.enabled
+    run.log_metrics({"a": 1.0})  # a no-op, not an error
