@@ -1,0 +1,168 @@
+"""Every offline kustomization renders, validates for Kubernetes 1.32 and meets Pod Security `restricted`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vfm.k8s_manifests import is_component, offline_kustomizations
+from vfm.k8s_policy import hygiene_violations, pod_specs, restricted_violations
+from vfm.k8s_validate import validation_errors
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+K8S_VERSION = "1.32"  # the Kubernetes version every rendered object is validated against
+OVERLAYS = ("overlays/local", "overlays/h100")
+
+
+def all_objects(rendered):
+    return [(where, obj) for where, objs in rendered.items() for obj in objs]
+
+
+def test_every_entry_point_is_rendered(rendered):
+    # The overlays and Argo CD apps are what operators apply; the base must also build on its own.
+    assert {"base", "argocd", *OVERLAYS} <= set(rendered)
+    for components_dir in (MANIFESTS / "components").iterdir():
+        assert is_component(components_dir), f"{components_dir} must be a kustomize Component"
+    assert all(objs for objs in rendered.values())
+
+
+def test_every_component_is_used_by_an_overlay():
+    used = set()
+    for overlay in OVERLAYS:
+        doc = yaml.safe_load((MANIFESTS / overlay / "kustomization.yaml").read_text())
+        used |= {(MANIFESTS / overlay / c).resolve() for c in doc.get("components", [])}
+    unused = [c.name for c in (MANIFESTS / "components").iterdir() if c.resolve() not in used]
+    assert not unused, f"components not rendered by any overlay (so never validated): {unused}"
+
+
+def test_rendered_objects_validate(rendered):
+    errors = [
+        f"{where}: {e}" for where, obj in all_objects(rendered) for e in validation_errors(obj, K8S_VERSION)
+    ]
+    assert not errors, "\n".join(errors)
+
+
+def test_restricted_fields_on_every_pod_template(rendered):
+    # IPC_LOCK is allowed only where the documented RDMA exemption applies (h100 trainer template).
+    violations = []
+    templates = 0
+    for where, obj in all_objects(rendered):
+        templates += len(list(pod_specs(obj)))
+        rdma = where == "overlays/h100" and obj["kind"] == "PodTemplate"
+        violations += restricted_violations(obj, {"IPC_LOCK"} if rdma else set())
+    assert templates >= 5
+    assert not violations, "\n".join(violations)
+
+
+def test_images_pinned_and_resources_set(rendered):
+    violations = [v for _, obj in all_objects(rendered) for v in hygiene_violations(obj)]
+    assert not violations, "\n".join(violations)
+
+
+def test_ipc_lock_only_with_the_documented_exemption(rendered):
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in rendered["overlays/h100"]}
+    ns_labels = by_kind[("Namespace", "vfm")]["metadata"]["labels"]
+    assert ns_labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert ns_labels["pod-security.kubernetes.io/audit"] == "restricted"
+    assert ns_labels["pod-security.kubernetes.io/warn"] == "restricted"
+    # The lost enforcement is replaced by an admission policy bound to the namespace.
+    binding = by_kind[("ValidatingAdmissionPolicyBinding", "vfm-restricted-except-ipc-lock")]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert ("ValidatingAdmissionPolicy", "vfm-restricted-except-ipc-lock") in by_kind
+    # Without the exemption, the namespace enforces restricted.
+    local_ns = next(o for o in rendered["overlays/local"] if o["kind"] == "Namespace")
+    assert local_ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # ... and the trainer template really needs it: without the allowance it violates restricted.
+    assert restricted_violations(by_kind[("PodTemplate", "vfm-trainer")])
+
+
+def test_h100_trainer_template_targets_gpu_nodes(rendered):
+    tpl = next(o for o in rendered["overlays/h100"] if o["kind"] == "PodTemplate")["template"]["spec"]
+    assert tpl["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tpl["tolerations"]
+    res = tpl["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "8"
+    assert tpl["containers"][0]["name"] == "pytorch"  # the training operator requires this name
+    shm = next(v for v in tpl["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_pipeline_runner_may_only_manage_pytorchjobs_in_vfm(rendered):
+    objs = rendered["overlays/h100"]
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (role,) = [o for o in objs if o["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "vfm"
+    for rule in role["rules"]:
+        writes = set(rule["verbs"]) - {"get", "list", "watch"}
+        if writes:
+            assert rule["apiGroups"] == ["kubeflow.org"] and rule["resources"] == ["pytorchjobs"], rule
+    (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "vfm-pipeline-runner", "namespace": "kubeflow"}
+    ]
+
+
+def test_network_policies_default_deny(rendered):
+    for overlay in OVERLAYS:
+        policies = {o["metadata"]["name"]: o for o in rendered[overlay] if o["kind"] == "NetworkPolicy"}
+        deny = policies["default-deny-ingress"]["spec"]
+        assert deny["podSelector"] == {} and "ingress" not in deny
+        assert {"mlflow-from-clients", "postgres-from-mlflow", "pytorchjob-peers"} <= set(policies)
+
+
+def test_argocd_applications_use_server_side_apply(rendered):
+    apps = [o for o in rendered["argocd"] if o["kind"] == "Application"]
+    assert len(apps) == 4
+    for app in apps:
+        assert "ServerSideApply=true" in app["spec"]["syncPolicy"]["syncOptions"], app["metadata"]["name"]
+        path = REPO / app["spec"]["source"]["path"]
+        assert (path / "kustomization.yaml").is_file(), (
+            f"{app['metadata']['name']}: {path} is not a kustomization"
+        )
+
+
+def test_no_plaintext_secrets(rendered):
+    for where, obj in all_objects(rendered):
+        assert obj["kind"] != "Secret", (
+            f"{where}: Secret {obj['metadata']['name']} rendered; reference it instead"
+        )
+    for path in MANIFESTS.rglob("*"):
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            for doc in yaml.safe_load_all(path.read_text()):
+                assert not (doc and doc.get("kind") == "Secret"), f"{path}: Secrets belong in *.example only"
+    for example in MANIFESTS.rglob("*.example"):
+        for doc in yaml.safe_load_all(example.read_text()):
+            for key, value in {**doc.get("data", {}), **doc.get("stringData", {})}.items():
+                assert "REPLACE_ME" in value, (
+                    f"{example}: {doc['metadata']['name']}.{key} is not a placeholder"
+                )
+
+
+@pytest.mark.parametrize("bad_field", ["syncOption", "automatic"])
+def test_schema_rejects_typos_in_custom_resources(rendered, bad_field):
+    app = next(o for o in rendered["argocd"] if o["kind"] == "Application")
+    broken = yaml.safe_load(yaml.safe_dump(app))
+    broken["spec"]["syncPolicy"][bad_field] = True
+    assert validation_errors(broken, K8S_VERSION)
+
+
+def test_yamllint_clean():
+    targets = ["manifests", "images", ".yamllint.yaml", *map(str, MANIFESTS.rglob("*.example"))]
+    proc = subprocess.run(
+        [sys.executable, "-m", "yamllint", "--strict", "-c", ".yamllint.yaml", *targets],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_offline_kustomizations_exclude_remote_bases():
+    dirs = offline_kustomizations(MANIFESTS)
+    assert not [d for d in dirs if "platform" in d.relative_to(MANIFESTS).parts]
