@@ -81,13 +81,15 @@ def _type_schema(type_name: str, model_name: str | None = None, field: str | Non
     raise ManifestValidationError(f"no schema mapping for SDK type {type_name!r}")
 
 
-def _model_schema(model_name: str) -> dict[str, Any]:
+def _model_schema(model_name: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     from kubeflow.training import models
 
     model = getattr(models, model_name)
     props = {}
     for attr, type_name in model.openapi_types.items():
         wire = model.attribute_map[attr]
+        if wire in skip:
+            continue
         props[wire] = _type_schema(type_name, model_name, wire)
     schema = {"type": "object", "properties": props, "additionalProperties": False}
     if required := _PYTORCHJOB_REQUIRED.get(model_name):
@@ -98,7 +100,7 @@ def _model_schema(model_name: str) -> dict[str, Any]:
 @functools.cache
 def pytorchjob_schema() -> dict[str, Any]:
     """JSON schema of a PyTorchJob (status accepted as any object: the operator writes it)."""
-    schema = _model_schema("KubeflowOrgV1PyTorchJob")
+    schema = _model_schema("KubeflowOrgV1PyTorchJob", skip=frozenset({"status"}))
     schema["properties"]["apiVersion"] = {"enum": ["kubeflow.org/v1"]}
     schema["properties"]["kind"] = {"enum": ["PyTorchJob"]}
     schema["properties"]["status"] = {"type": "object"}

@@ -166,3 +166,31 @@ def test_yamllint_clean():
 def test_offline_kustomizations_exclude_remote_bases():
     dirs = offline_kustomizations(MANIFESTS)
     assert not [d for d in dirs if "platform" in d.relative_to(MANIFESTS).parts]
+
+
+def _secret_refs(obj, found):
+    if isinstance(obj, dict):
+        for key in ("secretRef", "secretKeyRef"):
+            if isinstance(obj.get(key), dict):
+                found.add(obj[key]["name"])
+        if isinstance(obj.get("secret"), dict) and "secretName" in obj["secret"]:
+            found.add(obj["secret"]["secretName"])
+        for value in obj.values():
+            _secret_refs(value, found)
+    elif isinstance(obj, list):
+        for value in obj:
+            _secret_refs(value, found)
+    return found
+
+
+def test_every_referenced_secret_has_a_valid_example(rendered):
+    examples = [d for p in MANIFESTS.rglob("*.example") for d in yaml.safe_load_all(p.read_text()) if d]
+    for doc in examples:
+        assert validation_errors(doc, K8S_VERSION) == []
+    defined = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in examples}
+    for where, obj in all_objects(rendered):
+        ns = obj["metadata"].get("namespace")
+        for name in _secret_refs(obj, set()):
+            assert (ns, name) in defined, (
+                f"{where}: {obj['kind']} uses Secret {ns}/{name} missing from *.example"
+            )
