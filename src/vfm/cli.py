@@ -108,7 +108,9 @@ def plan_cmd(
 
 
 # each area's commands; a module listed here exposes `register(app)`
-_AREAS: list[str] = []
+_AREAS: list[str] = [
+    "vfm.evaluate.cli",
+]
 
 
 def _register_areas() -> None:

@@ -1,0 +1,142 @@
+"""`vfm evaluate` and `vfm compare`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vfm.errors import UserError
+
+UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow server (default: $MLFLOW_TRACKING_URI).")]
+
+
+def parse_data(items: list[str]) -> dict[str, str]:
+    """`SUITE=URL` pairs; a bare manifest URL is assigned by the dataset `vfm shard` recorded in it."""
+    from vfm.data.manifest import Manifest
+    from vfm.evaluate.suite import SUITE_OF_DATASET
+
+    data: dict[str, str] = {}
+    for item in items:
+        key, sep, url = item.partition("=")
+        if not sep or "://" in key or "/" in key:
+            url = item
+            dataset = Manifest.load(url).dataset
+            if dataset not in SUITE_OF_DATASET:
+                raise UserError(f"--data {url}: dataset {dataset!r} does not name a suite; write SUITE={url} "
+                                "(in1k, in_c, in_r, knn_train, knn)")
+            key = SUITE_OF_DATASET[dataset]
+        if key in data:
+            raise UserError(f"--data: two manifests for {key} ({data[key]}, {url}); pass one")
+        data[key] = url
+    return data
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate_cmd(
+        checkpoints: Annotated[list[str], typer.Argument(help="Export dir(s) or s3:// prefix(es); several = seeds.")],
+        suite: Annotated[str, typer.Option("--suite", help="Comma list of in1k,in_c,in_r,knn.")] = "in1k",
+        data: Annotated[list[str] | None, typer.Option(
+            "--data", help="SUITE=MANIFEST_URL (in1k, in_c, in_r, knn_train, knn), or a bare manifest URL.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+        workers: Annotated[int, typer.Option("--workers", help="Loader worker processes per rank.")] = 0,
+        device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N (default: cuda if present).")] = "",
+        bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast.")] = False,
+        knn_k: Annotated[str, typer.Option("--knn-k", help="Comma list of k.")] = "10,20,100,200",
+        knn_t: Annotated[float, typer.Option("--knn-temperature")] = 0.07,
+        out: Annotated[Path, typer.Option("--out", help="Results JSON.")] = Path("eval-results.json"),
+        tracking_uri: UriOpt = None,
+        run_key: Annotated[str | None, typer.Option("--run-key", help="MLflow run key (re-opens that run).")] = None,
+        parent_run_id: Annotated[str | None, typer.Option("--parent-run-id")] = None,
+    ) -> None:
+        """Top-1/5, ImageNet-C mCE, ImageNet-R and k-NN of an export; mean ± std over several seeds."""
+        import torch
+
+        from vfm.evaluate.dist import rank_and_world
+        from vfm.evaluate.results import summary_rows
+        from vfm.evaluate.suite import check_data, evaluate_seeds, parse_suites
+
+        suites = parse_suites(suite)
+        data_map = parse_data(list(data or []))
+        check_data(suites, data_map)
+        try:
+            ks = [int(k) for k in knn_k.split(",") if k.strip()]
+        except ValueError:
+            raise UserError(f"--knn-k {knn_k!r}: expected a comma list of integers such as 10,20,100,200") from None
+        _init_distributed()
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        recipe, claims = _recipe_of(checkpoints[0])
+        kwargs = dict(batch_size=batch_size, num_workers=workers, device=dev, knn_ks=ks, knn_temperature=knn_t,
+                      autocast_dtype=torch.bfloat16 if bf16 else None)
+        rank, _ = rank_and_world()
+        if rank == 0 and recipe is not None:
+            from vfm.tracking import tracked_run
+
+            key = run_key or "eval:" + hashlib.sha256(json.dumps([checkpoints, suites, data_map]).encode()).hexdigest()[:16]
+            with tracked_run(recipe, stage="eval", run_key=key, parent_run_id=parent_run_id, uri=tracking_uri,
+                             run_name=f"{recipe.id}-eval") as run:
+                results = evaluate_seeds(checkpoints, suites, data_map, claims=claims, run=run, out_json=out, **kwargs)
+        else:
+            results = evaluate_seeds(checkpoints, suites, data_map, claims=claims, out_json=out, **kwargs)
+        if rank == 0:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table("metric", "achieved", "paper claim", title=f"{results.recipe_id}: {', '.join(suites)}")
+            for row in summary_rows(results):
+                table.add_row(*row)
+            Console().print(table)
+            print(f"results: {out}")
+
+    @app.command("compare")
+    def compare_cmd(
+        experiments: Annotated[list[str] | None, typer.Argument(help="Recipe ids or vfm/<id> names (default: all).")] = None,
+        tracking_uri: UriOpt = None,
+        out: Annotated[Path, typer.Option("--out", help="PNG with curves and eval bars.")] = Path("vfm-compare.png"),
+        as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    ) -> None:
+        """A table of runs (recipe, stage, key metrics, claim vs achieved) and a PNG, from the MLflow server."""
+        from vfm.evaluate.compare import collect_runs, render_png, table_rows
+
+        rows = collect_runs(list(experiments or []), tracking_uri=tracking_uri)
+        table = table_rows(rows)
+        if as_json:
+            print(json.dumps([dict(zip(table[0], r, strict=True)) for r in table[1:]], indent=2))
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table(*table[0], title="vfm runs")
+            for r in table[1:]:
+                t.add_row(*r)
+            Console(width=200).print(t)
+        print(f"plot: {render_png(rows, out)}")
+
+
+def _recipe_of(export: str):
+    """The recipe an export came from (for MLflow and claims); None for an export of an unknown recipe."""
+    from vfm.export import load_export
+    from vfm.recipes import RecipeError, load_recipe
+
+    _, meta = load_export(export)
+    try:
+        recipe = load_recipe(meta.recipe_id, profile=meta.extra.get("profile", "paper"))
+    except RecipeError:
+        return None, {}
+    return recipe, recipe.claims.model_dump()
+
+
+def _init_distributed() -> None:
+    """Join the process group when launched by torchrun / a PyTorchJob (WORLD_SIZE > 1)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from vfm.train.dist import init_distributed
+
+        init_distributed()

@@ -1,0 +1,235 @@
+"""`evaluate(export, suites, data)`: the suites wired to the sharded-data loader.
+
+Data: `data` maps a suite to the manifest it reads —
+  in1k       IN-1K val (`vfm shard in1k-val`)
+  in_c       ImageNet-C (`vfm shard imagenet-c`; samples carry corruption/severity)
+  in_r       ImageNet-R (`vfm shard imagenet-r`; labels are IN-1K indices, scored through the 200-class mask)
+  knn_train  the k-NN memory bank (IN-1K train); `knn` is the k-NN query set (defaults to `in1k`)
+
+Every suite uses the export's eval transform (resize to resolution / crop_pct, centre-crop resolution,
+the recipe's mean/std), including ImageNet-C, whose 224-px JPEGs are therefore resized like val
+images (the AugMix convention, recipes.md §4.1; recorded in the results' `protocol`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vfm.errors import UserError
+from vfm.evaluate.classify import ALL, align_classes, classify
+from vfm.evaluate.dist import rank_and_world
+from vfm.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, extract_features, knn_classify
+from vfm.evaluate.results import SUITES, EvalResults, aggregate_seeds, claims_table, prefixed
+from vfm.evaluate.robustness import imagenet_c_report, imagenet_r_mask
+
+log = logging.getLogger(__name__)
+
+# which suite a bare manifest feeds, by the dataset name `vfm shard` records
+SUITE_OF_DATASET = {"in1k-val": "in1k", "imagenet-c": "in_c", "imagenet-r": "in_r", "in1k": "knn_train"}
+
+
+class EvalError(UserError):
+    """The export, the data or the suite selection do not fit together; the message says how."""
+
+
+def parse_suites(text: str | Sequence[str]) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    suites = [s.strip() for s in items if s.strip()]
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown or not suites:
+        raise EvalError(f"--suite {','.join(suites) or '(empty)'}: unknown {unknown}; choose from {','.join(SUITES)}")
+    return list(dict.fromkeys(suites))
+
+
+def required_data(suites: Sequence[str]) -> set[str]:
+    need = {s for s in suites if s != "knn"}
+    if "knn" in suites:
+        need |= {"knn_train"}
+    return need
+
+
+def check_data(suites: Sequence[str], data: Mapping[str, str]) -> None:
+    missing = sorted(required_data(suites) - set(data))
+    if "knn" in suites and "knn" not in data and "in1k" not in data:
+        missing.append("knn (or in1k)")
+    if missing:
+        raise EvalError(f"no data for {', '.join(missing)}: pass --data SUITE=MANIFEST_URL for each "
+                        "(in1k, in_c, in_r, knn_train, optionally knn)")
+
+
+def evaluate(
+    export: str | Path | tuple[torch.nn.Module, Any],
+    suites: Sequence[str],
+    data: Mapping[str, str],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    knn_ks: Sequence[int] = DEFAULT_KS,
+    knn_temperature: float = DEFAULT_TEMPERATURE,
+    knn_block_size: int = 1024,
+) -> dict[str, float]:
+    """Evaluate one export (a directory/s3 prefix, or an already loaded `(model, ExportMeta)`) on
+    `suites`; returns `eval.<suite>.*` metrics, identical on every rank. Call on all ranks together."""
+    from vfm.data.manifest import Manifest
+    from vfm.export import load_export
+
+    suites = parse_suites(suites)
+    check_data(suites, data)
+    model, meta = load_export(export, device) if isinstance(export, str | Path) else export
+    manifests = {key: Manifest.load(url) for key, url in data.items() if key in required_data(suites) | {"knn"}}
+    if "knn" in suites and "knn" not in manifests:
+        manifests["knn"] = manifests["in1k"] if "in1k" in manifests else Manifest.load(data["in1k"])
+    opts = dict(batch_size=batch_size, num_workers=num_workers, device=torch.device(device),
+                autocast_dtype=autocast_dtype)
+    metrics: dict[str, float] = {}
+    clean_err: float | None = None
+    for suite in ("in1k", "in_c", "in_r", "knn"):  # in1k first: ImageNet-C's relative mCE needs its error
+        if suite not in suites:
+            continue
+        try:
+            if suite == "knn":
+                got = _knn(model, manifests["knn_train"], manifests["knn"], meta, ks=knn_ks,
+                           temperature=knn_temperature, block_size=knn_block_size, **opts)
+            else:
+                _need_head(meta, suite)
+                got = _classification(suite, model, manifests[suite], meta, clean_err=clean_err, **opts)
+        except ValueError as exc:
+            raise EvalError(f"{suite} on {data.get(suite, data.get('knn_train'))}: {exc}") from exc
+        if suite == "in1k":
+            clean_err = 1.0 - got["top1"] / 100.0
+        metrics.update(prefixed(suite, got))
+        log.info("%s: %s", suite, {k: round(v, 3) for k, v in got.items() if "." not in k})
+    return metrics
+
+
+def _need_head(meta: Any, suite: str) -> None:
+    if meta.num_classes == 0:
+        raise EvalError(f"suite {suite} scores a classifier, but the export ({meta.timm_name}, recipe {meta.recipe_id}, "
+                        f"stage {meta.stage}) is a headless backbone; evaluate it with --suite knn, or evaluate "
+                        "the fine-tuned export")
+
+
+def _transform(meta: Any):
+    from vfm.data.transforms import build_transform
+    from vfm.recipes.schema import DataConfig
+
+    cfg = DataConfig(dataset="eval", resolution=meta.resolution, crop_pct=meta.crop_pct,
+                     mean=tuple(meta.mean), std=tuple(meta.std))
+    return build_transform(cfg, is_training=False)
+
+
+def _loader(manifest: Any, meta: Any, *, batch_size: int, num_workers: int, with_meta: bool = False):
+    from vfm.data.loader import build_loader
+
+    rank, world = rank_and_world()
+    return build_loader(manifest, transform=_transform(meta), batch_size=batch_size, rank=rank, world_size=world,
+                        seed=0, shuffle=False, drop_last=False, num_workers=num_workers, with_meta=with_meta)
+
+
+def _classification(suite: str, model, manifest, meta, *, clean_err: float | None, batch_size: int,
+                    num_workers: int, device, autocast_dtype) -> dict[str, float]:
+    keep = imagenet_r_mask(meta.wnids) if suite == "in_r" else None
+    columns, label_map = align_classes(meta.wnids, manifest.classes, keep=keep, where=f"{suite} ({manifest.dataset})")
+    in_c = suite == "in_c"
+    group_by = _corruption_of if in_c else None
+    loader = _loader(manifest, meta, batch_size=batch_size, num_workers=num_workers, with_meta=in_c)
+    counts = classify(model, loader, device=device, columns=columns, label_map=label_map, group_by=group_by,
+                      autocast_dtype=autocast_dtype, description=f"eval {suite}")
+    _check_complete(suite, manifest, sum(c.total for c in counts.values()))
+    if not in_c:
+        return counts[ALL].accuracy()
+    errors = {key: c.error(1) for key, c in counts.items()}
+    if clean_err is None:
+        log.warning("in_c: relative mCE needs the clean IN-1K error; add the in1k suite to report it")
+    return imagenet_c_report(errors, clean_err)
+
+
+def _corruption_of(row: dict[str, Any]) -> tuple[str, int]:
+    try:
+        return str(row["corruption"]), int(row["severity"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"sample {row.get('key')!r} has no corruption/severity metadata ({sorted(row)}); "
+                         "shard ImageNet-C with `vfm shard imagenet-c`") from None
+
+
+def _check_complete(suite: str, manifest: Any, seen: int) -> None:
+    """The loader gives every sample to exactly one rank; a different total means lost or doubled data."""
+    if seen != manifest.num_samples:
+        raise ValueError(f"evaluated {seen} samples but the manifest {manifest.location or manifest.dataset} lists "
+                         f"{manifest.num_samples}")
+
+
+def _knn(model, train_manifest, test_manifest, meta, *, ks, temperature, block_size, batch_size, num_workers,
+         device, autocast_dtype) -> dict[str, float]:
+    kw = dict(device=device, autocast_dtype=autocast_dtype)
+    train_feats, train_labels = extract_features(
+        model, _loader(train_manifest, meta, batch_size=batch_size, num_workers=num_workers),
+        description="knn: train features", **kw)
+    test_feats, test_labels = extract_features(
+        model, _loader(test_manifest, meta, batch_size=batch_size, num_workers=num_workers),
+        description="knn: test features", **kw)
+    if list(test_manifest.classes) != list(train_manifest.classes):
+        _, label_map = align_classes(train_manifest.classes, test_manifest.classes, where="knn test set")
+        if label_map is not None:
+            test_labels = label_map.to(test_labels.device)[test_labels]
+            if (test_labels < 0).any():
+                raise ValueError("knn: the test set has classes the train set lacks; use the same class list")
+    return knn_classify(train_feats, train_labels, test_feats, test_labels, ks=ks, temperature=temperature,
+                        num_classes=len(train_manifest.classes), block_size=block_size)
+
+
+def evaluate_seeds(
+    exports: Sequence[str | Path],
+    suites: Sequence[str],
+    data: Mapping[str, str],
+    *,
+    claims: Mapping[str, Any] | None = None,
+    run: Any = None,
+    out_json: str | Path | None = None,
+    **kwargs: Any,
+) -> EvalResults:
+    """Evaluate each fine-tuning seed's export, aggregate (mean ± std), put claims beside the achieved
+    values, and (rank 0) write the JSON and log to the MLflow `run`. One export is one "seed"."""
+    from vfm.export import load_export
+
+    if not exports:
+        raise EvalError("no checkpoint to evaluate: pass at least one export directory")
+    per_seed: dict[str, dict[str, float]] = {}
+    metas = []
+    for i, export in enumerate(exports):
+        model, meta = load_export(export, kwargs.get("device", "cpu"))
+        seed = meta.seed if meta.seed is not None else i
+        if str(seed) in per_seed:
+            raise EvalError(f"{export}: seed {seed} is given twice; pass one export per fine-tuning seed")
+        per_seed[str(seed)] = evaluate((model, meta), suites, data, **kwargs)
+        metas.append({**vars(meta), "location": str(export)})
+        del model
+    recipes = {m["recipe_id"] for m in metas}
+    if len(recipes) > 1:
+        raise EvalError(f"the exports come from different recipes {sorted(recipes)}; aggregate one recipe at a time")
+    metrics = aggregate_seeds(per_seed) if len(per_seed) > 1 else dict(next(iter(per_seed.values())))
+    results = EvalResults(
+        recipe_id=metas[0]["recipe_id"], metrics=metrics, claims=claims_table(metrics, claims or {}),
+        exports=metas, data=dict(data), per_seed=per_seed if len(per_seed) > 1 else {},
+        protocol={"transform": "resize resolution/crop_pct, centre-crop resolution, export mean/std "
+                               "(ImageNet-C JPEGs too: AugMix convention)",
+                  "knn": {"ks": list(kwargs.get("knn_ks", DEFAULT_KS)),
+                          "temperature": kwargs.get("knn_temperature", DEFAULT_TEMPERATURE),
+                          "features": "L2-normalised final-norm CLS token (timm pre-logits)"},
+                  "in_c": "CE normalised by AlexNet (augmix ALEXNET_ERR); relative mCE with AlexNet clean 43.48 %",
+                  "seeds": "mean and sample std (n-1) over fine-tuning seeds"},
+    )
+    rank, _ = rank_and_world()
+    if rank == 0:
+        if out_json is not None:
+            results.write_json(out_json)
+        if run is not None:
+            results.log_to(run)
+    return results
