@@ -1,0 +1,5 @@
+"""`torchrun --nproc-per-node N -m vfm.train RECIPE --stage ... --data ... --out ...`"""
+
+from vfm.train.cli import main
+
+main()

@@ -1,0 +1,218 @@
+"""Step checkpoints with `torch.distributed.checkpoint` (DCP), in a directory or under an s3:// prefix.
+
+    <root>/step-000120/   .metadata, __0_0.distcp, __1_0.distcp, ...   (DCP: every rank writes its shards)
+    <root>/step-000120/COMPLETE                                         (written last, by rank 0)
+
+A checkpoint counts only once COMPLETE exists: it is written after every rank has finished (a barrier),
+so a step directory left half-written by a killed pod is never loaded (it is deleted by the next purge).
+For s3:// every rank writes its DCP files to a local staging directory and uploads them; rank 0 uploads
+COMPLETE only after all ranks' uploads are done. Loading downloads the step into local staging first.
+
+Tensors (model, optimiser, task state; possibly DTensor shards) go through DCP's structured path.
+Plain Python state is stored as one opaque `bytes` value per key so its nesting need not be known in
+advance to load it: `objects` (same on every rank: step, scaler, scheduler) under `objects`, and
+per-rank state (RNG, data-loader position) under `rank<N>` so DCP does not deduplicate it across ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from vfm.errors import UserError
+from vfm.train.dist import barrier
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def _split(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return bucket, prefix.rstrip("/")
+
+
+class Checkpointer:
+    """Save / find / load / purge step checkpoints of one run (collective calls: every rank calls them)."""
+
+    def __init__(self, root: str, *, keep: int, rank: int, world_size: int, staging: str | None = None):
+        if keep < 1:
+            raise ValueError("keep must be ≥ 1")
+        self.root, self.keep, self.rank, self.world_size = str(root).rstrip("/"), keep, rank, world_size
+        self._staging = Path(staging or tempfile.gettempdir()) / f"vfm-ckpt-{os.getpid()}-rank{rank}"
+
+    # ---- finding -------------------------------------------------------------------------------
+    def _steps(self) -> tuple[list[int], list[int]]:
+        """(complete steps, all step directories), sorted."""
+        names: dict[int, bool] = {}
+        if is_s3(self.root):
+            from vfm.servers import s3_client
+
+            bucket, prefix = _split(self.root)
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    parts = obj["Key"][len(prefix) + 1:].split("/")
+                    if len(parts) == 2 and (m := _STEP_DIR.match(parts[0])):
+                        step = int(m.group(1))
+                        names[step] = names.get(step, False) or parts[1] == MARKER
+        elif Path(self.root).is_dir():
+            for p in Path(self.root).iterdir():
+                if p.is_dir() and (m := _STEP_DIR.match(p.name)):
+                    names[int(m.group(1))] = (p / MARKER).is_file()
+        return sorted(s for s, ok in names.items() if ok), sorted(names)
+
+    def latest(self) -> int | None:
+        """Newest complete step (decided on rank 0 and broadcast, so all ranks agree)."""
+        found: list[int | None] = [None]
+        if self.rank == 0:
+            complete, _ = self._steps()
+            found[0] = complete[-1] if complete else None
+        if dist.is_initialized() and self.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
+    # ---- saving --------------------------------------------------------------------------------
+    def save(self, step: int, tensors: dict[str, Any], objects: dict[str, Any], rank_objects: dict[str, Any]) -> str:
+        """Write `tensors` (DCP, possibly sharded), replicated `objects` and this rank's `rank_objects`;
+        then mark the step complete."""
+        t0 = time.perf_counter()
+        name = step_dir(step)
+        full = {**tensors, "objects": _pack(objects), f"rank{self.rank}": _pack(rank_objects)}
+        if is_s3(self.root):
+            local = self._staging / name
+            shutil.rmtree(local, ignore_errors=True)
+            local.mkdir(parents=True)
+            dcp.save(full, storage_writer=dcp.FileSystemWriter(str(local)))
+            self._upload(local, f"{self.root}/{name}")
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            target = Path(self.root) / name
+            if self.rank == 0:  # a half-written attempt at this step (killed pod) is replaced, not mixed in
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+            barrier()
+            dcp.save(full, checkpoint_id=str(target))
+        barrier()  # every rank's shards are durable before the marker says so
+        if self.rank == 0:
+            self._write_marker(name, {"step": step, "world_size": self.world_size, "torch": torch.__version__,
+                                      "time": time.time()})
+            self._purge()
+        barrier()
+        log.info("checkpoint %s/%s saved in %.1fs", self.root, name, time.perf_counter() - t0)
+        return f"{self.root}/{name}"
+
+    def _write_marker(self, name: str, info: dict) -> None:
+        body = json.dumps(info).encode()
+        if is_s3(self.root):
+            from vfm.servers import s3_client
+
+            bucket, prefix = _split(self.root)
+            s3_client().put_object(Bucket=bucket, Key=f"{prefix}/{name}/{MARKER}", Body=body)
+        else:
+            tmp = Path(self.root) / name / f".{MARKER}.tmp"
+            tmp.write_bytes(body)
+            tmp.replace(tmp.with_name(MARKER))  # atomic: the marker is either absent or whole
+
+    def _upload(self, local: Path, url: str) -> None:
+        from vfm.servers import s3_client
+
+        client = s3_client()
+        bucket, prefix = _split(url)
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+    def _purge(self) -> None:
+        """Keep the newest `keep` complete checkpoints; drop older ones and any stale partial directory."""
+        complete, all_steps = self._steps()
+        keep = set(complete[-self.keep:])
+        newest = complete[-1] if complete else -1
+        for step in all_steps:
+            if step in keep or step > newest:  # never touch a newer directory another save may be writing
+                continue
+            self._delete(step_dir(step))
+
+    def _delete(self, name: str) -> None:
+        if is_s3(self.root):
+            from vfm.servers import s3_client
+
+            client = s3_client()
+            bucket, prefix = _split(self.root)
+            # the marker goes first so a partly deleted step is never taken for a complete one
+            client.delete_object(Bucket=bucket, Key=f"{prefix}/{name}/{MARKER}")
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{name}/")
+            for page in pages:
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        else:
+            path = Path(self.root) / name
+            (path / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self, step: int, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load `tensors` in place from checkpoint `step`; returns (objects, this rank's objects)."""
+        name = step_dir(step)
+        key = f"rank{self.rank}"
+        full = {**tensors, "objects": b"", key: b""}
+        local = Path(self.root) / name
+        if is_s3(self.root):
+            local = self._staging / name
+            shutil.rmtree(local, ignore_errors=True)
+            self._download(f"{self.root}/{name}", local)
+        try:
+            meta = dcp.FileSystemReader(str(local)).read_metadata()
+            if key not in meta.state_dict_metadata:
+                raise UserError(f"checkpoint {self.root}/{name} has no state for rank {self.rank}: it was "
+                                f"written by a different number of processes; resume with the same world size")
+            dcp.load(full, checkpoint_id=str(local))
+        finally:
+            if is_s3(self.root):
+                shutil.rmtree(local, ignore_errors=True)
+        tensors.update({k: v for k, v in full.items() if k not in (key, "objects")})
+        return _unpack(full["objects"]), _unpack(full[key])
+
+    def _download(self, url: str, local: Path) -> None:
+        from vfm.servers import s3_client
+
+        client = s3_client()
+        bucket, prefix = _split(url)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+            for obj in page.get("Contents", []):
+                dest = local / obj["Key"][len(prefix) + 1:]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(dest))
+
+
+def _pack(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(blob: bytes) -> Any:
+    # our own checkpoint, written by this code: full unpickling is needed for numpy / python RNG states
+    return torch.load(io.BytesIO(blob), weights_only=False)

@@ -1,0 +1,86 @@
+"""`vfm train RECIPE --stage pretrain|finetune --data MANIFEST --out DIR|s3://...` (also `python -m vfm.train`).
+
+Started once per process by torchrun (or directly, as a world of one). Exit codes: 0 done; 143 stopped
+by SIGTERM after saving a checkpoint (retryable: the restarted pod resumes); 2 user-fixable input
+error; 1 anything else, including a NaN/inf loss (not retryable).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+# defined here, not imported from vfm.cli: `python -m vfm.train` must not import the whole CLI (which
+# imports this module back while registering areas)
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
+ProfileOpt = Annotated[str, typer.Option("--profile", help="Scale profile: paper or smoke.")]
+
+
+def train_command(
+    recipe_id: Annotated[str, typer.Argument(help="Recipe id, e.g. vit-huge, convnext-xl.")],
+    stage: Annotated[str, typer.Option("--stage", help="pretrain or finetune.")],
+    data: Annotated[str, typer.Option("--data", help="Training manifest: path or s3:// URL (vfm shard output).")],
+    out: Annotated[str, typer.Option("--out", help="Run directory or s3:// prefix: checkpoints/ and export/.")],
+    init: Annotated[str | None, typer.Option("--init", help="Export directory to fine-tune from.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed (default: the stage's first seed).")] = None,
+    profile: ProfileOpt = "paper",
+    overrides: SetOpt = None,
+    run_key: Annotated[str | None, typer.Option("--run-key", help="MLflow run key (restarts continue the run).")] = None,
+    parent_run_id: Annotated[str | None, typer.Option("--parent-run-id", help="MLflow parent run.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1,
+                                                  help="Stop after N updates (schedule unchanged).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader worker processes per rank.")] = 0,
+    head_from_wnids: Annotated[bool, typer.Option("--head-from-wnids",
+                                                  help="Copy head rows by wnid from the --init export.")] = False,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels.")] = False,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Log metrics every N updates.")] = 10,
+    peak_tflops: Annotated[float | None, typer.Option("--peak-tflops",
+                                                      help="Per-device peak for MFU (default: hardware.gpu).")] = None,
+) -> None:
+    """Supervised pretraining / fine-tuning of a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow)."""
+    from vfm.errors import UserError
+    from vfm.recipes import load_recipe
+    from vfm.train.loop import RunSpec, train
+    from vfm.train.supervised import SupervisedTask
+
+    recipe = load_recipe(recipe_id, overrides, profile)
+    if stage not in recipe.stages:
+        raise UserError(f"recipe {recipe_id} has no stage `{stage}`; it has: {', '.join(recipe.stages)}")
+    if recipe.is_ssl and stage == "pretrain":
+        raise UserError(f"{recipe_id} pretrains self-supervised (DINOv2): use `vfm ssl train`, not `vfm train`")
+    st = recipe.stages[stage]  # type: ignore[index]
+    spec = RunSpec(recipe=recipe, stage=stage, out=out, seed=st.seeds[0] if seed is None else seed, init=init,
+                   max_steps=max_steps, run_key=run_key, parent_run_id=parent_run_id, deterministic=deterministic,
+                   log_every=log_every, peak_flops=peak_tflops * 1e12 if peak_tflops else None)
+    train(SupervisedTask(data, num_workers=workers, head_from_wnids=head_from_wnids), spec)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+
+
+def main() -> None:
+    """`python -m vfm.train ...`: the same command and error policy as `vfm train`, without the other areas."""
+    import sys
+
+    from vfm.errors import USER_ERRORS
+    from vfm.train.loop import TrainingDiverged
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(train_command)
+    try:
+        app(standalone_mode=False)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,68 @@
+"""Wrapping the trained module for data parallelism: DDP, or FSDP2 (`fully_shard` per block, then the root).
+
+Speed switches live here too because their order matters: activation checkpointing and per-block
+`torch.compile` are applied to the bare module before it is sharded / wrapped (as torchtitan does).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger(__name__)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a timm ViT (`blocks`) or ConvNeXt (`stages[i].blocks`): the FSDP2 units."""
+    if isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList):
+        return list(model.blocks)
+    if isinstance(getattr(model, "stages", None), nn.Sequential | nn.ModuleList):
+        return [b for stage in model.stages for b in stage.blocks]
+    raise ValueError(f"{type(model).__name__} has neither `blocks` nor `stages[i].blocks`; "
+                     "vfm shards timm ViTs and ConvNeXts per block")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under a DDP wrapper (FSDP2 shards in place, so it is already bare)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: one unit per block (its params all-gathered just in time), the rest at the root."""
+    for block in blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def apply_speed_switches(model: nn.Module, *, family: str, activation_checkpointing: bool, compile: bool,
+                         device: torch.device) -> nn.Module:
+    if activation_checkpointing:
+        model.set_grad_checkpointing(True)  # timm: checkpoint each block's forward
+    if family == "convnext" and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # ConvNeXt's depthwise convs are faster in NHWC
+    if compile:
+        # per block, in place: keeps module identity and names for FSDP2 units and checkpoints
+        for block in blocks(model):
+            block.compile()
+    return model
+
+
+def wrap(model: nn.Module, parallelism: str, device: torch.device) -> nn.Module:
+    """DDP wrapper or FSDP2 sharding of the module that is trained."""
+    if parallelism == "fsdp":
+        return shard(model)
+    if parallelism == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    raise ValueError(f"unknown parallelism {parallelism!r}; use ddp or fsdp")
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2: skip the reduce-scatter on non-final micro-steps (DDP uses `no_sync()` around backward)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
