@@ -1,0 +1,269 @@
+"""Run a PyTorchJob on a cluster and turn its outcome into the pipeline step's outcome.
+
+    ClusterBackend.from_environment().run(manifest, timeout_s=..., max_restarts=3)
+
+create → wait with a real deadline (while streaming the master's log into this process's stdout) →
+`Succeeded` returns; `Failed`, a deadline, more restarts than the cap, or the job vanishing raise
+`JobFailed`/`JobTimeout` with the job's own reason. Any exit other than success (including SIGTERM
+from a cancelled KFP run) deletes the job, so no GPU pod outlives its pipeline step.
+
+This talks to the API server with the plain `kubernetes` client rather than `TrainingClient`: the
+latter folds every API error into a `RuntimeError` string, and the launcher must tell "already exists"
+(a retried step adopting its earlier job) and "not found" (deleted under us) apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+
+from vfm.launch.job import CONTAINER, GROUP, PLURAL, RUN_LABEL, VERSION
+from vfm.launch.result import JobFailed, JobResult, JobTimeout
+
+SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+REQUEST_TIMEOUT = 30  # seconds per API call; the *wait* budget is `timeout_s`
+
+
+def current_namespace(default: str = "default") -> str:
+    """The namespace of this pod's service account (a KFP step runs in the pipeline's namespace)."""
+    try:
+        with open(SA_NAMESPACE) as fh:
+            return fh.read().strip() or default
+    except OSError:
+        return default
+
+
+def _conditions(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return list((job.get("status") or {}).get("conditions") or [])
+
+
+def _last(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    found = [c for c in _conditions(job) if c.get("type") == kind and c.get("status") == "True"]
+    return found[-1] if found else None
+
+
+@dataclass
+class ClusterBackend:
+    api: k8s.ApiClient
+    poll_s: float = 15.0
+    log: Callable[[str], None] = print
+    requests: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_environment(cls, **kwargs: Any) -> ClusterBackend:
+        """In-cluster service account when running as a pipeline step, else the local kubeconfig."""
+        from kubernetes import config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        return cls(api=k8s.ApiClient(), **kwargs)
+
+    @property
+    def _custom(self) -> k8s.CustomObjectsApi:
+        return k8s.CustomObjectsApi(self.api)
+
+    @property
+    def _core(self) -> k8s.CoreV1Api:
+        return k8s.CoreV1Api(self.api)
+
+    # --- job CRUD -------------------------------------------------------------------------------
+    def get(self, name: str, namespace: str) -> dict[str, Any] | None:
+        try:
+            return self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create the job; if a previous attempt of the same step created it, adopt it unless it failed."""
+        meta = manifest["metadata"]
+        name, ns = meta["name"], meta["namespace"]
+        try:
+            return self._custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, manifest, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise JobFailed(name, "CreateFailed", f"API server refused the job: {exc.status} {exc.reason}: "
+                                f"{(exc.body or '')[:500]}") from None
+        existing = self.get(name, ns)
+        mine = (existing or {}).get("metadata", {}).get("labels", {}).get(RUN_LABEL)
+        if existing is not None and mine == meta.get("labels", {}).get(RUN_LABEL) and not _last(existing, "Failed"):
+            self.log(f"adopting PyTorchJob {ns}/{name} created by an earlier attempt of this step")
+            return existing
+        self.log(f"PyTorchJob {ns}/{name} exists from a failed or foreign attempt; replacing it")
+        self.delete(name, ns, wait_s=120)
+        return self._custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, manifest, _request_timeout=REQUEST_TIMEOUT)
+
+    def delete(self, name: str, namespace: str, wait_s: float = 0.0) -> bool:
+        """Delete with foreground propagation (pods go with it); True if it existed."""
+        try:
+            self._custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Foreground",
+                _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        deadline = time.monotonic() + wait_s
+        while wait_s and time.monotonic() < deadline and self.get(name, namespace) is not None:
+            time.sleep(min(self.poll_s, 2.0))
+        return True
+
+    def delete_run_jobs(self, run_label: str, namespace: str) -> list[str]:
+        """Delete every job of one pipeline run (the exit handler's cleanup); returns their names."""
+        found = self._custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, label_selector=f"{RUN_LABEL}={run_label}",
+            _request_timeout=REQUEST_TIMEOUT)
+        names = [item["metadata"]["name"] for item in found.get("items", [])]
+        for name in names:
+            self.delete(name, namespace)
+        return names
+
+    # --- run ------------------------------------------------------------------------------------
+    def run(self, manifest: dict[str, Any], *, timeout_s: float, max_restarts: int) -> JobResult:
+        name, ns = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+        start = time.monotonic()
+        succeeded = False
+        with _sigterm_raises():
+            self.create(manifest)
+            self.log(f"created PyTorchJob {ns}/{name}; waiting up to {timeout_s / 3600:.2f} h")
+            streamer = _LogStreamer(self, name, ns, elastic="elasticPolicy" in manifest.get("spec", {}))
+            streamer.start()
+            try:
+                restarts = self._wait(name, ns, start + timeout_s, timeout_s, max_restarts)
+                succeeded = True
+                return JobResult(name=name, state="Succeeded", restarts=restarts,
+                                 seconds=time.monotonic() - start)
+            finally:
+                if not succeeded:
+                    self.log(f"deleting PyTorchJob {ns}/{name}")
+                    try:
+                        self.delete(name, ns)
+                    except Exception as exc:  # report it, but the step's own error is the one to raise
+                        self.log(f"could not delete PyTorchJob {ns}/{name}: {exc}; delete it by hand")
+                streamer.stop(drain=succeeded)
+
+    def _wait(self, name: str, ns: str, deadline: float, timeout_s: float, max_restarts: int) -> int:
+        seen_restarts: set[str] = set()
+        while True:
+            job = self.get(name, ns)
+            if job is None:
+                raise JobFailed(name, "Deleted", "the PyTorchJob was deleted before it finished")
+            if _last(job, "Succeeded"):
+                self.log(f"PyTorchJob {ns}/{name} Succeeded")
+                return len(seen_restarts)
+            if failed := _last(job, "Failed"):
+                raise JobFailed(name, failed.get("reason") or "Failed", failed.get("message") or "")
+            for cond in _conditions(job):  # each Restarting transition is one (re)creation of failed pods
+                if cond.get("type") == "Restarting":
+                    seen_restarts.add(str(cond.get("lastTransitionTime") or cond.get("lastUpdateTime")))
+            if len(seen_restarts) > max_restarts:
+                raise JobFailed(name, "RestartCapExceeded",
+                                f"restarted {len(seen_restarts)} times, more than the cap of {max_restarts}")
+            if time.monotonic() >= deadline:
+                state = (_conditions(job) or [{}])[-1].get("type", "Pending")
+                raise JobTimeout(name, f"not finished after {timeout_s:.0f} s (last condition: {state})")
+            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+
+
+class _LogStreamer(threading.Thread):
+    """Follows the master pod's log (worker-0 for elastic jobs), across pod re-creations."""
+
+    def __init__(self, backend: ClusterBackend, name: str, namespace: str, elastic: bool):
+        super().__init__(daemon=True, name=f"logs-{name}")
+        self.backend, self.name_, self.ns = backend, name, namespace
+        role = ("training.kubeflow.org/replica-type=worker,training.kubeflow.org/replica-index=0" if elastic
+                else "training.kubeflow.org/job-role=master")
+        self.selector = f"training.kubeflow.org/job-name={name},{role}"
+        self._done = threading.Event()
+        self._drain = False
+        self._streamed: set[str] = set()
+
+    def stop(self, drain: bool) -> None:
+        """`drain`: the job finished, so read what its pods logged to the end (bounded by the join)."""
+        self._drain = drain
+        self._done.set()
+        self.join(timeout=30 if drain else 5)
+
+    def run(self) -> None:
+        while True:
+            finishing = self._done.is_set()
+            try:
+                pod = self._ready_pod()
+                if pod is not None:
+                    self._follow(pod)
+                    continue
+            except Exception as exc:  # logs are best effort; the job's status decides the step
+                self.backend.log(f"(log stream interrupted: {exc})")
+            if finishing:
+                return
+            self._done.wait(min(self.backend.poll_s, 5.0))
+
+    def _ready_pod(self) -> Any:
+        pods = self.backend._core.list_namespaced_pod(self.ns, label_selector=self.selector,
+                                                      _request_timeout=REQUEST_TIMEOUT)
+        for pod in pods.items:
+            if pod.metadata.uid not in self._streamed and pod.status.phase in ("Running", "Succeeded", "Failed"):
+                return pod
+        return None
+
+    def _follow(self, pod: Any) -> None:
+        self._streamed.add(pod.metadata.uid)
+        resp = self.backend._core.read_namespaced_pod_log(
+            pod.metadata.name, self.ns, container=CONTAINER, follow=True, _preload_content=False)
+        try:
+            for line in _lines(resp):
+                self.backend.log(f"[{pod.metadata.name}] {line}")
+                if self._done.is_set() and not self._drain:
+                    break
+        finally:
+            resp.release_conn()
+
+
+def _lines(resp: Any) -> Iterator[str]:
+    buf = b""
+    for chunk in resp.stream(4096):
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        for line in done:
+            yield line.decode(errors="replace")
+    if buf:
+        yield buf.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """KFP cancels a run by deleting the step's pod (SIGTERM): turn that into an exception so the
+    `finally` that deletes the job runs. Only the main thread may install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise JobFailed("", "Cancelled", f"launcher received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def kube_configuration(host: str) -> k8s.Configuration:
+    """A client configuration for an explicit API server URL (tests, port-forwards)."""
+    cfg = k8s.Configuration()
+    cfg.host = host
+    return cfg

@@ -1,0 +1,286 @@
+"""The PyTorchJob of one training stage, built from the recipe with the kubeflow-training models.
+
+    job = build_job(recipe, JobOptions(name=..., namespace=..., image=..., args=trainer_args(...)))
+    manifest = to_manifest(job)          # camelCase dict, what the API server receives
+
+What the recipe decides: nodes = gpus / gpus_per_node (Master + nodes-1 Workers), a numeric
+`nprocPerNode` (the operator counts `auto` as 1 process per pod when it computes WORLD_SIZE), GPU limits
+per pod, the node selector and toleration of the GPU product. What the run decides (`JobOptions`):
+name, image, trainer arguments, credentials Secret, deadlines, restart cap, elastic / gang scheduling.
+
+Every pod template satisfies the Pod Security `restricted` level (non-root, RuntimeDefault seccomp, no
+privilege escalation, all capabilities dropped); `/dev/shm` is a memory-backed emptyDir because the
+container runtime's 64 MiB default starves DataLoader workers and NCCL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from kubeflow.training import models as kt
+from kubernetes.client import models as k8s
+
+from vfm.errors import UserError
+from vfm.recipes import Recipe
+
+API_VERSION = "kubeflow.org/v1"
+KIND = "PyTorchJob"
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+CONTAINER = "pytorch"  # the operator reads exit codes and injects env only for this container name
+PORT_NAME, PORT = "pytorchjob-port", 23456
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery
+RUN_LABEL = "vfm.io/run"
+RUN_KEY_ANNOTATION = "vfm.io/run-key"
+MAX_NAME = 48  # services are `<job>-worker-<i>` and must stay DNS labels (≤ 63 characters)
+NON_ROOT_UID = 10001  # the images' numeric user (images/*/Dockerfile)
+
+# recipe `hardware.gpu` → value of GPU_PRODUCT_LABEL on the nodes that have it
+GPU_PRODUCTS = {
+    "H100-SXM-80GB": "NVIDIA-H100-80GB-HBM3",
+    "H200-SXM-141GB": "NVIDIA-H200",
+    "A100-SXM-80GB": "NVIDIA-A100-SXM4-80GB",
+    "A100-SXM-40GB": "NVIDIA-A100-SXM4-40GB",
+}
+# the trainer exits ≥ 128 for retryable failures (SIGTERM → 143); vfm.launch.torchrun keeps that code
+TRAINER_COMMAND = ["python", "-m", "vfm.launch.torchrun", "-m", "vfm.train"]
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """torchrun elastic rendezvous (c10d) between `min_nodes` and `max_nodes` worker pods."""
+
+    min_nodes: int
+    max_nodes: int
+    max_restarts: int = 3
+
+
+@dataclass(frozen=True)
+class Gang:
+    """All-or-nothing scheduling so a 12-node job never holds 11 nodes idle waiting for the 12th.
+
+    `scheduler`: volcano / scheduler-plugins read `runPolicy.schedulingPolicy` (the operator's
+    `--gang-scheduler-name`); Kueue admits the job through its queue-name label instead.
+    """
+
+    scheduler: Literal["volcano", "scheduler-plugins", "kueue"] = "volcano"
+    queue: str | None = None
+    min_available: int | None = None
+    """None = every pod of the job."""
+    priority_class: str | None = None
+    schedule_timeout_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    name: str
+    namespace: str
+    image: str
+    args: list[str]
+    """Trainer arguments after `torchrun -m vfm.train` (see `trainer_args`)."""
+    secret: str | None = "vfm-credentials"
+    """Secret whose keys become env vars (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, ...)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Plain env: MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL_S3, ..."""
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    cpu_per_proc: float = 10
+    memory_per_proc_gib: int = 100
+    shm_gib: int = 64
+    max_restarts: int = 3
+    """Our restart cap: with the ExitCode policy the operator recreates pods, so `backoffLimit` never
+    counts them (kubeflow/trainer#2045); the launchers count restarts and fail the job past this."""
+    backoff_limit: int = 3
+    clean_pod_policy: Literal["Running", "All", "None"] = "Running"
+    ttl_seconds_after_finished: int = 7 * 24 * 3600
+    active_deadline_seconds: int | None = None
+    elastic: Elastic | None = None
+    gang: Gang | None = None
+    resources: dict[str, Any] | None = None
+    """KFP TaskConfig passthrough: the pipeline task's resources, forwarded to each replica (not the launcher)."""
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    extra_env: list[dict[str, Any]] | None = None
+
+
+def job_name(recipe_id: str, stage: str, run_id: str, seed: int | None = None) -> str:
+    """Unique per (pipeline run, stage, seed) and stable across retries of the same task, so a retried
+    launcher finds the job its previous attempt created instead of starting a second one."""
+    digest = hashlib.sha256(f"{run_id}/{recipe_id}/{stage}/{seed}".encode()).hexdigest()[:8]
+    suffix = f"-{stage[:2]}{'' if seed is None else f's{seed}'}-{digest}"
+    base = re.sub(r"[^a-z0-9-]+", "-", recipe_id.lower()).strip("-")[: MAX_NAME - len(suffix)].rstrip("-")
+    return f"{base}{suffix}"
+
+
+def label_value(text: str) -> str:
+    """Any string → a valid label value (≤ 63 chars, alphanumeric at both ends)."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+    if len(clean) > 63:
+        clean = clean[:54] + hashlib.sha256(text.encode()).hexdigest()[:9]
+    return clean.strip("-_.")
+
+
+def trainer_args(
+    recipe_id: str,
+    stage: str,
+    *,
+    data: str,
+    out: str,
+    profile: str = "paper",
+    overrides: list[str] | None = None,
+    init: str | None = None,
+    seed: int | None = None,
+    run_key: str | None = None,
+    parent_run_id: str | None = None,
+) -> list[str]:
+    """The `python -m vfm.train` command line (the trainer's documented interface)."""
+    args = [recipe_id, "--stage", stage, "--data", data, "--out", out, "--profile", profile]
+    for item in overrides or []:
+        args += ["--set", item]
+    for flag, value in (("--init", init), ("--seed", seed), ("--run-key", run_key),
+                        ("--parent-run-id", parent_run_id)):
+        if value is not None and value != "":
+            args += [flag, str(value)]
+    return args
+
+
+def _security() -> tuple[k8s.V1PodSecurityContext, k8s.V1SecurityContext]:
+    seccomp = k8s.V1SeccompProfile(type="RuntimeDefault")
+    pod = k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=NON_ROOT_UID, run_as_group=NON_ROOT_UID,
+                                   fs_group=NON_ROOT_UID, seccomp_profile=seccomp)
+    container = k8s.V1SecurityContext(allow_privilege_escalation=False, run_as_non_root=True,
+                                      capabilities=k8s.V1Capabilities(drop=["ALL"]), seccomp_profile=seccomp)
+    return pod, container
+
+
+def _resources(recipe: Recipe, opts: JobOptions) -> dict[str, dict[str, str]]:
+    procs = recipe.hardware.procs_per_node
+    requests = {"cpu": f"{opts.cpu_per_proc * procs:g}", "memory": f"{opts.memory_per_proc_gib * procs}Gi"}
+    limits = {"memory": requests["memory"]}
+    if uses_gpus(recipe):
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(procs)
+    for key in ("requests", "limits"):  # the pipeline task's settings win (TaskConfig passthrough)
+        (requests if key == "requests" else limits).update(
+            {k: str(v) for k, v in ((opts.resources or {}).get(key) or {}).items()})
+    return {"requests": requests, "limits": limits}
+
+
+def uses_gpus(recipe: Recipe) -> bool:
+    """The smoke profile runs on CPU ranks (`hardware.gpu: cpu`)."""
+    return recipe.hardware.gpu.lower() != "cpu"
+
+
+def _pod_template(recipe: Recipe, opts: JobOptions, role: str) -> k8s.V1PodTemplateSpec:
+    pod_sc, container_sc = _security()
+    env = [k8s.V1EnvVar(name=k, value=v) for k, v in sorted(opts.env.items())]
+    env.append(k8s.V1EnvVar(name="VFM_MAX_RESTARTS", value=str(opts.max_restarts)))
+    env += [k8s.V1EnvVar(**_snake(e)) for e in opts.extra_env or []]
+    env_from = [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=opts.secret))] if opts.secret else None
+    container = k8s.V1Container(
+        name=CONTAINER,
+        image=opts.image,
+        image_pull_policy="IfNotPresent",
+        command=list(TRAINER_COMMAND),
+        args=list(opts.args),
+        env=env,
+        env_from=env_from,
+        ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=PORT, protocol="TCP")],
+        resources=k8s.V1ResourceRequirements(**_resources(recipe, opts)),
+        volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        security_context=container_sc,
+    )
+    node_selector: dict[str, str] = {}
+    tolerations: list[Any] = []
+    if uses_gpus(recipe):
+        node_selector[GPU_PRODUCT_LABEL] = GPU_PRODUCTS.get(recipe.hardware.gpu, recipe.hardware.gpu)
+        tolerations.append(k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"))
+    node_selector.update(opts.node_selector or {})
+    tolerations += [k8s.V1Toleration(**_snake(t)) for t in opts.tolerations or []]
+    labels = {**opts.labels, "vfm.io/role": role}
+    if opts.gang and opts.gang.scheduler == "kueue" and opts.gang.queue:
+        labels["kueue.x-k8s.io/queue-name"] = opts.gang.queue
+    return k8s.V1PodTemplateSpec(
+        # an Istio sidecar keeps a finished pod Running and blocks the job's completion (kubeflow/trainer#1180)
+        metadata=k8s.V1ObjectMeta(labels=labels, annotations={"sidecar.istio.io/inject": "false"}),
+        spec=k8s.V1PodSpec(
+            containers=[container],
+            security_context=pod_sc,
+            node_selector=node_selector or None,
+            tolerations=tolerations or None,
+            volumes=[k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+                medium="Memory", size_limit=f"{opts.shm_gib}Gi"))],
+            termination_grace_period_seconds=120,  # time for the trainer to finish a checkpoint on SIGTERM
+        ),
+    )
+
+
+def _snake(obj: dict[str, Any]) -> dict[str, Any]:
+    """K8s JSON keys (camelCase, from a KFP TaskConfig) → the Python client's keyword names."""
+    return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in obj.items()}
+
+
+def build_job(recipe: Recipe, opts: JobOptions) -> kt.KubeflowOrgV1PyTorchJob:
+    """The PyTorchJob for `recipe` under `opts` (validated: name, image, node arithmetic)."""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", opts.name) or len(opts.name) > MAX_NAME:
+        raise UserError(f"job name {opts.name!r}: use ≤ {MAX_NAME} lowercase letters, digits and '-'")
+    if not opts.image or opts.image.endswith(":latest") or ":" not in opts.image.rsplit("/", 1)[-1]:
+        if "@sha256:" not in opts.image:
+            raise UserError(f"image {opts.image!r}: pin a tag or digest (not latest) so pods and caches agree")
+    if opts.max_restarts < 0:
+        raise UserError(f"max_restarts={opts.max_restarts}: must be ≥ 0")
+    nodes = recipe.hardware.nodes
+    procs = recipe.hardware.procs_per_node
+    labels = {**opts.labels, "vfm.io/recipe": label_value(recipe.id)}
+    opts = replace(opts, labels=labels)
+    replicas: dict[str, kt.KubeflowOrgV1ReplicaSpec] = {}
+    elastic = None
+    if opts.elastic is not None:
+        e = opts.elastic
+        if not 1 <= e.min_nodes <= nodes <= e.max_nodes:
+            raise UserError(f"elastic: need 1 ≤ min_nodes ({e.min_nodes}) ≤ recipe nodes ({nodes}) ≤ "
+                            f"max_nodes ({e.max_nodes})")
+        # elastic jobs rendezvous through worker-0 (c10d); the operator rejects elastic without Workers
+        replicas["Worker"] = kt.KubeflowOrgV1ReplicaSpec(
+            replicas=nodes, restart_policy="ExitCode", template=_pod_template(recipe, opts, "worker"))
+        elastic = kt.KubeflowOrgV1ElasticPolicy(min_replicas=e.min_nodes, max_replicas=e.max_nodes,
+                                                max_restarts=e.max_restarts, rdzv_backend="c10d")
+    else:
+        replicas["Master"] = kt.KubeflowOrgV1ReplicaSpec(
+            replicas=1, restart_policy="ExitCode", template=_pod_template(recipe, opts, "master"))
+        if nodes > 1:  # a single-node job is Master only (the old launcher forced a Worker)
+            replicas["Worker"] = kt.KubeflowOrgV1ReplicaSpec(
+                replicas=nodes - 1, restart_policy="ExitCode", template=_pod_template(recipe, opts, "worker"))
+    scheduling = None
+    if opts.gang is not None and opts.gang.scheduler != "kueue":
+        g = opts.gang
+        scheduling = kt.KubeflowOrgV1SchedulingPolicy(
+            min_available=g.min_available or nodes, queue=g.queue, priority_class=g.priority_class,
+            schedule_timeout_seconds=g.schedule_timeout_seconds)
+    run_policy = kt.KubeflowOrgV1RunPolicy(
+        backoff_limit=opts.backoff_limit,
+        clean_pod_policy=opts.clean_pod_policy,  # a Failed job must not leave its master running (trainer#1579)
+        ttl_seconds_after_finished=opts.ttl_seconds_after_finished,
+        active_deadline_seconds=opts.active_deadline_seconds,
+        scheduling_policy=scheduling,
+    )
+    return kt.KubeflowOrgV1PyTorchJob(
+        api_version=API_VERSION,
+        kind=KIND,
+        metadata=k8s.V1ObjectMeta(name=opts.name, namespace=opts.namespace, labels=labels,
+                                  annotations=dict(opts.annotations) or None),
+        spec=kt.KubeflowOrgV1PyTorchJobSpec(
+            nproc_per_node=str(procs), pytorch_replica_specs=replicas, run_policy=run_policy,
+            elastic_policy=elastic),
+    )
+
+
+def to_manifest(job: kt.KubeflowOrgV1PyTorchJob | dict[str, Any]) -> dict[str, Any]:
+    """The wire format (camelCase, no nulls) of a job model; dicts pass through."""
+    if isinstance(job, dict):
+        return job
+    from kubeflow.training.api_client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(job)
