@@ -109,6 +109,7 @@ def plan_cmd(
 
 # each area's commands; a module listed here exposes `register(app)`
 _AREAS: list[str] = [
+    "vfm.data.cli",
     "vfm.evaluate.cli",
 ]
 

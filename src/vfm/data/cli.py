@@ -1,0 +1,120 @@
+"""`vfm shard` and `vfm make-imagenet-c`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+SPLIT_OF = {"in1k-val": "validation", "imagenet-r": "validation", "imagenet-c": "validation"}
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def _already_complete(dest: str, dataset: str, seed: int, endpoint_url: str | None) -> bool:
+    from vfm.data import storage
+    from vfm.data.manifest import MANIFEST_NAME, Manifest
+
+    url = storage.join(dest, MANIFEST_NAME)
+    if not storage.exists(url, endpoint_url):
+        return False
+    m = Manifest.load(url, endpoint_url)
+    if (m.dataset, m.seed) != (dataset, seed):
+        from vfm.errors import UserError
+
+        raise UserError(f"{url} already holds dataset {m.dataset!r} (seed {m.seed}); choose another --dest")
+    console.print(f"{url}: already complete ({m.num_samples:,} samples in {len(m.shards)} shards); nothing to do")
+    return True
+
+
+def run_sharding(write, dest: str, endpoint_url: str | None) -> None:
+    """Drive `write(on_plan, on_shard)` with a progress bar and print the outcome."""
+    with _progress() as bar:
+        task = bar.add_task("shards", total=None)
+
+        def on_plan(n_shards: int, n_samples: int) -> None:
+            bar.update(task, total=n_shards, description=f"shards ({n_samples:,} samples)")
+
+        def on_shard(rec: dict) -> None:
+            bar.advance(task)
+
+        report = write(on_plan, on_shard)
+    if report.manifest is None:
+        console.print(f"stopped with {report.remaining} shards still to write ({report.written} written, "
+                      f"{report.resumed} verified and kept); rerun the same command to continue")
+        return
+    m = report.manifest
+    console.print(f"wrote {report.written} shards, kept {report.resumed} verified ones: {m.num_samples:,} samples, "
+                  f"{len(m.shards)} shards, manifest {m.location}")
+    for reason, count in m.failure_counts().items():
+        console.print(f"  {count:>8,}  {reason}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("shard")
+    def shard_cmd(
+        dataset: Annotated[str, typer.Argument(help="in22k-fall11 | in21k-winter21 | in1k | in1k-val | imagenet-r | "
+                                                    "imagenet-c | folder")],
+        source: Annotated[str, typer.Option("--source", help="Archive, directory of tarballs, or folder tree.")],
+        dest: Annotated[str, typer.Option("--dest", help="s3://bucket/prefix or a local directory.")],
+        shard_size: Annotated[str, typer.Option("--shard-size", help="Target bytes per shard, e.g. 1GB, 300MB.")] = "1GB",
+        workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel shard writer processes.")] = 1,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the global shuffle.")] = 0,
+        endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL_S3).")] = None,
+        labels: Annotated[str | None, typer.Option("--labels", help="in1k-val: LOC_val_solution.csv or devkit tar.gz.")] = None,
+        classes: Annotated[str | None, typer.Option("--classes", help="Class list file (one wnid per line; label = line).")] = None,
+        split: Annotated[str | None, typer.Option("--split", help="Split name in _info.json (train / validation).")] = None,
+        repair: Annotated[bool, typer.Option("--repair/--skip-bad", help="Repair gzip/PNG/CMYK members instead of skipping them (both are reported).")] = False,
+        spool_dir: Annotated[str | None, typer.Option("--spool-dir", help="Where a .tar.gz source is decompressed once.")] = None,
+        max_shards: Annotated[int | None, typer.Option("--max-new-shards", help="Write at most N shards this run (time-boxed jobs); rerun to continue.")] = None,
+        max_samples: Annotated[int | None, typer.Option("--max-samples-per-shard", help="Also cut shards at this many samples.")] = None,
+    ) -> None:
+        """Shard a dataset into WebDataset tars (original JPEG bytes) with a manifest written last; resumable."""
+        from vfm.data.shard import parse_size, write_dataset
+        from vfm.data.sources import index_source
+
+        if _already_complete(dest, dataset, seed, endpoint_url):
+            return
+        with _progress() as bar:
+            task = bar.add_task(f"indexing {source}", total=None)
+            index = index_source(dataset, source, labels=labels, class_file=classes, spool_dir=spool_dir,
+                                 progress=lambda msg: bar.update(task, advance=1, description=f"indexing {msg}"))
+        console.print(f"indexed {len(index):,} samples in {len(index.classes):,} classes "
+                      f"({len(index.failures):,} rejected while indexing)")
+        run_sharding(lambda on_plan, on_shard: write_dataset(
+            index, dest, split=split or SPLIT_OF.get(dataset, "train"), seed=seed, shard_size=parse_size(shard_size),
+            max_samples_per_shard=max_samples, workers=workers, repair=repair, endpoint_url=endpoint_url,
+            source=source, max_new_shards=max_shards, on_shard=on_shard, on_plan=on_plan), dest, endpoint_url)
+
+
+def main() -> None:
+    """`python -m vfm.data.cli ...`: the data commands without the rest of the CLI."""
+    import sys
+
+    from vfm.errors import USER_ERRORS
+
+    app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    try:
+        app(standalone_mode=False)
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Read a sharded dataset (a Manifest) for training and evaluation, with an exactly restorable position.
+
+The stream is planned, not sampled (style_reliability.md B3, contract (b)):
+
+* A *unit* is a shard, or a 1/k slice of one (samples j with j % k == part) when there are fewer shards
+  than readers (k = ceil(readers / shards)), so small datasets still give every reader work.
+* Data epoch e orders the units by a permutation seeded by (seed, e) (identity without shuffle); reader
+  slot s = rank * W + worker of R * W slots takes units[s::R*W]. Inside a unit an optional shuffle
+  buffer runs with an RNG keyed by (seed, e, unit) and is reset at each unit boundary.
+* Training (`drop_last=True`): each slot streams data epochs back to back and forms full batches; rank r
+  yields `epoch_length // (batch_size * world_size)` batches per loader epoch, the same on every rank,
+  and batch k of a rank comes from its logical worker k % W (DataLoader's round robin).
+* The position is one number, the batches a rank has yielded. From it and the manifest's per-shard
+  sample counts every slot's (data epoch, unit, offset) follows without I/O, so `load_state_dict` then
+  iteration continues exactly: no repeat, no skip (same world size and worker count). Augmentation is
+  seeded per batch from (seed, rank, batch index), so even the random crops reproduce.
+* Evaluation (`drop_last=False`): one pass in stored order; each sample goes to exactly one rank, the
+  last batch may be short, nothing is padded or duplicated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vfm.data import storage
+from vfm.data.manifest import Manifest
+
+IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
+DEFAULT_SHUFFLE_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class Unit:
+    shard: int
+    part: int
+    parts: int
+    size: int
+
+
+def make_units(manifest: Manifest, num_slots: int) -> list[Unit]:
+    k = max(1, math.ceil(num_slots / max(1, len(manifest.shards))))
+    return [Unit(i, p, k, len(range(p, s.num_samples, k))) for i, s in enumerate(manifest.shards) for p in range(k)]
+
+
+def epoch_units(units: list[Unit], seed: int, epoch: int, shuffle: bool, slot: int, num_slots: int) -> list[Unit]:
+    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
+    return [units[i] for i in order[slot::num_slots]]
+
+
+def _unit_samples(manifest: Manifest, unit: Unit) -> Iterator[dict[str, Any]]:
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    storage.register_webdataset_s3()
+    url = manifest.shard_url(unit.shard)
+    stream = wds.gopen(url, "rb")
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+        for j, sample in enumerate(group_by_keys(files)):
+            if j % unit.parts == unit.part:
+                yield sample
+    finally:
+        stream.close()
+
+
+def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) -> Iterator[dict]:
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < buffer:
+            buf.append(s)
+            continue
+        j = int(rng.integers(len(buf)))
+        out, buf[j] = buf[j], s
+        yield out
+    for j in rng.permutation(len(buf)):
+        yield buf[int(j)]
+
+
+def slot_stream(manifest: Manifest, units: list[Unit], *, slot: int, num_slots: int, seed: int, shuffle: bool,
+                shuffle_buffer: int, start: int, repeat: bool) -> Iterator[dict[str, Any]]:
+    """Raw samples of one reader slot from sample offset `start` (skipped units are never opened)."""
+    epoch, empty_epochs = 0, 0
+    while True:
+        mine = epoch_units(units, seed, epoch, shuffle, slot, num_slots)
+        if sum(u.size for u in mine) == 0:
+            empty_epochs += 1
+            if not repeat or empty_epochs > 64:
+                if repeat:
+                    raise ValueError(f"{manifest.dataset}: reader slot {slot} of {num_slots} gets no samples; "
+                                     "use fewer ranks/workers or reshard with a smaller --shard-size")
+                return
+        for unit in mine:
+            if start >= unit.size:
+                start -= unit.size
+                continue
+            samples = _unit_samples(manifest, unit)
+            if shuffle and shuffle_buffer > 1:
+                samples = _shuffled(samples, shuffle_buffer, np.random.default_rng([seed, epoch, unit.shard, unit.part]))
+            for n, s in enumerate(samples):
+                if n >= start:
+                    yield s
+            start = 0
+        if not repeat:
+            return
+        epoch += 1
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int, dict[str, Any]]:
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')} has no image")
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta["key"] = sample["__key__"]
+    return img, int(sample["cls"]), meta
+
+
+def _batch_seed(seed: int, rank: int, k: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, k]).generate_state(1)[0])
+
+
+class _RankStream(IterableDataset):
+    """Batches of one rank from its W worker slots, starting at rank batch index `start_batch`."""
+
+    def __init__(self, loader: ShardLoader, start_batch: int):
+        self.L, self.start_batch = loader, start_batch
+
+    def __iter__(self):
+        L = self.L
+        info = get_worker_info()
+        W = max(1, L.num_workers)
+        physical = info.id if info is not None else 0
+        # DataLoader asks workers 0,1,.. in turn from *this* iteration's start: rotate so that rank
+        # batch k always comes from logical worker k % W, whatever batch we resume at
+        logical = (physical + self.start_batch) % W
+        slot = L.rank * W + logical
+        k = self.start_batch + (logical - self.start_batch) % W  # this worker's first rank batch index
+        done = (k - logical) // W  # batches this logical worker produced before k
+        stream = slot_stream(L.manifest, L.units, slot=slot, num_slots=L.world_size * W, seed=L.seed,
+                             shuffle=L.shuffle, shuffle_buffer=L.shuffle_buffer, start=done * L.batch_size,
+                             repeat=L.drop_last)
+        while True:
+            raw = [s for _, s in zip(range(L.batch_size), stream, strict=False)]
+            if not raw or (L.drop_last and len(raw) < L.batch_size):
+                return
+            yield L.collate(raw, _batch_seed(L.seed, L.rank, k))
+            k += W
+
+
+class ShardLoader:
+    """Iterable of (images[B,3,H,W], labels[B]) batches (or dict batches with `with_meta`); see module doc."""
+
+    def __init__(self, manifest: Manifest, *, transform: Callable[[Image.Image], torch.Tensor], batch_size: int,
+                 rank: int, world_size: int, seed: int, shuffle: bool, epoch_length: int | None = None,
+                 num_workers: int = 0, drop_last: bool = True, with_meta: bool = False,
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 collate_fn: Callable[[list[tuple[Any, int]]], Any] | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.manifest, self.transform, self.batch_size = manifest, transform, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.num_workers, self.drop_last, self.with_meta = num_workers, drop_last, with_meta
+        self.shuffle_buffer = shuffle_buffer
+        # builds the batch from [(transform(image), label)] instead of stacking (DINOv2 multi-crop + masks);
+        # it runs inside the per-batch seeded RNG context, so its randomness reproduces on resume too
+        self.collate_fn = collate_fn
+        self.units = make_units(manifest, world_size * max(1, num_workers))
+        self.epoch_length = epoch_length or manifest.num_samples
+        self.batches_yielded = 0
+        if drop_last and len(self) == 0:
+            raise ValueError(f"{manifest.dataset}: epoch of {self.epoch_length} samples is smaller than one global "
+                             f"batch ({batch_size} x {world_size} ranks)")
+
+    def __len__(self) -> int:
+        """Batches this rank yields per loader epoch."""
+        if self.drop_last:
+            return self.epoch_length // (self.batch_size * self.world_size)
+        W = max(1, self.num_workers)
+        total = 0
+        for w in range(W):
+            mine = epoch_units(self.units, self.seed, 0, self.shuffle, self.rank * W + w, self.world_size * W)
+            total += math.ceil(sum(u.size for u in mine) / self.batch_size)
+        return total
+
+    @property
+    def epoch(self) -> int:
+        return self.batches_yielded // len(self) if self.drop_last else 0
+
+    def collate(self, raw: list[dict], batch_seed: int):
+        # the transform's randomness is a function of the batch position, so a resumed run reproduces it
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed)
+            random.seed(batch_seed)
+            np.random.seed(batch_seed % 2**32)
+            decoded = [decode_sample(s) for s in raw]
+            if self.collate_fn is not None:
+                custom = self.collate_fn([(self.transform(img), label) for img, label, _ in decoded])
+            else:
+                images = torch.stack([self.transform(img) for img, _, _ in decoded])
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if self.collate_fn is not None:
+            return custom
+        labels = torch.tensor([label for _, label, _ in decoded], dtype=torch.long)
+        if self.with_meta:
+            return {"image": images, "label": labels, "meta": [m for _, _, m in decoded]}
+        return images, labels
+
+    def __iter__(self):
+        if self.drop_last:
+            n = len(self) - self.batches_yielded % len(self)
+        else:
+            if self.batches_yielded >= len(self):  # a finished evaluation pass: the next `for` starts over
+                self.batches_yielded = 0
+            n = len(self) - self.batches_yielded
+        if n <= 0:
+            return
+        ds = _RankStream(self, self.batches_yielded)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                        persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+        it = iter(dl)
+        try:
+            for _ in range(n):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                self.batches_yielded += 1
+                yield batch
+        finally:
+            del it
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_yielded": self.batches_yielded, "world_size": self.world_size,
+                "num_workers": self.num_workers, "batch_size": self.batch_size, "seed": self.seed,
+                "shuffle": self.shuffle, "dataset": self.manifest.dataset, "num_samples": self.manifest.num_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for k in ("world_size", "num_workers", "batch_size", "seed", "shuffle", "dataset", "num_samples"):
+            if state.get(k) != mine[k]:
+                raise ValueError(f"loader state was saved with {k}={state.get(k)!r} but this loader has {mine[k]!r}; "
+                                 "an exact resume needs the same data, seed, batch size, world size and workers")
+        if not self.drop_last and self.num_workers > 1:
+            raise ValueError("evaluation loaders (drop_last=False) with several workers restart from the beginning; "
+                             "resume positions are kept for training streams")
+        self.batches_yielded = int(state["batches_yielded"])
+
+
+def build_loader(manifest: Manifest | str, *, transform, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool, epoch_length: int | None = None, num_workers: int = 0, drop_last: bool = True,
+                 with_meta: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 collate_fn: Callable[[list[tuple[Any, int]]], Any] | None = None) -> ShardLoader:
+    """A loader over a manifest (object, local path or s3:// URL). `epoch_length` is in samples, global."""
+    if isinstance(manifest, str):
+        manifest = Manifest.load(manifest)
+    return ShardLoader(manifest, transform=transform, batch_size=batch_size, rank=rank, world_size=world_size,
+                       seed=seed, shuffle=shuffle, epoch_length=epoch_length, num_workers=num_workers,
+                       drop_last=drop_last, with_meta=with_meta, shuffle_buffer=shuffle_buffer,
+                       collate_fn=collate_fn)

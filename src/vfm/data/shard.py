@@ -1,0 +1,265 @@
+"""`vfm shard`: index a source in place, shuffle it globally, write WebDataset shards, commit a manifest.
+
+1. Index (headers only, see sources.py).
+2. Plan: per group (ImageNet-C corruption/severity; one group otherwise), a permutation seeded by
+   (seed, group) is cut into shards of about `shard_size` bytes. The plan is a pure function of the
+   index and the seed, so a rerun plans the very same shards; each has a `plan_hash` of its keys.
+3. Write shards in parallel workers: read each sample's original bytes by offset, check them
+   (validate.py), and write `<key>.jpg` (or .png/.webp) + `<key>.cls` + `<key>.json` into a tar with fixed
+   metadata (byte-identical on rerun) -> publish (multipart on S3) -> write `_progress/<shard>.json`
+   (the shard's commit: plan_hash, counts, sha256, failures).
+4. Resume: a shard whose progress record matches the plan and whose object hashes to the recorded sha256
+   is kept; anything else is rewritten. Every input sample is in exactly one planned shard.
+5. Last, `_info.json` (timm ReaderWds) and `manifest.json` (the dataset's commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+
+from vfm.data import storage
+from vfm.data.manifest import MANIFEST_NAME, TIMM_INFO_NAME, Manifest, ShardInfo
+from vfm.data.sources import SourceIndex, sample_key
+from vfm.data.validate import check_image
+
+DEFAULT_SHARD_SIZE = 1_000_000_000
+PROGRESS_DIR = "_progress"
+# Reliability tests set this to SIGKILL the sharder after publishing the Nth shard's tar and before its
+# progress record: the worst moment for a crash (an object exists that nothing vouches for yet).
+FAULT_KILL_ENV = "VFM_FAULT_KILL_AFTER_SHARDS"
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("B")
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+    for suffix, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(t)
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    number: int
+    name: str
+    group: str
+    entries: np.ndarray
+    plan_hash: str
+
+
+def plan_shards(index: SourceIndex, seed: int, shard_size: int, prefix: str,
+                max_samples: int | None = None) -> list[PlannedShard]:
+    sizes = np.frombuffer(index.size, dtype=np.int64) if len(index) else np.zeros(0, np.int64)
+    groups = np.frombuffer(index.group, dtype=np.int32) if len(index) else np.zeros(0, np.int32)
+    shards: list[PlannedShard] = []
+    for gid, gname in enumerate(index.groups):
+        members = np.flatnonzero(groups == gid)
+        if not len(members):
+            continue
+        order = members[np.random.default_rng([seed, gid]).permutation(len(members))]
+        # cut where the running byte count crosses a multiple of shard_size (and at max_samples)
+        cum = np.cumsum(sizes[order])
+        cut_ids = np.floor_divide(cum - 1, shard_size)
+        if max_samples:
+            cut_ids = np.maximum(cut_ids, np.arange(len(order)) // max_samples)
+        bounds = np.flatnonzero(np.diff(cut_ids)) + 1
+        for part in np.split(order, bounds):
+            n = len(shards)
+            h = hashlib.sha256(f"{seed}:{gname}:".encode())
+            for i in part:
+                h.update(index.name(int(i)).encode() + b"\0")
+            shards.append(PlannedShard(n, f"{prefix}-{n:06d}.tar", gname, part, h.hexdigest()))
+    return shards
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.h.update(b)
+        self.n += len(b)
+        return len(b)
+
+
+@dataclass
+class _Job:
+    dest: str
+    endpoint_url: str | None
+    repair: bool
+    tmp_dir: str | None
+    kill_after: int
+
+
+_INDEX: SourceIndex | None = None
+_JOB: _Job | None = None
+_PUBLISHED = 0
+
+
+def _init_worker(index: SourceIndex, job: _Job) -> None:
+    global _INDEX, _JOB
+    _INDEX, _JOB = index, job
+
+
+def _progress_url(dest: str, shard_name: str) -> str:
+    return storage.join(dest, f"{PROGRESS_DIR}/{shard_name}.json")
+
+
+def _verified(shard: PlannedShard) -> dict | None:
+    """The shard's progress record if the published object matches it, else None (rewrite it)."""
+    job = _JOB
+    rec_url = _progress_url(job.dest, shard.name)
+    if not storage.exists(rec_url, job.endpoint_url):
+        return None
+    rec = json.loads(storage.read_bytes(rec_url, job.endpoint_url))
+    url = storage.join(job.dest, shard.name)
+    if rec.get("plan_hash") != shard.plan_hash or not storage.exists(url, job.endpoint_url):
+        return None
+    sha, size = storage.sha256_of(url, job.endpoint_url)
+    return rec if (sha, size) == (rec["sha256"], rec["bytes"]) else None
+
+
+def _write_shard(shard: PlannedShard) -> dict:
+    global _PUBLISHED
+    import webdataset as wds
+
+    index, job = _INDEX, _JOB
+    rec = _verified(shard)
+    if rec is not None:
+        return {**rec, "resumed": True}
+    failures: list[dict[str, str]] = []
+    count = 0
+    meta = index.group_meta.get(shard.group, {})
+    with tempfile.NamedTemporaryFile(dir=job.tmp_dir, suffix=".tar") as tmp:
+        hw = _HashingWriter(tmp)
+        with wds.TarWriter(hw, encoder=False, mtime=0.0, user="vfm", group="vfm") as writer:
+            for i in shard.entries.tolist():
+                name, label = index.name(i), index.label[i]
+                key = sample_key(name)
+                checked = check_image(index.read(i), name, repair=job.repair)
+                if checked.problem:
+                    failures.append({"key": key, "name": name, "source": index.source_of(i),
+                                     "reason": checked.problem,
+                                     "action": "skipped" if checked.data is None else "repaired"})
+                if checked.data is None:
+                    continue
+                info = {"wnid": index.classes[label], "name": name, **meta}
+                writer.write({
+                    "__key__": key,
+                    checked.ext: checked.data,
+                    "cls": str(label).encode(),
+                    "json": json.dumps(info, sort_keys=True).encode(),
+                })
+                count += 1
+        tmp.flush()
+        url = storage.join(job.dest, shard.name)
+        storage.upload_file(tmp.name, url, job.endpoint_url)
+    _PUBLISHED += 1
+    if job.kill_after and _PUBLISHED >= job.kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    rec = {"name": shard.name, "group": shard.group, "plan_hash": shard.plan_hash, "num_samples": count,
+           "bytes": hw.n, "sha256": hw.h.hexdigest(), "failures": failures}
+    storage.write_bytes(_progress_url(job.dest, shard.name), json.dumps(rec, sort_keys=True).encode(),
+                        job.endpoint_url)
+    return {**rec, "resumed": False}
+
+
+@dataclass
+class ShardReport:
+    manifest: Manifest | None
+    written: int
+    resumed: int
+    remaining: int
+
+
+def write_dataset(
+    index: SourceIndex,
+    dest: str,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    max_samples_per_shard: int | None = None,
+    workers: int = 1,
+    repair: bool = False,
+    endpoint_url: str | None = None,
+    source: str = "",
+    max_new_shards: int | None = None,
+    tmp_dir: str | None = None,
+    on_shard: Callable[[dict], None] = lambda _rec: None,
+    on_plan: Callable[[int, int], None] = lambda _shards, _samples: None,
+) -> ShardReport:
+    """Shard `index` to `dest` (a directory or s3:// prefix); resumable; the manifest is written last."""
+    plan = plan_shards(index, seed, shard_size, index.dataset, max_samples_per_shard)
+    on_plan(len(plan), len(index))
+    job = _Job(dest, endpoint_url, repair, tmp_dir, int(os.environ.get(FAULT_KILL_ENV, "0") or 0))
+    todo = plan
+    results: dict[int, dict] = {}
+    if max_new_shards is not None:
+        # a bounded run (time-limited jobs): verify everything, write at most N missing shards
+        _init_worker(index, job)
+        todo = []
+        for s in plan:
+            rec = _verified(s)
+            if rec is not None:
+                results[s.number] = {**rec, "resumed": True}
+                on_shard(results[s.number])
+            else:
+                todo.append(s)
+        todo = todo[:max_new_shards]
+    for number, rec in _run(index, job, todo, workers):
+        results[number] = rec
+        on_shard(rec)
+    written = sum(1 for r in results.values() if not r["resumed"])
+    resumed = len(results) - written
+    if len(results) < len(plan):
+        return ShardReport(None, written, resumed, len(plan) - len(results))
+    shards = [ShardInfo(name=r["name"], num_samples=r["num_samples"], bytes=r["bytes"], sha256=r["sha256"],
+                        url=storage.join(dest, r["name"]), group=r["group"])
+              for r in (results[s.number] for s in plan) if r["num_samples"] > 0]
+    failures = list(index.failures) + [f for n in sorted(results) for f in results[n]["failures"]]
+    failures.sort(key=lambda f: (f["key"], f["reason"]))
+    manifest = Manifest(
+        dataset=index.dataset, split=split, classes=list(index.classes), shards=shards, seed=seed,
+        shard_size=shard_size, source=source,
+        groups={g: index.group_meta.get(g, {}) for g in index.groups if any(s.group == g for s in shards)},
+        failures=failures,
+    )
+    storage.write_bytes(storage.join(dest, TIMM_INFO_NAME), json.dumps(manifest.timm_info(), indent=1).encode(),
+                        endpoint_url)
+    storage.write_bytes(storage.join(dest, "classes.txt"), ("\n".join(index.classes) + "\n").encode(), endpoint_url)
+    manifest_url = storage.join(dest, MANIFEST_NAME)
+    storage.write_bytes(manifest_url, manifest.to_json().encode(), endpoint_url)
+    manifest.location = manifest_url
+    return ShardReport(manifest, written, resumed, 0)
+
+
+def _run(index: SourceIndex, job: _Job, todo: list[PlannedShard], workers: int) -> Iterable[tuple[int, dict]]:
+    if workers <= 1 or len(todo) <= 1:
+        _init_worker(index, job)
+        for s in todo:
+            yield s.number, _write_shard(s)
+        return
+    # spawn: boto3 clients and open files must not be shared with a forked parent
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(index, job)) as pool:
+        futures = {pool.submit(_write_shard, s): s.number for s in todo}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()

@@ -1,0 +1,439 @@
+"""Read the official dataset layouts in place and index their samples without extracting anything.
+
+An index pass walks tar headers only (seeking over the image data) and records, per sample, where its
+bytes are: (source file, byte offset, size), its label, its group (ImageNet-C corruption/severity) and
+its original name. The index is a few compact arrays (~40 bytes + the name per sample, so ~0.8 GB for
+the 14 M images of fall11), which is what lets `vfm shard` shuffle the *whole* dataset with bounded
+memory and then read each shard's samples by offset (`os.pread`) in parallel workers.
+
+Layouts (recipes.md §4–6):
+  in22k-fall11 / in21k-winter21 / in1k   tar of per-wnid tars (`n01440764.tar` ...); `.tar.gz` outer
+                                         archives are decompressed once into a spool file (gzip is
+                                         not seekable)
+  in1k-val                               flat tar of ILSVRC2012_val_*.JPEG + LOC_val_solution.csv or
+                                         the devkit's ground truth
+  imagenet-r                             imagenet-r.tar: imagenet-r/<wnid>/*.jpg (labels = IN-1K index)
+  imagenet-c                             the Zenodo tarballs: <corruption>/<severity>/<wnid>/*.JPEG
+  folder                                 <root>/<class>/<image> (a user's own data)
+Each of these also accepts the same tree already extracted to a directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfm.data import classes as class_lists
+from vfm.errors import UserError
+
+DATASETS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
+
+
+class SourceError(UserError):
+    """The source data cannot be read as the requested layout; the message says what to do."""
+
+
+class TruncatedArchiveError(SourceError):
+    def __init__(self, path: str, offset: int, size: int, detail: str):
+        self.path, self.offset = path, offset
+        super().__init__(
+            f"{path}: archive is truncated or damaged at byte offset {offset:,} (file size {size:,}): {detail}. "
+            "Nothing was written for it. Complete or re-download the file (e.g. `curl -C - -O ...` or "
+            "`aws s3 cp` again, then compare its md5/size with the official one) and rerun the same "
+            "`vfm shard` command: shards already finished at the destination are verified and kept."
+        )
+
+
+@dataclass
+class SourceIndex:
+    """Where every sample of a dataset is. Entry i: files[file_id[i]] + (offset[i], size[i])."""
+
+    dataset: str
+    classes: list[str]
+    files: list[str] = field(default_factory=list)
+    file_id: array = field(default_factory=lambda: array("i"))
+    offset: array = field(default_factory=lambda: array("q"))
+    size: array = field(default_factory=lambda: array("q"))
+    label: array = field(default_factory=lambda: array("i"))
+    group: array = field(default_factory=lambda: array("i"))
+    _names: bytearray = field(default_factory=bytearray)
+    _name_end: array = field(default_factory=lambda: array("q"))
+    groups: list[str] = field(default_factory=lambda: [""])
+    group_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    """Samples rejected while indexing (unknown wnid, zero bytes, unreadable inner archive, no label)."""
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def add_file(self, path: str) -> int:
+        self.files.append(path)
+        return len(self.files) - 1
+
+    def group_id(self, name: str, meta: dict[str, Any] | None = None) -> int:
+        if name not in self.groups:
+            self.groups.append(name)
+        self.group_meta.setdefault(name, meta or {})
+        return self.groups.index(name)
+
+    def add(self, file_id: int, offset: int, size: int, label: int, name: str, group: int = 0) -> None:
+        self.file_id.append(file_id)
+        self.offset.append(offset)
+        self.size.append(size)
+        self.label.append(label)
+        self.group.append(group)
+        self._names += name.encode()
+        self._name_end.append(len(self._names))
+
+    def fail(self, name: str, source: str, reason: str) -> None:
+        self.failures.append({"key": sample_key(name), "name": name, "source": source, "reason": reason,
+                              "action": "skipped"})
+
+    def name(self, i: int) -> str:
+        start = self._name_end[i - 1] if i else 0
+        return self._names[start : self._name_end[i]].decode()
+
+    def source_of(self, i: int) -> str:
+        return self.files[self.file_id[i]]
+
+    def read(self, i: int) -> bytes:
+        path = self.files[self.file_id[i]]
+        if os.path.isdir(path):
+            with open(os.path.join(path, self.name(i)), "rb") as f:
+                return f.read()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, self.size[i], self.offset[i])
+        finally:
+            os.close(fd)
+        if len(data) != self.size[i]:
+            raise TruncatedArchiveError(path, self.offset[i] + len(data), os.path.getsize(path),
+                                        f"member {self.name(i)!r} ends past the end of the file")
+        return data
+
+
+def sample_key(name: str) -> str:
+    """WebDataset key from an original path: extension dropped; dots would split the key, so they go."""
+    stem, _, ext = name.rpartition(".")
+    base = stem if stem and "/" not in ext else name
+    return base.replace(".", "_")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Walkers: yield (path inside the source, byte offset in the file, size) for every regular file.
+
+
+class _Window:
+    """A read-only, seekable view of [start, start+size) of an open file: an inner tar inside an outer one."""
+
+    def __init__(self, f, start: int, size: int):
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else self.size + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+
+def _tar_members(path: str, fileobj=None, base: int = 0, outer: bool = True) -> Iterator[tarfile.TarInfo]:
+    """Headers of a tar; a read error or missing end-of-archive marker on the *outer* file is truncation."""
+    own = fileobj is None
+    f = open(path, "rb") if own else fileobj
+    size = os.path.getsize(path) if own else f.size
+    try:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError as e:
+            raise TruncatedArchiveError(path, base, size, f"not a readable tar ({e})") from e
+        while True:
+            try:
+                m = tf.next()
+            except tarfile.ReadError as e:
+                raise TruncatedArchiveError(path, base + tf.offset, size, str(e)) from e
+            if m is None:
+                break
+            if m.offset_data + m.size > size:
+                raise TruncatedArchiveError(path, base + m.offset, size, f"member {m.name!r} is cut short")
+            tf.members.clear()  # bounded memory: tarfile would otherwise keep every header
+            yield m
+        end = tf.offset
+        if outer and own:
+            # tarfile treats a file cut exactly at a member boundary as complete; a real tar ends with
+            # zero blocks, so their absence means the download stopped early
+            f.seek(end)
+            if f.read(1024) != b"\0" * 1024 and end < size:
+                raise TruncatedArchiveError(path, end, size, "garbage after the last member")
+            if end + 1024 > size:
+                raise TruncatedArchiveError(path, end, size, "no end-of-archive marker after the last member")
+    finally:
+        if own:
+            f.close()
+
+
+def walk_tar(path: str) -> Iterator[tuple[str, int, int]]:
+    for m in _tar_members(path):
+        if m.isfile():
+            yield m.name.removeprefix("./"), m.offset_data, m.size
+
+
+def walk_dir(root: str) -> Iterator[tuple[str, int, int]]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            yield os.path.relpath(full, root).replace(os.sep, "/"), 0, os.path.getsize(full)
+
+
+def walk_tar_of_tars(path: str, index: SourceIndex, progress: Callable[[str], None]) -> Iterator[tuple[str, int, int]]:
+    """Members of every inner `<wnid>.tar` as `<wnid>/<member>`; an unreadable inner tar is reported, the rest go on."""
+    with open(path, "rb") as f:
+        for outer in _tar_members(path):
+            if not outer.isfile():
+                continue
+            wnid = Path(outer.name).name.split(".")[0]
+            progress(wnid)
+            if not outer.name.endswith(".tar"):
+                index.fail(outer.name, path, "outer member is not a per-class .tar")
+                continue
+            window = _Window(f, outer.offset_data, outer.size)
+            try:
+                tf = tarfile.open(fileobj=window, mode="r:")
+                members = [m for m in tf if m.isfile()]
+            except (tarfile.TarError, OSError) as e:
+                index.fail(f"{wnid}/", path, f"inner archive {outer.name} unreadable at outer offset {outer.offset_data}: {e}")
+                continue
+            for m in members:
+                if m.offset_data + m.size > outer.size:
+                    index.fail(f"{wnid}/{m.name}", path, "member cut short inside its class tar")
+                    continue
+                yield f"{wnid}/{Path(m.name).name}", outer.offset_data + m.offset_data, m.size
+
+
+def gunzip_to_spool(path: str, spool_dir: str | None, progress: Callable[[int], None]) -> str:
+    """Decompress a `.tar.gz` once into a seekable spool tar (kept and reused across reruns)."""
+    spool = Path(spool_dir or tempfile.gettempdir()) / (Path(path).name[: -len(".gz")])
+    done = spool.with_name(spool.name + ".complete")
+    src_stat = os.stat(path)
+    stamp = f"{src_stat.st_size}:{int(src_stat.st_mtime)}"
+    if spool.exists() and done.exists() and done.read_text() == stamp:
+        return str(spool)
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as gz, open(spool, "wb") as out:
+        try:
+            while chunk := gz.read(16 * 1024 * 1024):
+                out.write(chunk)
+                progress(raw.tell())
+        except (EOFError, OSError, gzip.BadGzipFile) as e:
+            raise TruncatedArchiveError(path, raw.tell(), src_stat.st_size, f"gzip stream broken: {e}") from e
+    done.write_text(stamp)
+    return str(spool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labels
+
+
+def val_labels_from_loc_csv(path: str) -> dict[str, str]:
+    """Kaggle LOC_val_solution.csv: ImageId -> first token of PredictionString (the wnid)."""
+    out: dict[str, str] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or {"ImageId", "PredictionString"} - set(reader.fieldnames):
+            raise SourceError(f"{path}: expected columns ImageId,PredictionString (Kaggle LOC_val_solution.csv)")
+        for row in reader:
+            tokens = row["PredictionString"].split()
+            if not tokens:
+                raise SourceError(f"{path}: empty PredictionString for {row['ImageId']}")
+            out[row["ImageId"]] = tokens[0]
+    return out
+
+
+def val_labels_from_devkit(path: str) -> dict[str, str]:
+    """ILSVRC2012_devkit_t12.tar.gz: the ground truth holds ILSVRC2012_IDs in meta.mat order, which are
+    mapped to wnids through meta.mat's leaf synsets (the procedure of torchvision's parse_devkit_archive);
+    they are never sorted-wnid indices."""
+    import scipy.io
+
+    with tarfile.open(path) as tf:
+        by_name = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
+        try:
+            meta_bytes = tf.extractfile(by_name["meta.mat"]).read()
+            gt_text = tf.extractfile(by_name["ILSVRC2012_validation_ground_truth.txt"]).read().decode()
+        except KeyError as e:
+            raise SourceError(f"{path}: devkit lacks data/{e.args[0]}") from e
+    synsets = scipy.io.loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
+    synsets = [synsets] if synsets.ndim == 0 else synsets
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    ids = [int(line) for line in gt_text.split()]
+    try:
+        return {f"ILSVRC2012_val_{i + 1:08d}": id_to_wnid[cid] for i, cid in enumerate(ids)}
+    except KeyError as e:
+        raise SourceError(f"{path}: ground truth names ILSVRC2012_ID {e.args[0]} which meta.mat lacks") from e
+
+
+def load_val_labels(path: str) -> dict[str, str]:
+    if path.endswith(".csv"):
+        return val_labels_from_loc_csv(path)
+    if path.endswith((".tar.gz", ".tgz", ".tar")):
+        return val_labels_from_devkit(path)
+    raise SourceError(f"{path}: --labels must be LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def _is_hidden(name: str) -> bool:
+    return any(part.startswith(".") for part in name.split("/"))
+
+
+def index_source(
+    dataset: str,
+    source: str,
+    *,
+    labels: str | None = None,
+    class_file: str | None = None,
+    spool_dir: str | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> SourceIndex:
+    """Index `source` in the layout `dataset` (one of DATASETS)."""
+    if dataset not in DATASETS:
+        raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not os.path.exists(source):
+        raise SourceError(f"--source {source} does not exist")
+    if dataset in ("in22k-fall11", "in21k-winter21", "in1k"):
+        return _index_tar_of_tars(dataset, source, class_file, spool_dir, progress)
+    if dataset == "in1k-val":
+        if not labels:
+            raise SourceError("in1k-val needs --labels LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz")
+        return _index_val(source, load_val_labels(labels), class_file, progress)
+    if dataset == "imagenet-r":
+        return _index_tree(dataset, source, list(class_lists.in1k_wnids()), progress,
+                           parse=lambda parts: (parts[-2], "", {}) if len(parts) >= 2 else None,
+                           allowed=set(class_lists.imagenet_r_wnids()))
+    if dataset == "imagenet-c":
+        return _index_tree(dataset, source, list(class_lists.in1k_wnids()), progress, parse=_parse_imagenet_c)
+    # folder: classes are the sorted top-level folders unless a class file fixes them
+    if not os.path.isdir(source):
+        raise SourceError(f"folder layout needs a directory <root>/<class>/<image>; {source} is not a directory")
+    found = sorted(d.name for d in os.scandir(source) if d.is_dir() and not d.name.startswith("."))
+    names = class_lists.read_class_file(class_file) if class_file else found
+    if not names:
+        raise SourceError(f"{source}: no class folders found (expected <root>/<class>/<image>)")
+    return _index_tree("folder", source, names, progress,
+                       parse=lambda parts: (parts[0], "", {}) if len(parts) >= 2 else None)
+
+
+def _parse_imagenet_c(parts: list[str]):
+    if len(parts) < 4 or not parts[-3].isdigit():
+        return None
+    corruption, severity = parts[-4], int(parts[-3])
+    return parts[-2], f"{corruption}/{severity}", {"corruption": corruption, "severity": severity}
+
+
+def _sources_in(source: str) -> list[str]:
+    """A tar file, a directory of tarballs (ImageNet-C's five), or an extracted directory tree."""
+    if os.path.isfile(source):
+        return [source]
+    tars = sorted(str(p) for p in Path(source).iterdir() if p.suffix == ".tar" and p.is_file())
+    return tars or [source]
+
+
+def _index_tree(dataset, source, names, progress, parse, allowed: set[str] | None = None) -> SourceIndex:
+    index = SourceIndex(dataset=dataset, classes=list(names))
+    label_of = {w: i for i, w in enumerate(names)}
+    for src in _sources_in(source):
+        fid = index.add_file(src)
+        progress(os.path.basename(src))
+        walker = walk_dir(src) if os.path.isdir(src) else walk_tar(src)
+        for name, offset, size in walker:
+            if _is_hidden(name):
+                continue
+            parsed = parse(name.split("/"))
+            if parsed is None:
+                index.fail(name, src, f"path does not match the {dataset} layout")
+                continue
+            wnid, group_name, meta = parsed
+            _add_checked(index, fid, offset, size, name, wnid, label_of, src, allowed,
+                         index.group_id(group_name, meta))
+    return index
+
+
+def _add_checked(index, fid, offset, size, name, wnid, label_of, src, allowed=None, group=0) -> None:
+    if wnid not in label_of or (allowed is not None and wnid not in allowed):
+        index.fail(name, src, f"unknown wnid {wnid!r} (not in the {index.dataset} class list)")
+    elif size == 0:
+        index.fail(name, src, "zero-byte image")
+    else:
+        index.add(fid, offset, size, label_of[wnid], name, group)
+
+
+def _index_tar_of_tars(dataset, source, class_file, spool_dir, progress) -> SourceIndex:
+    if os.path.isdir(source):
+        found = sorted(d.name for d in os.scandir(source) if d.is_dir())
+        names = _tar_of_tars_classes(dataset, class_file, found)
+        return _index_tree(dataset, source, names, progress,
+                           parse=lambda parts: (parts[0], "", {}) if len(parts) >= 2 else None)
+    path = source
+    if source.endswith(".gz"):
+        progress(f"decompressing {os.path.basename(source)} into a seekable spool file")
+        path = gunzip_to_spool(source, spool_dir, lambda _n: None)
+    entries = []
+    probe = SourceIndex(dataset=dataset, classes=[])
+    for name, offset, size in walk_tar_of_tars(path, probe, progress):
+        entries.append((name, offset, size))
+    found = sorted({n.split("/", 1)[0] for n, _, _ in entries})
+    index = SourceIndex(dataset=dataset, classes=_tar_of_tars_classes(dataset, class_file, found))
+    index.failures.extend(probe.failures)
+    fid = index.add_file(path)
+    label_of = {w: i for i, w in enumerate(index.classes)}
+    for name, offset, size in entries:
+        _add_checked(index, fid, offset, size, name, name.split("/", 1)[0], label_of, source)
+    return index
+
+
+def _tar_of_tars_classes(dataset: str, class_file: str | None, found: list[str]) -> list[str]:
+    if class_file:
+        return class_lists.read_class_file(class_file)
+    if dataset == "in22k-fall11":
+        return list(class_lists.in22k_wnids())
+    if dataset == "in1k":
+        return list(class_lists.in1k_wnids())
+    # winter21 has no published list: its sorted per-class tars are the class list
+    return found
+
+
+def _index_val(source, wnid_of: dict[str, str], class_file, progress) -> SourceIndex:
+    names = class_lists.read_class_file(class_file) if class_file else list(class_lists.in1k_wnids())
+    index = SourceIndex(dataset="in1k-val", classes=names)
+    label_of = {w: i for i, w in enumerate(names)}
+    for src in _sources_in(source):
+        fid = index.add_file(src)
+        progress(os.path.basename(src))
+        for name, offset, size in (walk_dir(src) if os.path.isdir(src) else walk_tar(src)):
+            if _is_hidden(name):
+                continue
+            stem = Path(name).name.split(".")[0]
+            if stem not in wnid_of:
+                index.fail(name, src, "no ground-truth label for this image in --labels")
+                continue
+            _add_checked(index, fid, offset, size, name, wnid_of[stem], label_of, src)
+    return index
