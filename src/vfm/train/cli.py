@@ -37,8 +37,12 @@ def train_command(
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Log metrics every N updates.")] = 10,
     peak_tflops: Annotated[float | None, typer.Option("--peak-tflops",
                                                       help="Per-device peak for MFU (default: hardware.gpu).")] = None,
+    knn_train: Annotated[str | None, typer.Option("--knn-train", help="DINOv2: labelled manifest, k-NN reference "
+                                                  "set for the teacher every eval.knn_every_steps.")] = None,
+    knn_val: Annotated[str | None, typer.Option("--knn-val", help="DINOv2: labelled manifest, k-NN queries.")] = None,
 ) -> None:
-    """Supervised pretraining / fine-tuning of a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow)."""
+    """Train a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow): supervised, or DINOv2 self-supervised
+    pretraining for recipes with `ssl` (same loop; the teacher backbone is exported)."""
     from vfm.errors import UserError
     from vfm.recipes import load_recipe
     from vfm.train.loop import RunSpec, train
@@ -47,13 +51,19 @@ def train_command(
     recipe = load_recipe(recipe_id, overrides, profile)
     if stage not in recipe.stages:
         raise UserError(f"recipe {recipe_id} has no stage `{stage}`; it has: {', '.join(recipe.stages)}")
-    if recipe.is_ssl and stage == "pretrain":
-        raise UserError(f"{recipe_id} pretrains self-supervised (DINOv2): use `vfm ssl train`, not `vfm train`")
     st = recipe.stages[stage]  # type: ignore[index]
     spec = RunSpec(recipe=recipe, stage=stage, out=out, seed=st.seeds[0] if seed is None else seed, init=init,
                    max_steps=max_steps, run_key=run_key, parent_run_id=parent_run_id, deterministic=deterministic,
                    log_every=log_every, peak_flops=peak_tflops * 1e12 if peak_tflops else None)
-    train(SupervisedTask(data, num_workers=workers, head_from_wnids=head_from_wnids), spec)
+    if recipe.is_ssl and stage == "pretrain":
+        from vfm.ssl.task import DinoTask
+
+        task = DinoTask(data, num_workers=workers, knn_train=knn_train, knn_val=knn_val)
+    else:
+        if knn_train or knn_val:
+            raise UserError("--knn-train/--knn-val apply to DINOv2 pretraining only (recipes with `ssl`)")
+        task = SupervisedTask(data, num_workers=workers, head_from_wnids=head_from_wnids)
+    train(task, spec)
 
 
 def register(app: typer.Typer) -> None:

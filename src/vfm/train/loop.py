@@ -267,7 +267,7 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
         loss, norm, metrics, samples = train_step(model, task, optimizer, batches, step=step, accum=accum,
                                                   device=device, precision=st.precision, clip=st.optim.clip_grad,
                                                   scaler=scaler)
-        task.after_update(model, step)
+        extra = task.after_update(model, step) or {}  # e.g. DINOv2: teacher momentum, periodic k-NN
         # one collective per update: mean loss for the log and the NaN check, and whether any rank got SIGTERM
         mean_loss, stopping = vdist.mean_over_ranks([loss.item(), float(stop.requested)], device)
         done = step + 1
@@ -289,6 +289,8 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
             run.log_metrics(record, step=done)
             log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3g %.1f img/s %.2fs", done, end, mean_loss,
                      record["train/lr"], record["train/grad_norm"], imgs, dt)
+        if info.is_main and extra:
+            run.log_metrics(extra, step=done)
         if stopping:
             _save(ckpt, *state(done))
             log.warning("stopped by signal at step %d; checkpoint saved, exiting %d", done, RETRYABLE_EXIT)

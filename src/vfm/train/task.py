@@ -109,8 +109,9 @@ class Task(Protocol):
         (call it, not `trainable()`, so DDP/FSDP hooks fire); runs under the loop's autocast."""
         ...
 
-    def after_update(self, model: nn.Module, step: int) -> None:
-        """Called after optimiser update `step` (0-based) on every rank, e.g. the EMA teacher update."""
+    def after_update(self, model: nn.Module, step: int) -> dict[str, float] | None:
+        """Called after optimiser update `step` (0-based) on every rank, e.g. the EMA teacher update.
+        Metrics it returns (rank 0's) are logged at that step, e.g. a periodic k-NN of the teacher."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
