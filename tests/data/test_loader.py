@@ -1,0 +1,126 @@
+"""The shard reader: exact resume, disjoint evaluation split, S3 streaming, metadata, transforms."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+
+from vfm.data.loader import build_loader, make_units, slot_stream
+from vfm.data.manifest import Manifest
+from vfm.data.shard import write_dataset
+from vfm.data.sources import index_source
+from vfm.data.synthetic import make_synthetic_folder
+from vfm.data.transforms import build_transform
+from vfm.recipes.schema import AugmentConfig, DataConfig
+
+TRAIN_TF = build_transform(DataConfig(dataset="folder", resolution=16, augment=AugmentConfig(
+    rand_augment="rand-m9-mstd0.5", force_color_jitter=True, random_erase=0.25)), is_training=True)
+EVAL_TF = build_transform(DataConfig(dataset="folder", resolution=16), is_training=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Manifest:
+    root = tmp_path_factory.mktemp("loader")
+    make_synthetic_folder(root / "src", num_classes=5, per_class=9, size=20, seed=0)  # 45 samples
+    report = write_dataset(index_source("folder", str(root / "src")), str(root / "shards"), seed=2,
+                           shard_size=4000)
+    assert len(report.manifest.shards) >= 5
+    return Manifest.load(str(root / "shards"))
+
+
+def drain(loader, n=None):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_exactly(dataset, num_workers):
+    kw = dict(transform=TRAIN_TF, batch_size=4, world_size=2, seed=5, shuffle=True, num_workers=num_workers,
+              shuffle_buffer=8)
+    for rank in range(2):
+        ref = build_loader(dataset, rank=rank, **kw)
+        epochs = [drain(ref) for _ in range(3)]  # 5 batches per epoch; the streams wrap data epochs
+        flat = [b for e in epochs for b in e]
+        assert len(ref) == 5 and len(flat) == 15
+        for stop in (3, 7):  # mid-epoch, in the second epoch
+            first = build_loader(dataset, rank=rank, **kw)
+            got = []
+            while len(got) < stop:
+                got += drain(first, stop - len(got))
+            state = first.state_dict()
+            resumed = build_loader(dataset, rank=rank, **kw)
+            resumed.load_state_dict(state)
+            while len(got) < 15:
+                got += drain(resumed)
+            assert same(got, flat), (rank, stop)
+
+
+def test_slot_streams_cover_each_data_epoch_exactly_once(dataset):
+    for num_slots in (1, 3, 8, 16):  # 16 slots > shards: shards are sliced into parts
+        units = make_units(dataset, num_slots)
+        keys = [s["__key__"] for slot in range(num_slots)
+                for s in slot_stream(dataset, units, slot=slot, num_slots=num_slots, seed=1, shuffle=True,
+                                     shuffle_buffer=4, start=0, repeat=False)]
+        assert len(keys) == len(set(keys)) == dataset.num_samples, num_slots
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (3, 2), (4, 0)])
+def test_eval_mode_sees_every_sample_once_without_padding(dataset, world_size, num_workers):
+    seen = collections.Counter()
+    for rank in range(world_size):
+        loader = build_loader(dataset, transform=EVAL_TF, batch_size=4, rank=rank, world_size=world_size, seed=0,
+                              shuffle=False, drop_last=False, num_workers=num_workers, with_meta=True)
+        batches = drain(loader)
+        assert len(batches) == len(loader)
+        for b in batches:
+            assert b["image"].shape[1:] == (3, 16, 16)
+            for label, meta in zip(b["label"].tolist(), b["meta"], strict=True):
+                assert dataset.classes[label] == meta["wnid"]
+                seen[meta["key"]] += 1
+        assert sum(len(b["label"]) for b in drain(loader)) == sum(len(b["label"]) for b in batches)  # re-iterable
+    assert len(seen) == dataset.num_samples and set(seen.values()) == {1}
+
+
+def test_training_epochs_have_equal_length_on_every_rank(dataset):
+    lens = [len(build_loader(dataset, transform=EVAL_TF, batch_size=3, rank=r, world_size=3, seed=0, shuffle=True,
+                             epoch_length=40)) for r in range(3)]
+    assert lens == [4, 4, 4]
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        build_loader(dataset, transform=EVAL_TF, batch_size=64, rank=0, world_size=1, seed=0, shuffle=True)
+
+
+def test_state_from_another_topology_is_refused(dataset):
+    a = build_loader(dataset, transform=EVAL_TF, batch_size=4, rank=0, world_size=2, seed=0, shuffle=True)
+    b = build_loader(dataset, transform=EVAL_TF, batch_size=4, rank=0, world_size=4, seed=0, shuffle=True)
+    with pytest.raises(ValueError, match="world_size"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_streams_s3_shards_through_the_webdataset_handler(tmp_path, s3_endpoint, bucket):
+    make_synthetic_folder(tmp_path / "src", num_classes=3, per_class=4, size=16, seed=3)
+    write_dataset(index_source("folder", str(tmp_path / "src")), f"s3://{bucket}/ds", shard_size=2000,
+                  endpoint_url=s3_endpoint)
+    loader = build_loader(f"s3://{bucket}/ds/manifest.json", transform=EVAL_TF, batch_size=5, rank=0, world_size=1,
+                          seed=0, shuffle=False, drop_last=False)
+    labels = torch.cat([y for _, y in drain(loader)])
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_timm_reader_reads_the_shards(dataset):
+    from timm.data import create_dataset
+
+    ds = create_dataset("wds/folder", root=dataset.base_url, split="train", is_training=False, batch_size=1)
+    labels = sorted(int(t) for _, t in ds)
+    want = sorted(json.loads(json.dumps(i)) for i in range(dataset.num_classes) for _ in range(9))
+    assert labels == want
