@@ -1,0 +1,98 @@
+"""The suites end to end through the real shard writer and loader: a tiny timm model is exported, tiny
+IN-1K-val / ImageNet-C / ImageNet-R / train sets are sharded, and `evaluate` must agree with a plain
+reference loop over the same JPEGs (same transform, no loader, no sharding)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vfm.data.classes import imagenet_r_wnids, in1k_wnids
+from vfm.evaluate.classify import topk_accuracy
+from vfm.evaluate.knn import knn_classify, l2_normalise
+from vfm.evaluate.robustness import imagenet_c_report
+from vfm.evaluate.suite import EvalError, _transform, evaluate, evaluate_seeds
+
+IN1K = list(in1k_wnids())
+R_WNIDS = list(imagenet_r_wnids())
+
+
+def _reference_logits(export: str, files: list[tuple[Path, str]]) -> tuple[torch.Tensor, list[str]]:
+    from vfm.export import load_export
+
+    model, meta = load_export(export)
+    tf = _transform(meta)
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in files])
+    with torch.no_grad():
+        return model(x), [w for _, w in files]
+
+
+def test_in1k_in_c_in_r_match_reference(world):
+    export = world["exports"][0]
+    metrics = evaluate(export, ["in1k", "in_c", "in_r"], world["data"], batch_size=4)
+
+    logits, wnids = _reference_logits(export, world["files"]["val"])
+    ref = topk_accuracy(logits, torch.tensor([IN1K.index(w) for w in wnids]), (1, 5))
+    assert metrics["eval.in1k.top1"] == pytest.approx(ref[1])
+    assert metrics["eval.in1k.top5"] == pytest.approx(ref[5])
+
+    # ImageNet-C: per (corruption, severity) errors from the reference, then the same report
+    files_c = world["files"]["c"]
+    logits, wnids = _reference_logits(export, files_c)
+    hit = logits.argmax(1) == torch.tensor([IN1K.index(w) for w in wnids])
+    errors = {}
+    for key in [("fog", 1), ("fog", 2), ("spatter", 3)]:
+        sel = [i for i, (p, _) in enumerate(files_c) if (p.parts[-4], int(p.parts[-3])) == key]
+        errors[key] = 1.0 - hit[sel].float().mean().item()
+    expected = imagenet_c_report(errors, clean_err=1 - ref[1] / 100)
+    got = {k.removeprefix("eval.in_c."): v for k, v in metrics.items() if k.startswith("eval.in_c.")}
+    assert got == pytest.approx(expected)
+    assert "eval.in_c.fog.s2.err" in metrics and "eval.in_c.extra.spatter.s3.err" in metrics
+
+    # ImageNet-R: argmax over the 200 masked columns, labels in sorted IN-R order
+    logits, wnids = _reference_logits(export, world["files"]["r"])
+    cols = [IN1K.index(w) for w in R_WNIDS]
+    pred = logits[:, cols].argmax(1)
+    ref_r = 100.0 * (pred == torch.tensor([R_WNIDS.index(w) for w in wnids])).float().mean().item()
+    assert metrics["eval.in_r.top1"] == pytest.approx(ref_r)
+
+
+def test_knn_matches_reference(world):
+    export = world["exports"][0]
+    metrics = evaluate(export, ["knn"], world["data"], batch_size=5, knn_ks=(1, 3, 10))
+    from vfm.export import load_export
+
+    model, _ = load_export(export)
+
+    def feats(files):
+        tf = _transform(world["meta"])
+        x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in files])
+        with torch.no_grad():
+            return l2_normalise(model.forward_features(x)[:, 0]), torch.tensor([IN1K.index(w) for _, w in files])
+
+    tr, trl = feats(world["files"]["train"])
+    te, tel = feats(world["files"]["val"])
+    ref = knn_classify(tr, trl, te, tel, ks=(1, 3, 10), num_classes=1000, block_size=10_000)
+    assert {k.removeprefix("eval.knn."): v for k, v in metrics.items()} == pytest.approx(ref)
+
+
+def test_seeds_aggregate_and_json(world, tmp_path):
+    out = tmp_path / "results.json"
+    res = evaluate_seeds(world["exports"], ["in1k"], {"in1k": world["data"]["in1k"]}, batch_size=6,
+                         claims={"top1": 89.1}, out_json=out)
+    seeds = [evaluate(e, ["in1k"], world["data"], batch_size=6)["eval.in1k.top1"] for e in world["exports"]]
+    assert res.metrics["eval.in1k.top1"] == pytest.approx(sum(seeds) / 2)
+    assert res.metrics["eval.num_seeds"] == 2
+    assert res.claims == {"eval.in1k.top1": {"achieved": res.metrics["eval.in1k.top1"], "claim": 89.1}}
+    assert set(res.per_seed) == {"0", "1"}
+    assert out.is_file() and '"eval.in1k.top1.std"' in out.read_text()
+
+
+def test_clear_errors(world):
+    with pytest.raises(EvalError, match="no data for in_r"):
+        evaluate(world["exports"][0], ["in_r"], {"in1k": world["data"]["in1k"]})
+    with pytest.raises(EvalError, match="unknown"):
+        evaluate(world["exports"][0], ["in1k", "imagenet-a"], world["data"])
