@@ -100,6 +100,33 @@ def register(app: typer.Typer) -> None:
             max_samples_per_shard=max_samples, workers=workers, repair=repair, endpoint_url=endpoint_url,
             source=source, max_new_shards=max_shards, on_shard=on_shard, on_plan=on_plan), dest, endpoint_url)
 
+    @app.command("make-imagenet-c")
+    def make_imagenet_c_cmd(
+        source: Annotated[str, typer.Option("--source", help="IN-1K val: an in1k-val manifest (path/s3://) or a folder per wnid.")],
+        dest: Annotated[str, typer.Option("--dest", help="s3://bucket/prefix or a local directory.")],
+        corruptions: Annotated[str, typer.Option("--corruptions", help="Comma list; default: the 15 benchmark + 4 extra.")] = "all",
+        severities: Annotated[str, typer.Option("--severities", help="Comma list of 1..5.")] = "1,2,3,4,5",
+        shard_size: Annotated[str, typer.Option("--shard-size")] = "1GB",
+        workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+        seed: Annotated[int, typer.Option("--seed", help="Seeds every image's corruption RNG.")] = 0,
+        endpoint_url: Annotated[str | None, typer.Option("--endpoint-url")] = None,
+    ) -> None:
+        """Regenerate ImageNet-C (resize 256, crop 224, corrupt, JPEG q85) as shards; resumable like `vfm shard`."""
+        from vfm.data.imagenet_c import ALL_CORRUPTIONS, make_imagenet_c
+        from vfm.data.shard import parse_size
+
+        names = list(ALL_CORRUPTIONS) if corruptions == "all" else [c.strip() for c in corruptions.split(",") if c.strip()]
+        try:
+            sevs = [int(s) for s in severities.split(",") if s.strip()]
+        except ValueError as e:
+            raise typer.BadParameter(f"--severities must be integers 1..5: {severities!r}") from e
+        if _already_complete(dest, "imagenet-c", seed, endpoint_url):
+            return
+        run_sharding(lambda on_plan, on_shard: make_imagenet_c(
+            source, dest, corruptions=names, severities=sevs, seed=seed, workers=workers,
+            shard_size=parse_size(shard_size), endpoint_url=endpoint_url, on_plan=on_plan, on_shard=on_shard),
+            dest, endpoint_url)
+
 
 def main() -> None:
     """`python -m vfm.data.cli ...`: the data commands without the rest of the CLI."""
