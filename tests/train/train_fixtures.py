@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
+from torch import nn
+
+from vfm.export import ExportMeta
+from vfm.models import build_model
+from vfm.train.optim import param_groups
 
 
 def make_shards(root: Path, *, num_classes: int = 4, per_class: int = 16, size: int = 32, seed: int = 0,
@@ -18,3 +29,112 @@ def make_shards(root: Path, *, num_classes: int = 4, per_class: int = 16, size: 
     report = write_dataset(index, str(dest), split="train", seed=seed, max_samples_per_shard=samples_per_shard)
     assert report.manifest is not None
     return report.manifest.location
+
+
+# ---- an in-memory task: exercises the loop through the Task protocol alone -----------------------
+
+
+
+
+class MemoryLoader:
+    """Deterministic epochs over in-memory tensors; the position is the number of batches yielded."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int, rank: int, world: int, seed: int):
+        self.x, self.y, self.batch, self.rank, self.world, self.seed = x, y, batch, rank, world, seed
+        self.per_epoch = len(x) // (batch * world)
+        self.yielded = 0
+
+    def __iter__(self):
+        """The rest of the current epoch; iterating again after it starts the next one."""
+        epoch, k = divmod(self.yielded, self.per_epoch)
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 100 + epoch))
+        for j in range(k, self.per_epoch):
+            idx = order[(j * self.world + self.rank) * self.batch:][: self.batch]
+            self.yielded += 1
+            yield self.x[idx], self.y[idx]
+
+    def state_dict(self):
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state):
+        self.yielded = state["yielded"]
+
+
+def learnable_set(n: int = 64, classes: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    means = torch.linspace(-1, 1, classes)[:, None, None, None] * torch.tensor([1.0, -1.0, 0.5])[:, None, None]
+    return means[y] + 0.5 * torch.randn(n, 3, size, size, generator=g), y
+
+
+class MemoryTask:
+    """Classification of `learnable_set` with the recipe's model; `nan_at` makes step N's loss NaN."""
+
+    def __init__(self, nan_at: int | None = None, data: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.nan_at, self.data = nan_at, data or learnable_set()
+        self.num_samples = len(self.data[0])
+
+    def build(self, ctx):
+        self.ctx = ctx
+        self.model = build_model(ctx.recipe, ctx.stage, num_classes=4, device=ctx.device)
+
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def param_groups(self, model):
+        return param_groups(model, self.ctx.stage_config.optim)
+
+    def make_loader(self, rank, world_size, seed):
+        return MemoryLoader(*self.data, self.ctx.stage_config.batch.micro_batch, rank, world_size, seed)
+
+    def loss(self, model, batch, step):
+        x, y = batch
+        loss = nn.functional.cross_entropy(model(x), y)
+        if self.nan_at is not None and step + 1 >= self.nan_at:
+            loss = loss * float("nan")
+        return loss, {}
+
+    def after_update(self, model, step):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def train_flops_per_sample(self) -> float:
+        return 1.0
+
+    def export(self):
+        r = self.ctx.recipe
+        return self.model, ExportMeta(timm_name=r.model.timm_name, kwargs={}, num_classes=4, recipe_id=r.id,
+                                      stage=self.ctx.stage, resolution=32)
+
+
+# ---- subprocess runs ------------------------------------------------------------------------------
+EASY = ("data.augment.mixup=0", "data.augment.cutmix=0", "data.augment.rand_augment=null",
+        "data.augment.random_erase=0", "data.augment.label_smoothing=0", "data.augment.scale=[0.6,1.0]",
+        "drop_path=0", "optim.lr=2e-3")
+"""Stage overrides that make the synthetic set learnable in a dozen updates (for "the loss falls")."""
+
+
+def stage_sets(stage: str, items: tuple[str, ...] | list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", f"stages.{stage}.{item}")]
+
+
+def train_cmd(recipe: str, stage: str, data: str, out, *extra: str, nproc: int = 2) -> list[str]:
+    """`python -m vfm.train.launch --nproc-per-node N -m vfm.train ...` on the smoke profile."""
+    return [sys.executable, "-m", "vfm.train.launch", "--nproc-per-node", str(nproc), "--standalone",
+            "-m", "vfm.train", recipe, "--stage", stage, "--data", data, "--out", str(out), "--profile", "smoke",
+            "--log-every", "1", "--deterministic", *extra]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def losses(log: str) -> list[float]:
+    """Per-update losses that rank 0 logged (`step N/M loss X`)."""
+    return [float(x) for x in re.findall(r"step \d+/\d+ loss (\S+)", log)]

@@ -45,6 +45,7 @@ def train_command(
     pretraining for recipes with `ssl` (same loop; the teacher backbone is exported)."""
     from vfm.errors import UserError
     from vfm.recipes import load_recipe
+    from vfm.train.dist import shutdown
     from vfm.train.loop import RunSpec, train
     from vfm.train.supervised import SupervisedTask
 
@@ -63,7 +64,10 @@ def train_command(
         if knn_train or knn_val:
             raise UserError("--knn-train/--knn-val apply to DINOv2 pretraining only (recipes with `ssl`)")
         task = SupervisedTask(data, num_workers=workers, head_from_wnids=head_from_wnids)
-    train(task, spec)
+    try:
+        train(task, spec)
+    finally:
+        shutdown()  # a clean exit of the process group (also after SIGTERM's SystemExit)
 
 
 def register(app: typer.Typer) -> None:
