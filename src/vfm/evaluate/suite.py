@@ -73,7 +73,7 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     knn_ks: Sequence[int] = DEFAULT_KS,
     knn_temperature: float = DEFAULT_TEMPERATURE,
-    knn_block_size: int = 1024,
+    knn_block_size: int = 4096,
 ) -> dict[str, float]:
     """Evaluate one export (a directory/s3 prefix, or an already loaded `(model, ExportMeta)`) on
     `suites`; returns `eval.<suite>.*` metrics, identical on every rank. Call on all ranks together."""
