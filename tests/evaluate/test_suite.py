@@ -96,3 +96,18 @@ def test_clear_errors(world):
         evaluate(world["exports"][0], ["in_r"], {"in1k": world["data"]["in1k"]})
     with pytest.raises(EvalError, match="unknown"):
         evaluate(world["exports"][0], ["in1k", "imagenet-a"], world["data"])
+
+
+def test_cli_user_errors(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from vfm.cli import app
+    from vfm.errors import UserError
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", str(tmp_path), "--suite", "in1k", "--data", f"in1k={world['data']['in1k']}"])
+    assert isinstance(res.exception, UserError) and "not a vfm export" in str(res.exception)
+    res = runner.invoke(app, ["evaluate", world["exports"][0], "--suite", "in1k", "--data", world["data"]["in1k"]])
+    assert isinstance(res.exception, UserError) and "dataset 'folder' does not name a suite" in str(res.exception)
+    res = runner.invoke(app, ["evaluate", world["exports"][0], "--suite", "in_c", "--data", world["data"]["in_r"]])
+    assert isinstance(res.exception, UserError) and "no data for in_c" in str(res.exception)

@@ -120,11 +120,16 @@ def register(app: typer.Typer) -> None:
 
 
 def _recipe_of(export: str):
-    """The recipe an export came from (for MLflow and claims); None for an export of an unknown recipe."""
-    from vfm.export import load_export
+    """The recipe an export came from (for MLflow and claims); None for an export of an unknown recipe.
+    Reads only `model.json`: the weights (GBs for ViT-g) are loaded once, by the evaluation."""
+    from vfm.data import storage
+    from vfm.export import META, ExportMeta
     from vfm.recipes import RecipeError, load_recipe
 
-    _, meta = load_export(export)
+    url = storage.join(str(export), META)
+    if not storage.exists(url):
+        raise UserError(f"{export}: not a vfm export (no {META}); pass the `export/` directory a training run wrote")
+    meta = ExportMeta(**json.loads(storage.read_bytes(url)))
     try:
         recipe = load_recipe(meta.recipe_id, profile=meta.extra.get("profile", "paper"))
     except RecipeError:
