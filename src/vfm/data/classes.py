@@ -3,14 +3,17 @@ ImageFolder, timm and DINOv2 (recipes.md §6.3). The official lists ship with ti
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache
-from importlib import resources
+from pathlib import Path
 
 
 @cache
 def timm_synsets(name: str) -> tuple[str, ...]:
     """e.g. `imagenet_synsets` (IN-1K, 1000), `imagenet22k_synsets` (fall11, 21841), `imagenet_r_synsets`."""
-    text = resources.files("timm.data").joinpath("_info", f"{name}.txt").read_text()
+    # located without importing timm (which imports torch: seconds of start-up for a text file)
+    spec = importlib.util.find_spec("timm")
+    text = (Path(spec.submodule_search_locations[0]) / "data" / "_info" / f"{name}.txt").read_text()
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
