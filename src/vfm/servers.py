@@ -69,16 +69,11 @@ def s3_server() -> Iterator[str]:
 
 
 def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client for any endpoint, with standard-mode retries (used by every S3 writer/reader)."""
-    import boto3
-    from botocore.config import Config
+    """The project's boto3 S3 client (standard retries, path-style) for this endpoint or the configured one."""
+    from vfm.data.storage import default_endpoint
+    from vfm.data.storage import s3_client as client
 
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        config=Config(retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": "path"}),
-    )
+    return client(endpoint_url or default_endpoint())
 
 
 @contextlib.contextmanager
@@ -87,7 +82,6 @@ def mlflow_server(workdir: Path, s3_endpoint: str) -> Iterator[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in S3_ENV_DEFAULTS.items()}}
     env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
-    s3_client(s3_endpoint)
     _ensure_bucket(s3_endpoint, MLFLOW_ARTIFACT_BUCKET, env)
     port = free_port()
     log = workdir / "mlflow-server.log"
