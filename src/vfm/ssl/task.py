@@ -169,7 +169,7 @@ class DinoTask:
             koleo = sum(koleo_loss(c) for c in s_out.global_cls.chunk(n_global))
             loss = loss + ssl.koleo_loss_weight * koleo
             metrics["koleo_loss"] = float(koleo)
-        metrics.update(collapse_stats(t_out.global_cls, t_out.global_logits, temp))
+        metrics.update(collapse_stats(t_out.global_cls, dino_targets))
         return loss, metrics
 
     def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -262,22 +262,28 @@ def _layer_id(name: str, depth: int) -> int:
 
 
 @torch.no_grad()
-def collapse_stats(teacher_cls: Tensor, teacher_logits: Tensor, temp: float) -> dict[str, float]:
-    """Collapse diagnostics of the teacher on this micro-batch (DINO's two collapse modes):
+def collapse_stats(teacher_cls: Tensor, targets: Tensor) -> dict[str, float]:
+    """Collapse diagnostics of the teacher on this micro-batch (DINO's two collapse modes), on the
+    backbone CLS features and on the targets the student is trained towards (after centering or
+    Sinkhorn-Knopp):
 
     - `teacher_spread` = sqrt(1 - ||mean of L2-normalised teacher CLS features||²): the root of the
       total variance of unit vectors; 0 when every image maps to the same feature (collapse), 1 for
       features spread evenly over the sphere;
-    - `teacher_entropy` = mean per-image entropy of the teacher softmax / log K: → 1 in the uniform
-      collapse (every prototype equally likely for every image);
-    - `teacher_marginal_entropy` = entropy of the batch-mean teacher softmax / log K: → 0 when one
-      prototype dominates every image.
+    - `teacher_entropy` = mean per-crop entropy of the targets / log K: → 1 in the uniform collapse
+      (every prototype equally likely for every image);
+    - `teacher_marginal_entropy` = entropy of the batch-mean target / log K: → 0 when one prototype
+      dominates every image;
+    - `teacher_mi` = marginal − per-image entropy (in units of log K): the mutual information between the
+      crop and its prototype. It is exactly 0 when the teacher maps every crop to the same distribution,
+      whichever of the two collapse modes, and > 0 only if different images get different targets.
     """
     f = torch.nn.functional.normalize(teacher_cls.float(), dim=-1)
     spread = (1 - f.mean(0).pow(2).sum()).clamp(min=0).sqrt()
-    p = torch.softmax(teacher_logits.float() / temp, dim=-1)
+    p = targets.float()
     log_k = math.log(p.shape[-1])
     ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / log_k
     mean_p = p.mean(0)
     marginal = -(mean_p * mean_p.clamp_min(1e-12).log()).sum() / log_k
-    return {"teacher_spread": float(spread), "teacher_entropy": float(ent), "teacher_marginal_entropy": float(marginal)}
+    return {"teacher_spread": float(spread), "teacher_entropy": float(ent), "teacher_marginal_entropy": float(marginal),
+            "teacher_mi": float(marginal - ent)}
