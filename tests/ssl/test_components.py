@@ -184,3 +184,16 @@ def test_schedules_follow_recipe():
     assert schedules.teacher_temperature(ssl4, 300_000, total, 1250) == pytest.approx(0.07)
     assert schedules.last_layer_frozen_until(ssl4, 1250) == 1250
     assert math.isclose(schedules.cosine(0, 1.0, 0.0, 10), 1.0)
+
+
+def test_ema_update_known_answer():
+    from vfm.ssl.model import ema_update
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, 0.9)
+    for k, v in teacher.state_dict().items():
+        assert torch.allclose(v, 0.9 * before[k] + 0.1 * student.state_dict()[k])
+    with pytest.raises(RuntimeError, match="differ"):
+        ema_update(torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 2)), 0.9)
