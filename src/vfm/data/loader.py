@@ -230,8 +230,11 @@ class ShardLoader:
         if n <= 0:
             return
         ds = _RankStream(self, self.batches_yielded)
+        # own generator: creating the iterator draws a base seed, which from the global RNG would shift the
+        # trainer's random stream (drop-path) whenever a resumed run opens a new iterator mid-epoch
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                        persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+                        persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                        generator=torch.Generator().manual_seed(self.seed))
         it = iter(dl)
         try:
             for _ in range(n):
