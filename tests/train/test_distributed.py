@@ -1,0 +1,158 @@
+"""Two CPU ranks under torchrun (gloo), on tiny shards made with vfm.data, through the real entry point
+`python -m vfm.train.launch --nproc-per-node 2 -m vfm.train ...`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import EASY, losses, run, stage_sets, train_cmd
+
+from vfm.export import load_export
+from vfm.train.checkpoint import MARKER
+
+
+def _ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = torch.load(a / "export" / "weights.pt"), torch.load(b / "export" / "weights.pt")
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"parameters differ: {differ[:5]}"
+
+
+def _complete(out: Path) -> list[int]:
+    ck = out / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in ck.iterdir() if (p / MARKER).is_file()) if ck.is_dir() else []
+
+
+# ---- the three supervised seeds learn under DDP and FSDP2 ------------------------------------------
+@pytest.fixture(scope="module")
+def convnext_pretrained(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("convnext-pre")
+    log = _ok(run(train_cmd("convnext-xl", "pretrain", shards, out, "--set", "stages.pretrain.parallelism=fsdp",
+                            *stage_sets("pretrain", EASY))))
+    (out / "log.txt").write_text(log)
+    return out
+
+
+def _learned(log: str) -> None:
+    ls = losses(log)
+    assert len(ls) == 12 and all(v == v for v in ls)
+    assert sum(ls[-3:]) / 3 < 0.6 * sum(ls[:3]) / 3, ls
+
+
+def test_convnext_xl_learns_under_fsdp2(convnext_pretrained):
+    _learned((convnext_pretrained / "log.txt").read_text())
+    model, meta = load_export(convnext_pretrained / "export")
+    assert meta.timm_name == "convnext_atto" and meta.num_classes == 4 and meta.step == 12
+    assert _complete(convnext_pretrained) == [8, 12]  # keep_checkpoints=2 in the smoke profile
+
+
+def test_vit_huge_pretrain_learns_under_ddp(shards, tmp_path):
+    log = _ok(run(train_cmd("vit-huge-pretrain", "pretrain", shards, tmp_path, "--set",
+                            "stages.pretrain.parallelism=ddp", *stage_sets("pretrain", EASY))))
+    _learned(log)
+
+
+def test_vit_huge_learns_under_fsdp2_and_logs_to_mlflow(shards, tmp_path, mlflow_uri, s3_endpoint):
+    from mlflow.tracking import MlflowClient
+
+    key = f"train-test-{time.time_ns()}"
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "AWS_ENDPOINT_URL_S3": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    log = _ok(run(train_cmd("vit-huge", "pretrain", shards, tmp_path, "--run-key", key,
+                            *stage_sets("pretrain", EASY)), env=env))
+    _learned(log)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("vfm/vit-huge")
+    (found,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`vfm.run_key` = '{key}'")
+    assert found.info.status == "FINISHED"
+    history = [m.value for m in client.get_metric_history(found.info.run_id, "train/loss")]
+    assert history == pytest.approx(losses(log), abs=1e-4)
+    for name in ("train/lr", "train/grad_norm", "train/images_per_s", "train/step_time_s",
+                 "train/tflops_per_device", "train/peak_memory_gb"):
+        assert name in found.data.metrics, name
+    arts = {a.path for a in client.list_artifacts(found.info.run_id, "export")}
+    assert arts == {"export/model.json", "export/weights.pt"}
+
+
+def test_convnext_finetune_from_pretraining_under_ddp(convnext_pretrained, shards5, tmp_path):
+    """New head for 5 classes (one the pretraining lacked), EMA exported, layer decay, head_init_scale."""
+    _ok(run(train_cmd("convnext-xl", "finetune", shards5, tmp_path, "--init", str(convnext_pretrained / "export"),
+                      "--head-from-wnids")))
+    model, meta = load_export(tmp_path / "export")
+    assert meta.num_classes == 5 and len(meta.wnids) == 5 and meta.stage == "finetune" and meta.extra["ema"]
+
+
+# ---- exact resume after kill -9 of a rank, and SIGTERM ----------------------------------------------
+RESUME = ("steps=16", "checkpoint_every_steps=4")  # full smoke augmentation: Mixup/CutMix, RandAugment, drop-path
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    _ok(run(train_cmd("vit-huge-pretrain", "pretrain", shards, out, *stage_sets("pretrain", RESUME))))
+    return out
+
+
+def _worker_pids(launcher: int) -> dict[int, int]:
+    """rank → pid of the workers the launcher started."""
+    out = {}
+    for tid in os.listdir(f"/proc/{launcher}/task"):
+        for child in Path(f"/proc/{launcher}/task/{tid}/children").read_text().split():
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                out[rank] = int(child)
+    return out
+
+
+def _interrupt(cmd: list[str], out: Path, after_step: int, action) -> tuple[int, str]:
+    """Start `cmd`, wait for checkpoint `after_step` to be complete, apply `action(launcher_pid)`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        marker = out / "checkpoints" / f"step-{after_step:06d}" / MARKER
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        action(proc.pid)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def test_sigterm_then_kill9_of_a_rank_then_restart_is_bit_exact(shards, straight, tmp_path):
+    """A pod preempted (SIGTERM → save, 143), restarted, then a rank killed outright (kill -9 → 137) after
+    a later checkpoint, restarted again: the final parameters equal the uninterrupted run's, bit for bit."""
+    cmd = train_cmd("vit-huge-pretrain", "pretrain", shards, tmp_path, *stage_sets("pretrain", RESUME))
+
+    rc, err = _interrupt(cmd, tmp_path, 4, lambda pid: os.kill(pid, signal.SIGTERM))
+    assert rc == 143, err[-3000:]  # 128 + SIGTERM: retryable for the PyTorchJob ExitCode policy
+    assert "checkpoint saved, exiting 143" in err
+    stopped = _complete(tmp_path)[-1]
+    assert 4 < stopped < 16 and stopped % 4, "SIGTERM saves the step it stopped at, off the every-4 schedule"
+
+    after = (stopped // 4 + 1) * 4  # the next scheduled checkpoint of the restarted run
+    rc, err = _interrupt(cmd, tmp_path, after, lambda pid: os.kill(_worker_pids(pid)[1], signal.SIGKILL))
+    assert rc == 137, err[-3000:]  # 128 + SIGKILL, also retryable
+    assert f"step {stopped} of 16" in err  # the restart resumed from the SIGTERM checkpoint
+    killed_at = _complete(tmp_path)[-1]
+    assert after <= killed_at < 16
+
+    log = _ok(run(cmd))
+    assert f"step {killed_at} of 16" in log
+    _same_weights(straight, tmp_path)
