@@ -111,6 +111,7 @@ def plan_cmd(
 _AREAS: list[str] = [
     "vfm.data.cli",
     "vfm.evaluate.cli",
+    "vfm.train.cli",
 ]
 
 
