@@ -108,3 +108,31 @@ def test_protocol_task_trains_resumes_exactly_and_exports(world1, tmp_path):
     # a restart after the end only re-exports
     again = train(MemoryTask(), _spec(tmp_path / "b", "stages.pretrain.checkpoint_every_steps=3"))
     assert again.step == 12 and again.losses == []
+
+
+@pytest.mark.parametrize(("parallelism", "precision", "extra"), [
+    ("ddp", "bf16", "stages.pretrain.activation_checkpointing=true"),
+    ("fsdp", "fp16", "stages.pretrain.optim.clip_grad=1.0"),  # sharded grad scaler
+])
+def test_precisions_and_switches_train(world1, tmp_path, parallelism, precision, extra):
+    spec = _spec(tmp_path, f"stages.pretrain.parallelism={parallelism}", f"stages.pretrain.precision={precision}",
+                 extra, "stages.pretrain.steps=6")
+    result = train(MemoryTask(), spec)
+    assert result.step == 6 and all(v == v for v in result.losses)
+    assert sum(result.losses[-2:]) < sum(result.losses[:2])
+
+
+def test_checkpoints_and_export_on_s3_resume(world1, tmp_path, bucket, s3_endpoint, monkeypatch):
+    from vfm.export import load_export
+    from vfm.servers import s3_client
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    spec = _spec(tmp_path, "stages.pretrain.steps=6", max_steps=4)
+    spec.out = f"s3://{bucket}/runs/a"
+    assert train(MemoryTask(), spec).step == 4
+    spec.max_steps = None
+    assert len(train(MemoryTask(), spec).losses) == 2  # resumed at 4 of 6 from S3
+    keys = {o["Key"] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix="runs/a/")["Contents"]}
+    assert "runs/a/checkpoints/step-000006/COMPLETE" in keys and "runs/a/export/weights.pt" in keys
+    _, meta = load_export(f"s3://{bucket}/runs/a/export")
+    assert meta.step == 6

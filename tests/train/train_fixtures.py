@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vfm.export import ExportMeta
-from vfm.models import build_model
+from vfm.models import build_model, model_kwargs
 from vfm.train.optim import param_groups
 
 
@@ -108,7 +108,8 @@ class MemoryTask:
 
     def export(self):
         r = self.ctx.recipe
-        return self.model, ExportMeta(timm_name=r.model.timm_name, kwargs={}, num_classes=4, recipe_id=r.id,
+        kwargs = {k: v for k, v in model_kwargs(r, self.ctx.stage).items() if k != "num_classes"}
+        return self.model, ExportMeta(timm_name=r.model.timm_name, kwargs=kwargs, num_classes=4, recipe_id=r.id,
                                       stage=self.ctx.stage, resolution=32)
 
 
