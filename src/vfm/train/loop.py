@@ -28,7 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -331,7 +336,10 @@ def _restore(ckpt: Checkpointer, step: int, model, optimizer, task: Task, scaler
     if scaler is not None and objects["scaler"] is not None:
         scaler.load_state_dict(objects["scaler"])
     schedules.load_state_dict(objects["schedule"])
-    loader.load_state_dict(mine["loader"])
+    try:
+        loader.load_state_dict(mine["loader"])
+    except ValueError as exc:  # e.g. a different world size / worker count: the position does not transfer
+        raise UserError(f"checkpoint step {step}: cannot restore the data position: {exc}") from None
     set_rng_state(mine["rng"])
     return int(objects["step"])
 
@@ -350,9 +358,9 @@ class _FullState(nn.Module):
 def _export(task: Task, spec: RunSpec, info: vdist.DistInfo, run: TrackedRun, step: int) -> str | None:
     module, meta = task.export()
     meta.step, meta.seed = step, spec.seed
-    # collective: every rank takes part in gathering sharded (DTensor) weights, in the same order
-    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-            for k, v in module.state_dict().items()}
+    # collective: every rank takes part in gathering sharded (DTensor) weights; only rank 0 receives
+    # them, in CPU memory, so a sharded ViT-g is never materialised on every GPU
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not info.is_main:
         return None
     dest = f"{spec.out.rstrip('/')}/export"
