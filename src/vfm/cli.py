@@ -112,6 +112,7 @@ _AREAS: list[str] = [
     "vfm.data.cli",
     "vfm.evaluate.cli",
     "vfm.train.cli",
+    "vfm.pipeline.cli",
 ]
 
 

@@ -34,7 +34,7 @@ def test_paper_recipe_is_master_plus_workers_with_numeric_nproc_and_gpus():
         c = pod["containers"][0]
         assert c["name"] == "pytorch"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
-        assert c["command"][:3] == ["python", "-m", "vfm.launch.torchrun"]
+        assert c["command"][:3] == ["python", "-m", "vfm.train.launch"]
         assert c["args"][:3] == ["vit-huge", "--stage", "pretrain"]
         assert c["envFrom"] == [{"secretRef": {"name": "vfm-credentials"}}]
         assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]

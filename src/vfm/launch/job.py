@@ -45,8 +45,8 @@ GPU_PRODUCTS = {
     "A100-SXM-80GB": "NVIDIA-A100-SXM4-80GB",
     "A100-SXM-40GB": "NVIDIA-A100-SXM4-40GB",
 }
-# the trainer exits ≥ 128 for retryable failures (SIGTERM → 143); vfm.launch.torchrun keeps that code
-TRAINER_COMMAND = ["python", "-m", "vfm.launch.torchrun", "-m", "vfm.train"]
+# the trainer exits ≥ 128 for retryable failures (SIGTERM → 143); vfm.train.launch (torchrun) keeps that code
+TRAINER_COMMAND = ["python", "-m", "vfm.train.launch", "-m", "vfm.train"]
 
 
 @dataclass(frozen=True)

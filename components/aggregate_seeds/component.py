@@ -1,0 +1,13 @@
+"""Mean ± sample std over seeds of every suite's metrics (fan-in of the per-seed evaluations)."""
+
+from kfp import dsl
+
+from vfm.pipeline.config import COMPONENTS_IMAGE
+
+
+@dsl.component(base_image=COMPONENTS_IMAGE)
+def aggregate_seeds(in1k: list, in_c: list, in_r: list, knn: list) -> dict:
+    """Each argument is the collected output of one suite's evaluate tasks (empty when not evaluated)."""
+    from vfm.pipeline import steps
+
+    return steps.aggregate(in1k + in_c + in_r + knn)

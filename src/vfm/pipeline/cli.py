@@ -1,0 +1,93 @@
+"""`vfm pipeline compile | run | submit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+pipeline_app = typer.Typer(help="KFP pipelines: compile, run locally (kfp.local), submit to a cluster.",
+                           no_args_is_help=True)
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
+PIPELINES_DIR = Path("pipelines")
+
+
+def _ids(recipe_ids: list[str] | None) -> list[str]:
+    from vfm.recipes import list_recipes, load_recipe
+
+    ids = list(recipe_ids or list_recipes())
+    for rid in ids:
+        load_recipe(rid)  # unknown ids fail with the recipe loader's "did you mean"
+    return ids
+
+
+@pipeline_app.command("compile")
+def compile_cmd(
+    recipe_ids: Annotated[list[str] | None, typer.Argument(help="Recipe ids (default: all five).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where <id>.yaml goes.")] = PIPELINES_DIR,
+) -> None:
+    """Compile each recipe's pipeline to <out-dir>/<id>.yaml (what `kfp run create -f` takes)."""
+    from vfm.pipeline.dag import compile_pipeline
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for rid in _ids(recipe_ids):
+        print(compile_pipeline(rid, out_dir / f"{rid}.yaml"))
+
+
+@pipeline_app.command("run")
+def run_cmd(
+    recipe_id: str,
+    local: Annotated[bool, typer.Option("--local", help="Run the whole DAG on this machine through kfp.local.")] = False,
+    profile: Annotated[str, typer.Option("--profile", help="Scale profile: smoke (CPU minutes) or paper.")] = "smoke",
+    overrides: SetOpt = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma list: the last stage's seeds (default: the recipe's).")] = None,
+    workdir: Annotated[Path, typer.Option("--workdir", help="KFP outputs, embedded servers' state, synthetic data.")] = Path(".vfm-local"),
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Reuse/make the synthetic data here.")] = None,
+) -> None:
+    """Run the recipe's pipeline end to end; `--local` is the only mode (use `submit` for a cluster)."""
+    from rich.console import Console
+
+    from vfm.errors import UserError
+    from vfm.pipeline.local import run_local
+
+    if not local:
+        raise UserError("`vfm pipeline run` runs on this machine: add --local (for a cluster: vfm pipeline submit)")
+    seed_list = None
+    if seeds:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds {seeds!r}: expected a comma list of integers such as 0,1,2") from None
+    result = run_local(recipe_id, workdir=workdir.resolve(), profile=profile, overrides=list(overrides or []),
+                       seeds=seed_list, data_dir=data_dir.resolve() if data_dir else None)
+    console = Console()
+    console.print(f"\n[bold]{recipe_id}[/] ({profile}): pipeline {result.state} in {result.seconds:.0f} s")
+    if result.report:
+        console.print(result.report, markup=False, highlight=False)
+    console.print(f"MLflow: {result.mlflow_url}", highlight=False)
+    if result.state != "FINISHED":
+        raise SystemExit(1)
+
+
+@pipeline_app.command("submit")
+def submit_cmd(
+    recipe_id: str,
+    host: Annotated[str, typer.Option("--host", help="KFP API endpoint, e.g. https://kfp.example.com/pipeline.")],
+    experiment: Annotated[str | None, typer.Option("--experiment", help="KFP experiment (default: vfm-<id>).")] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Pipeline parameter key=value (repeatable).")] = None,
+    package: Annotated[Path | None, typer.Option("--package", help="Compiled YAML (default: pipelines/<id>.yaml).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="KFP namespace (multi-user).")] = None,
+    service_account: Annotated[str | None, typer.Option("--service-account")] = None,
+) -> None:
+    """Create a run of the compiled pipeline on a KFP server (kfp.Client)."""
+    from vfm.pipeline.submit import submit
+
+    url = submit(recipe_id, host=host, package=package, experiment=experiment, run_name=run_name,
+                 params=list(param or []), namespace=namespace, service_account=service_account)
+    print(f"run: {url}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(pipeline_app, name="pipeline")

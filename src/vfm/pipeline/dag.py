@@ -1,0 +1,258 @@
+"""The KFP pipeline of a recipe, generated from it: the five pipelines differ only in stages, data
+and evaluation suites, so `pipelines/<id>.py` is one call to `build_pipeline(id)`.
+
+    start_run ─► shard datasets (+ ImageNet-C) ─► pretrain ─► ParallelFor(seeds): fine-tune ─► evaluate × suite
+                                                                     └─► aggregate_seeds ─► report
+    all inside dsl.ExitHandler(on_exit)
+
+The last training stage fans out over its seeds (DINOv2: pretraining itself with seeds [0]), so every
+recipe ends in the same per-seed evaluation, fan-in and report. Evaluation suites that need a classifier
+are left out for a headless SSL backbone (they need a linear probe, which `vfm evaluate` does not run);
+`DagPlan.skipped` says so and the pipeline description carries it.
+
+kfp.local 2.17 runs all of this with SubprocessRunner (ParallelFor, Collected, ExitHandler with
+PipelineTaskFinalStatus, retries; kubeflow.md §1) but ignores every kfp-kubernetes setting (Secret env,
+PVC mounts) and resource requests, so the local runner supplies credentials and data paths through the
+environment and parameters instead.
+"""
+
+# no `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types
+import importlib.util
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from vfm.errors import UserError
+from vfm.pipeline import config
+
+COMPONENTS_DIR = Path(__file__).resolve().parents[3] / "components"
+SUITE_ORDER = ("in1k", "in_c", "in_r", "knn")
+SHARD_LAYOUTS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
+# where the raw archives are expected on the raw-data volume (recipes.md §6 file names)
+RAW_SOURCES = {
+    "in22k-fall11": "imagenet/fall11_whole.tar",
+    "in21k-winter21": "imagenet/winter21_whole.tar.gz",
+    "in1k": "imagenet/ILSVRC2012_img_train.tar",
+    "in1k-val": "imagenet/ILSVRC2012_img_val.tar",
+    "imagenet-r": "imagenet-r",
+    "lvd142m": "lvd142m",
+}
+VAL_LABELS = "imagenet/LOC_val_solution.csv"
+
+
+@dataclass(frozen=True)
+class DataRole:
+    """One dataset the pipeline shards: pipeline parameters `<role>_source`, `<role>_layout`."""
+
+    role: str
+    dataset: str  # recipe dataset id; also the folder under data_prefix
+    layout: str  # `vfm shard` layout of the default source
+
+    @property
+    def default_source(self) -> str:
+        return f"{config.RAW_DATA_MOUNT}/{RAW_SOURCES.get(self.dataset, self.dataset)}"
+
+
+@dataclass(frozen=True)
+class DagPlan:
+    recipe_id: str
+    stages: list[str]
+    seeds: list[int]
+    suites: list[str]
+    data: dict[str, DataRole]
+    skipped: dict[str, str] = field(default_factory=dict)
+    gpus_per_node: int = 8
+
+    @property
+    def last(self) -> str:
+        return self.stages[-1]
+
+
+def plan_dag(recipe_id: str) -> DagPlan:
+    from vfm.recipes import load_recipe
+
+    recipe = load_recipe(recipe_id)
+    stages = [s for s in ("pretrain", "finetune") if s in recipe.stages]
+    last = stages[-1]
+    suites = [s for s in SUITE_ORDER if s in recipe.eval.suites]
+    skipped = {}
+    if recipe.is_ssl and last == "pretrain":  # the export is a headless backbone
+        for s in [s for s in suites if s != "knn"]:
+            skipped[s] = "needs a classifier; a headless SSL backbone needs a linear probe, which vfm evaluate does not run"
+        suites = [s for s in suites if s == "knn"]
+    data: dict[str, DataRole] = {}
+    for stage in stages:
+        ds = recipe.stages[stage].data.dataset
+        data[stage] = DataRole(stage, ds, ds if ds in SHARD_LAYOUTS else "folder")
+    if set(suites) & {"in1k", "in_c", "knn"}:
+        data["val"] = DataRole("val", "in1k-val", "in1k-val")
+    if "in_r" in suites:
+        data["imagenet_r"] = DataRole("imagenet_r", "imagenet-r", "imagenet-r")
+    if "knn" in suites and "finetune" not in data:
+        data["knn_train"] = DataRole("knn_train", "in1k", "in1k")
+    return DagPlan(recipe_id=recipe.id, stages=stages, seeds=list(recipe.stages[last].seeds), suites=suites,
+                   data=data, skipped=skipped, gpus_per_node=recipe.hardware.procs_per_node)
+
+
+@cache
+def component(name: str) -> Any:
+    """`components/<name>/component.py`'s component (the repository's, found next to this package)."""
+    path = COMPONENTS_DIR / name / "component.py"
+    if not path.is_file():
+        raise UserError(f"{path} not found: compile pipelines from a vfm source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location(f"vfm_components.{name}", path)
+    assert spec is not None and spec.loader is not None
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _io_task(task: Any, retries: int = 3) -> Any:
+    """Steps that only move bytes / talk to MLflow: retried with backoff (S3 throttling, restarts)."""
+    return task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
+
+
+def _credentials(task: Any, secret: Any) -> Any:
+    from kfp import kubernetes
+
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={
+        k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
+                       "MLFLOW_TRACKING_PASSWORD")})
+    return task
+
+
+def build_pipeline(recipe_id: str) -> Any:
+    """The `@dsl.pipeline` function of `recipe_id` (compile it, call it under kfp.local, or submit it)."""
+    from kfp import dsl, kubernetes
+
+    plan = plan_dag(recipe_id)
+    c = {n: component(n) for n in ("start_run", "shard_dataset", "make_imagenet_c", "pretrain", "finetune",
+                                   "fan_out_seeds", "evaluate", "aggregate_seeds", "report", "on_exit")}
+    desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), evaluate {', '.join(plan.suites)}"
+            + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items()))
+    src = {role: d.default_source for role, d in plan.data.items()}
+    lay = {role: d.layout for role, d in plan.data.items()}
+
+    @dsl.pipeline(name=f"vfm-{recipe_id}", description=desc)
+    def pipeline(
+        runs_prefix: str = "s3://vfm/runs",
+        data_prefix: str = "s3://vfm/data",
+        pretrain_source: str = src.get("pretrain", ""),
+        pretrain_layout: str = lay.get("pretrain", ""),
+        finetune_source: str = src.get("finetune", ""),
+        finetune_layout: str = lay.get("finetune", ""),
+        val_source: str = src.get("val", ""),
+        val_layout: str = lay.get("val", ""),
+        val_labels: str = f"{config.RAW_DATA_MOUNT}/{VAL_LABELS}" if "val" in plan.data else "",
+        imagenet_r_source: str = src.get("imagenet_r", ""),
+        imagenet_r_layout: str = lay.get("imagenet_r", ""),
+        knn_train_source: str = src.get("knn_train", ""),
+        knn_train_layout: str = lay.get("knn_train", ""),
+        imagenet_c_corruptions: str = "",
+        imagenet_c_severities: str = "",
+        raw_data_pvc: str = config.RAW_DATA_PVC,
+        shard_size: str = "1GB",
+        shard_workers: int = 8,
+        mlflow_uri: str = config.MLFLOW_URI,
+        s3_endpoint: str = "",
+        image: str = config.TRAINER_IMAGE,
+        namespace: str = "",
+        credentials_secret: str = config.CREDENTIALS_SECRET,
+        profile: str = "paper",
+        overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
+        seeds: list = plan.seeds,  # noqa: B006
+        backend: str = "cluster",
+        train_timeout_hours: float = 24.0 * 30,
+    ):
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        common = dict(recipe_id=recipe_id, profile=profile, overrides=overrides)
+        exit_task = c["on_exit"](recipe_id=recipe_id, run_id=run_id, namespace=namespace, backend=backend,
+                                 mlflow_uri=mlflow_uri)
+        _credentials(exit_task, credentials_secret).set_caching_options(False)
+        with dsl.ExitHandler(exit_task, name="vfm-run"):
+            start = c["start_run"](**common, run_id=run_id, mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint)
+            _credentials(_io_task(start), credentials_secret).set_caching_options(False)
+
+            sources = {"pretrain": (pretrain_source, pretrain_layout), "finetune": (finetune_source, finetune_layout),
+                       "val": (val_source, val_layout), "imagenet_r": (imagenet_r_source, imagenet_r_layout),
+                       "knn_train": (knn_train_source, knn_train_layout)}
+            shards: dict[str, Any] = {}
+            for role, d in plan.data.items():
+                source, layout = sources[role]
+                t = c["shard_dataset"](dataset=layout, source=source, data_prefix=data_prefix, name=d.dataset,
+                                       labels=val_labels if role == "val" else "", seed=0, shard_size=shard_size, workers=shard_workers,
+                                       s3_endpoint=s3_endpoint)
+                t.set_display_name(f"shard {d.dataset}")
+                # the shard step's inputs determine its output, so KFP's own cache is safe here
+                _credentials(_io_task(t), credentials_secret).set_caching_options(True)
+                t.set_cpu_request("4").set_memory_request("16G").set_memory_limit("16G")
+                kubernetes.mount_pvc(t, pvc_name=raw_data_pvc, mount_path=config.RAW_DATA_MOUNT)
+                shards[role] = t
+            imagenet_c = None
+            if "in_c" in plan.suites:
+                imagenet_c = c["make_imagenet_c"](val_manifest=shards["val"].outputs["manifest"], data_prefix=data_prefix,
+                                                  name="imagenet-c",
+                                                  corruptions=imagenet_c_corruptions, severities=imagenet_c_severities,
+                                                  s3_endpoint=s3_endpoint)
+                _credentials(_io_task(imagenet_c), credentials_secret).set_caching_options(True)
+                imagenet_c.set_cpu_request("8").set_memory_request("16G").set_memory_limit("16G")
+
+            train = dict(**common, image=image, run_id=run_id, runs_prefix=runs_prefix, namespace=namespace,
+                         backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
+                         mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint)
+
+            def launch(stage: str, **kw: Any) -> Any:
+                t = c[stage](**train, **kw)
+                # a retried launcher adopts the job its previous attempt created (same name); the job itself
+                # restarts pods (ExitCode policy), so one step retry covers a lost launcher pod
+                t.set_retry(num_retries=1, backoff_duration="60s").set_caching_options(False)
+                t.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
+                return _credentials(t, credentials_secret)
+
+            init: Any = ""
+            if plan.last == "finetune":
+                pre = shards["pretrain"]
+                init = launch("pretrain", data=pre.outputs["manifest"], data_digest=pre.outputs["sha256"],
+                              recipe_sha=start.outputs["recipe_sha"], parent_run_id=start.outputs["parent_run_id"],
+                              init="", seed=-1).output
+            last_data = shards[plan.last]
+            knn_train = shards.get("finetune") or shards.get("knn_train")
+            fan = c["fan_out_seeds"](
+                seeds=seeds, init=init, data=last_data.outputs["manifest"], data_digest=last_data.outputs["sha256"],
+                recipe_sha=start.outputs["recipe_sha"], parent_run_id=start.outputs["parent_run_id"],
+                val=shards["val"].outputs["manifest"] if "val" in shards else "",
+                imagenet_c=imagenet_c.outputs["manifest"] if imagenet_c is not None else "",
+                imagenet_r=shards["imagenet_r"].outputs["manifest"] if "imagenet_r" in shards else "",
+                knn_train=knn_train.outputs["manifest"] if "knn" in plan.suites and knn_train is not None else "")
+            fan.set_caching_options(False)
+            with dsl.ParallelFor(fan.output, name="seeds") as item:
+                last = launch(plan.last, data=item.data, data_digest=item.data_digest, recipe_sha=item.recipe_sha,
+                              parent_run_id=item.parent_run_id, init=item.init, seed=item.seed)
+                evals = {}
+                for suite in plan.suites:
+                    e = c["evaluate"](**common, export=last.output, suite=suite, val=item.val,
+                                      imagenet_c=item.imagenet_c, imagenet_r=item.imagenet_r, knn_train=item.knn_train,
+                                      seed=item.seed, parent_run_id=item.parent_run_id, mlflow_uri=mlflow_uri,
+                                      s3_endpoint=s3_endpoint)
+                    e.set_display_name(f"evaluate {suite}")
+                    _credentials(_io_task(e, retries=2), credentials_secret).set_caching_options(False)
+                    e.set_cpu_request("8").set_memory_request("32G").set_memory_limit("32G")
+                    e.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+                    evals[suite] = e
+            agg = c["aggregate_seeds"](**{s: dsl.Collected(evals[s].output) if s in evals else [] for s in SUITE_ORDER})
+            _io_task(agg).set_caching_options(False)
+            rep = c["report"](**common, parent_run_id=start.outputs["parent_run_id"], summary=agg.output,
+                              exports=dsl.Collected(last.output), mlflow_uri=mlflow_uri)
+            _credentials(_io_task(rep), credentials_secret).set_caching_options(False)
+
+    return pipeline
+
+
+def compile_pipeline(recipe_id: str, out: str | Path) -> Path:
+    from kfp import compiler
+
+    out = Path(out)
+    compiler.Compiler().compile(build_pipeline(recipe_id), str(out))
+    return out

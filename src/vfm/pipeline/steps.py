@@ -1,0 +1,276 @@
+"""What each pipeline step does. The KFP components in `components/` are one call into this module.
+
+Run identity: every step receives the KFP run id (`dsl.PIPELINE_JOB_ID_PLACEHOLDER`). The MLflow
+parent run is keyed by it (`<run>/pipeline`), so the exit handler finds it without a data dependency,
+and PyTorchJob names are derived from it (unique per run, stable across retries of one task).
+
+Caching of training is keyed on content, not on KFP inputs: KFP's cache key includes every input
+value, and the run id (needed for the job name and MLflow nesting) differs per run. So a training step
+writes to `<runs_prefix>/<recipe>/<content key>/...` where the key hashes the data manifest's sha256, the
+trainer image and the resolved recipe (+ stage, seed, init); when that export already exists, the
+step returns it without launching a job. Sharding is cached by KFP itself (its inputs fully determine
+its output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from vfm.errors import UserError
+
+PIPELINE_STAGE = "pipeline"
+
+
+def use_endpoints(mlflow_uri: str = "", s3_endpoint: str = "") -> dict[str, str]:
+    """Point this process (and what it starts) at the run's MLflow and S3; empty keeps the environment's."""
+    env = {}
+    if mlflow_uri:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri
+    if s3_endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
+    os.environ.update(env)
+    return {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
+            if os.environ.get(k)}
+
+
+def recipe_digest(recipe: Any) -> str:
+    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _recipe(recipe_id: str, profile: str, overrides: list[str] | None):
+    from vfm.recipes import load_recipe
+
+    return load_recipe(recipe_id, list(overrides or []), profile)
+
+
+def pipeline_run_key(run_id: str) -> str:
+    return f"{run_id}/{PIPELINE_STAGE}"
+
+
+# --- start / finish -----------------------------------------------------------------------------
+def start_run(*, recipe_id: str, profile: str, overrides: list[str], run_id: str, mlflow_uri: str = "",
+              s3_endpoint: str = "") -> tuple[str, str]:
+    """Open the MLflow parent run of this pipeline run; returns (parent run id, resolved-recipe digest)."""
+    from vfm.tracking import open_run
+
+    use_endpoints(mlflow_uri, s3_endpoint)
+    recipe = _recipe(recipe_id, profile, overrides)
+    run = open_run(recipe, stage=PIPELINE_STAGE, run_key=pipeline_run_key(run_id), run_name=f"{recipe_id}-pipeline",
+                   extra_tags={"vfm.kfp_run_id": run_id})
+    if not run.enabled:
+        raise UserError("MLflow is not configured: pass the pipeline parameter mlflow_uri or set MLFLOW_TRACKING_URI")
+    digest = recipe_digest(recipe)
+    run.set_tags({"vfm.recipe_digest": digest})
+    print(f"MLflow parent run {run.run_id} in experiment vfm/{recipe_id}")
+    return run.run_id, digest
+
+
+def finish(*, state: str, error: str, recipe_id: str, run_id: str, namespace: str, backend: str,
+           mlflow_uri: str = "") -> str:
+    """Exit handler: close the parent run (FAILED unless the pipeline succeeded); on failure delete every
+    PyTorchJob the run left behind (cluster backend; local replicas die with their step)."""
+    from mlflow.tracking import MlflowClient
+
+    from vfm.launch.job import label_value
+    from vfm.tracking import RUN_KEY_TAG, experiment_name, tracking_uri
+
+    use_endpoints(mlflow_uri)
+    ok = state.upper() in ("SUCCEEDED", "SUCCESS")
+    lines = [f"pipeline state {state}" + (f": {error}" if error else "")]
+    uri = tracking_uri()
+    if uri:
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment_name(recipe_id))
+        runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{pipeline_run_key(run_id)}'") if exp else []
+        for run in runs:
+            if not ok:
+                client.set_tag(run.info.run_id, "vfm.failure", (error or state)[:5000])
+            client.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
+            lines.append(f"MLflow run {run.info.run_id} marked {'FINISHED' if ok else 'FAILED'}")
+        if not runs:
+            lines.append("no MLflow parent run found (the pipeline failed before creating it)")
+    if not ok and backend == "cluster":
+        from vfm.launch.cluster import ClusterBackend, current_namespace
+
+        deleted = ClusterBackend.from_environment().delete_run_jobs(label_value(run_id), namespace or current_namespace())
+        lines.append(f"deleted leftover PyTorchJobs: {', '.join(deleted) or 'none'}")
+    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+# --- data ---------------------------------------------------------------------------------------
+def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int = 0, labels: str = "", shard_size: str = "1GB",
+          workers: int = 4, s3_endpoint: str = "") -> tuple[str, str]:
+    """`vfm shard` to `<data_prefix>/<name>` (resumable; a complete manifest there is reused); returns
+    (manifest URL, sha256)."""
+    from vfm.data import storage
+
+    dest = storage.join(data_prefix, name)
+    cmd = ["shard", dataset, "--source", source, "--dest", dest, "--seed", str(seed), "--shard-size", shard_size,
+           "--workers", str(workers)]
+    if labels:
+        cmd += ["--labels", labels]
+    return _run_vfm(cmd, dest, s3_endpoint)
+
+
+def make_imagenet_c(*, val_manifest: str, data_prefix: str, name: str = "imagenet-c", corruptions: str = "", severities: str = "",
+                    s3_endpoint: str = "") -> tuple[str, str]:
+    """`vfm make-imagenet-c` from the sharded IN-1K val set to `<data_prefix>/<name>`; returns (manifest URL, sha256)."""
+    from vfm.data import storage
+
+    dest = storage.join(data_prefix, name)
+    cmd = ["make-imagenet-c", "--source", val_manifest, "--dest", dest]
+    if corruptions:
+        cmd += ["--corruptions", corruptions]
+    if severities:
+        cmd += ["--severities", severities]
+    return _run_vfm(cmd, dest, s3_endpoint)
+
+
+def _run_vfm(cmd: list[str], dest: str, s3_endpoint: str) -> tuple[str, str]:
+    from vfm.cli import app
+    from vfm.data import storage
+    from vfm.data.manifest import MANIFEST_NAME
+
+    use_endpoints(s3_endpoint=s3_endpoint)
+    print("+ vfm " + " ".join(cmd), flush=True)
+    app(cmd, standalone_mode=False)  # the `vfm` command itself, in this process (errors propagate)
+    url = storage.join(dest, MANIFEST_NAME)
+    if not storage.exists(url):
+        raise RuntimeError(f"vfm {cmd[0]} stopped before writing {url}; rerun the step to resume")
+    digest, _ = storage.sha256_of(url)
+    return url, digest
+
+
+# --- training -----------------------------------------------------------------------------------
+def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], data: str, data_digest: str,
+          recipe_sha: str, image: str, run_id: str, parent_run_id: str, runs_prefix: str, init: str = "",
+          seed: int = -1, namespace: str = "", backend: str = "cluster", timeout_hours: float = 24.0,
+          secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "",
+          task_config: Any = None) -> str:
+    """Run one training stage as a PyTorchJob (cluster or local backend); returns its export URL."""
+    from vfm.data import storage
+    from vfm.export import META
+    from vfm.launch import JobFailed, JobOptions, build_job, job_name, run_job, to_manifest, trainer_args
+    from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value
+
+    env = use_endpoints(mlflow_uri, s3_endpoint)
+    recipe = _recipe(recipe_id, profile, overrides)
+    if recipe_digest(recipe) != recipe_sha:
+        raise UserError(f"the resolved recipe {recipe_id} differs from the one the pipeline started with "
+                        "(different vfm versions in the component images?); rebuild the images from one commit")
+    seed_arg = None if seed < 0 else seed
+    key = hashlib.sha256(json.dumps([recipe_sha, stage, data_digest, image, init, seed_arg]).encode()).hexdigest()[:16]
+    out = storage.join(storage.join(storage.join(runs_prefix, recipe_id), key), stage)
+    if seed_arg is not None:
+        out = storage.join(out, f"seed-{seed_arg}")
+    export = storage.join(out, "export")
+    if storage.exists(storage.join(export, META)):
+        print(f"{export} already holds this stage's export (same data, image and recipe): reusing it")
+        return export
+    run_key = f"{key}/{stage}"
+    args = trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides, init=init or None,
+                        seed=seed_arg, run_key=run_key, parent_run_id=parent_run_id or None)
+    # a KFP dsl.TaskConfig (K8s-JSON fragments of the pipeline task's settings) or a plain dict
+    tc = task_config if isinstance(task_config, dict) else vars(task_config) if task_config is not None else {}
+    opts = JobOptions(
+        name=job_name(recipe_id, stage, run_id, seed_arg), namespace=namespace or _namespace(backend), image=image,
+        args=args, secret=secret or None, env=env, active_deadline_seconds=int(timeout_hours * 3600),
+        labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": stage},
+        annotations={RUN_KEY_ANNOTATION: run_key, "vfm.io/data-sha256": data_digest, "vfm.io/recipe-sha256": recipe_sha},
+        resources=tc.get("resources"), node_selector=tc.get("node_selector"), tolerations=tc.get("tolerations"))
+    manifest = to_manifest(build_job(recipe, opts))
+    result = run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts, env=env)
+    if not storage.exists(storage.join(export, META)):
+        raise JobFailed(result.name, "NoExport", f"the job succeeded but wrote no export at {export}")
+    print(f"{stage} done in {result.seconds:.0f} s ({result.restarts} restarts): {export}")
+    return export
+
+
+def fan_out_seeds(seeds: list[int], **shared: str) -> list[dict[str, Any]]:
+    """ParallelFor items: each seed with the upstream values its loop body reads (see components/fan_out_seeds)."""
+    if not seeds:
+        raise UserError("seeds is empty: pass at least one seed for the last training stage")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds {seeds} repeat a value; each seed is one training run")
+    return [{"seed": int(s), **shared} for s in seeds]
+
+
+def _namespace(backend: str) -> str:
+    from vfm.launch.cluster import current_namespace
+
+    return current_namespace() if backend == "cluster" else "local"
+
+
+# --- evaluation and report ----------------------------------------------------------------------
+def suite_data(suite: str, *, val: str, imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "") -> dict[str, str]:
+    """The manifests one suite reads (see vfm.evaluate.suite)."""
+    table = {"in1k": {"in1k": val}, "in_c": {"in_c": imagenet_c}, "in_r": {"in_r": imagenet_r},
+             "knn": {"knn_train": knn_train, "knn": val}}
+    if suite not in table:
+        raise UserError(f"unknown suite {suite!r}; choose from {', '.join(table)}")
+    data = table[suite]
+    missing = [k for k, v in data.items() if not v]
+    if missing:
+        raise UserError(f"suite {suite} needs manifests for {', '.join(missing)}")
+    return data
+
+
+def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str, suite: str, val: str = "",
+             imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "", seed: int, parent_run_id: str, mlflow_uri: str = "", s3_endpoint: str = "") -> dict[str, Any]:
+    """One suite on one export, logged to its own MLflow child run; returns {seed, suite, metrics}."""
+    import torch
+
+    from vfm.evaluate.suite import evaluate as run_suite
+    from vfm.tracking import tracked_run
+
+    use_endpoints(mlflow_uri, s3_endpoint)
+    data = suite_data(suite, val=val, imagenet_c=imagenet_c, imagenet_r=imagenet_r, knn_train=knn_train)
+    recipe = _recipe(recipe_id, profile, overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tracked_run(recipe, stage="eval", run_key=f"{parent_run_id}/eval/{suite}/{seed}", parent_run_id=parent_run_id,
+                     run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
+                     extra_tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}) as run:
+        metrics = run_suite(export, [suite], data, device=device)
+        run.log_metrics(metrics)
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+    return {"seed": seed, "suite": suite, "metrics": metrics}
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-seed metrics of every suite → mean ± std over seeds (vfm.evaluate.results.aggregate_seeds)."""
+    from vfm.evaluate.results import aggregate_seeds
+
+    per_seed: dict[int, dict[str, float]] = {}
+    for item in results:
+        per_seed.setdefault(int(item["seed"]), {}).update(item["metrics"])
+    if not per_seed:
+        raise UserError("no evaluation results to aggregate")
+    agg = aggregate_seeds(per_seed)
+    print(json.dumps(agg, indent=1, sort_keys=True))
+    return agg
+
+
+def report(*, recipe_id: str, profile: str, overrides: list[str], parent_run_id: str, summary: dict[str, float],
+           exports: list[str], mlflow_uri: str = "") -> str:
+    """Claims vs achieved on the MLflow parent run (metrics, `achieved.*` tags, results JSON, Markdown)."""
+    from mlflow.tracking import MlflowClient
+
+    from vfm.evaluate.results import EvalResults, claims_table, summary_rows
+    from vfm.tracking import TrackedRun, tracking_uri
+
+    use_endpoints(mlflow_uri)
+    recipe = _recipe(recipe_id, profile, overrides)
+    results = EvalResults(recipe_id=recipe_id, metrics=dict(summary),
+                          claims=claims_table(summary, recipe.claims.model_dump()),
+                          exports=[{"location": e} for e in exports])
+    run = TrackedRun(client=MlflowClient(tracking_uri=tracking_uri()), run_id=parent_run_id)
+    results.log_to(run)
+    rows = summary_rows(results)
+    table = "| metric | achieved | paper claim |\n|---|---|---|\n" + "\n".join(f"| {m} | {a} | {c} |" for m, a, c in rows)
+    run.client.log_text(parent_run_id, table + "\n", "report.md")
+    print(table)
+    return table

@@ -1,0 +1,84 @@
+"""Properties of the compiled pipelines that the cluster relies on (asserted on the committed YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vfm.pipeline.dag import plan_dag
+from vfm.recipes import list_recipes
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+
+
+def compiled(recipe_id):
+    spec, platform = yaml.safe_load_all((PIPELINES / f"{recipe_id}.yaml").read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def all_tasks(spec):
+    for comp in spec["components"].values():
+        yield from (comp.get("dag") or {}).get("tasks", {}).items()
+    yield from spec["root"]["dag"]["tasks"].items()
+
+
+@pytest.mark.parametrize("recipe_id", list_recipes())
+def test_exit_handler_wraps_the_body_and_closes_the_run(recipe_id):
+    spec, _ = compiled(recipe_id)
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "on-exit"}
+    assert root["on-exit"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["on-exit"]["dependentTasks"] == ["exit-handler-1"]
+
+
+@pytest.mark.parametrize("recipe_id", list_recipes())
+def test_retries_caching_and_gpu_placement(recipe_id):
+    spec, platform = compiled(recipe_id)
+    tasks = dict(all_tasks(spec))
+    executors = spec["deploymentSpec"]["executors"]
+    for name, task in tasks.items():
+        kind = task.get("componentRef", {}).get("name", "").removeprefix("comp-").rstrip("-0123456789")
+        caching = (task.get("cachingOptions") or {}).get("enableCache", False)
+        if kind in ("shard-dataset", "make-imagenet-c"):
+            assert caching and task["retryPolicy"]["maxRetryCount"] == 3, name  # idempotent I/O
+        elif kind in ("pretrain", "finetune"):
+            assert not caching, name  # side effects: a job and an MLflow run (content-keyed reuse instead)
+            assert task["retryPolicy"]["maxRetryCount"] == 1, name
+            container = executors[f"exec-{name}"]["container"]
+            assert "accelerator" not in container.get("resources", {}), f"{name}: the launcher pod holds no GPU"
+        elif kind in ("start-run", "evaluate", "report", "aggregate-seeds"):
+            assert not caching and task["retryPolicy"]["maxRetryCount"] >= 2, name
+    passthrough = [c for c in spec["components"].values() if c.get("taskConfigPassthroughs")]
+    assert passthrough and all({p["field"] for p in c["taskConfigPassthroughs"]} ==
+                               {"RESOURCES", "KUBERNETES_TOLERATIONS", "KUBERNETES_NODE_SELECTOR"} for c in passthrough)
+    for name, executor in executors.items():
+        if name.startswith("exec-evaluate"):
+            assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+        if name != "exec-aggregate-seeds" and name != "exec-fan-out-seeds":
+            secret = platform[name]["secretAsEnv"][0]
+            assert secret["secretNameParameter"] == {"componentInputParameter": "pipelinechannel--credentials_secret"} \
+                or secret["secretNameParameter"]["componentInputParameter"].endswith("credentials_secret")
+
+
+@pytest.mark.parametrize("recipe_id", list_recipes())
+def test_last_stage_fans_out_over_seeds_and_every_suite_is_evaluated(recipe_id):
+    spec, _ = compiled(recipe_id)
+    plan = plan_dag(recipe_id)
+    loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
+    names = {t["componentRef"]["name"] for t in loop["dag"]["tasks"].values()}
+    assert f"comp-{plan.last}" in names
+    assert sum(n.startswith("comp-evaluate") for n in names) == len(plan.suites)
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["seeds"]["defaultValue"] == plan.seeds
+    assert defaults["backend"]["defaultValue"] == "cluster"
+
+
+def test_headless_ssl_backbones_are_only_knn_evaluated_and_say_why():
+    plan = plan_dag("dinov2-giant")
+    assert plan.stages == ["pretrain"] and plan.suites == ["knn"]
+    assert set(plan.skipped) == {"in1k", "in_r"} and "linear probe" in plan.skipped["in1k"]
+    assert "knn_train" in plan.data and plan.data["pretrain"].layout == "folder"  # lvd142m is a folder of images
+    vit = plan_dag("vit-huge")
+    assert vit.stages == ["pretrain", "finetune"] and vit.suites == ["in1k", "in_c", "in_r", "knn"] and vit.seeds == [0, 1, 2]
