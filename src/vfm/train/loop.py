@@ -255,9 +255,10 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
 
     ckpt = Checkpointer(f"{spec.out.rstrip('/')}/checkpoints", keep=st.keep_checkpoints, rank=info.rank,
                         world_size=info.world_size)
+    state = TrainState(model, optimizer, task, scaler, schedules, loader)
     start = 0
     if (latest := ckpt.latest()) is not None:
-        start = _restore(ckpt, latest, model, optimizer, task, scaler, schedules, loader)
+        start = state.restore(ckpt, latest)
         log.info("resumed from %s/checkpoints step %d of %d", spec.out, start, total)
     run.log_params({"train.world_size": info.world_size, "train.grad_accum": accum, "train.total_steps": total,
                     "train.peak_lr": peak_lr, "train.seed": spec.seed})
@@ -265,7 +266,6 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
     flops_per_sample = task.train_flops_per_sample()
     peak = spec.peak_flops or _peak_flops(spec.recipe.hardware.gpu, device)
     batches, losses = Batches(loader), []
-    state = lambda step: (model, optimizer, task, scaler, schedules, loader, step)  # noqa: E731
     for step in range(start, end):
         t0 = time.perf_counter()
         schedules.apply(step)
@@ -284,28 +284,32 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
         dt = time.perf_counter() - t0
         if info.is_main and (done % spec.log_every == 0 or done == end or done == start + 1):
             imgs = samples * info.world_size / dt
-            record = {"train/loss": mean_loss, "train/lr": schedules.current_lr(), "train/grad_norm": float(norm),
-                      "train/images_per_s": imgs, "train/step_time_s": dt,
-                      "train/tflops_per_device": imgs * flops_per_sample / info.world_size / 1e12,
-                      "train/peak_memory_gb": _peak_memory_gb(device),
-                      **{f"train/{k}": v for k, v in metrics.items()}}
-            if peak:
-                record["train/mfu"] = imgs * flops_per_sample / (info.world_size * peak)
-            run.log_metrics(record, step=done)
-            log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3g %.1f img/s %.2fs", done, end, mean_loss,
-                     record["train/lr"], record["train/grad_norm"], imgs, dt)
+            _log_step(run, done, end, {"loss": mean_loss, "lr": schedules.current_lr(), "grad_norm": float(norm),
+                                       "images_per_s": imgs, "step_time_s": dt, **metrics},
+                      flops=imgs * flops_per_sample / info.world_size, peak=peak, device=device)
         if info.is_main and extra:
             run.log_metrics(extra, step=done)
         if stopping:
-            _save(ckpt, *state(done))
+            state.save(ckpt, done)
             log.warning("stopped by signal at step %d; checkpoint saved, exiting %d", done, RETRYABLE_EXIT)
             raise SystemExit(RETRYABLE_EXIT)
         if done % st.checkpoint_every_steps == 0 or done == end:
-            _save(ckpt, *state(done))
+            state.save(ckpt, done)
     step_reached = max(start, end)
     export = _export(task, spec, info, run, step_reached)
     vdist.barrier()
     return TrainResult(step=step_reached, export=export, losses=losses, run_id=run.run_id)
+
+
+def _log_step(run: TrackedRun, done: int, end: int, m: dict[str, float], *, flops: float, peak: float | None,
+              device: torch.device) -> None:
+    """Rank 0: metrics to MLflow (`train/...`) and a progress line. `flops` = achieved FLOP/s per device."""
+    m = {**m, "tflops_per_device": flops / 1e12, "peak_memory_gb": _peak_memory_gb(device)}
+    if peak:
+        m["mfu"] = flops / peak  # counted training FLOPs (3 × forward) over the device's dense peak
+    run.log_metrics({f"train/{k}": v for k, v in m.items()}, step=done)
+    log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3g %.1f img/s %.2fs", done, end, m["loss"], m["lr"],
+             m["grad_norm"], m["images_per_s"], m["step_time_s"])
 
 
 def _grad_scaler(precision: str, parallelism: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -319,29 +323,41 @@ def _grad_scaler(precision: str, parallelism: str, device: torch.device) -> torc
     return torch.amp.GradScaler(device.type)
 
 
-def _save(ckpt: Checkpointer, model, optimizer, task: Task, scaler, schedules: Schedules, loader, step: int) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    objects = {"step": step, "scaler": scaler.state_dict() if scaler else None, "schedule": schedules.state_dict()}
-    ckpt.save(step, {"model": model_sd, "optim": optim_sd, "task": task.state_dict()}, objects,
-              {"rng": rng_state(), "loader": loader.state_dict()})
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds, saved and restored together (see the module docstring)."""
 
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    task: Task
+    scaler: torch.amp.GradScaler | None
+    schedules: Schedules
+    loader: StatefulLoader
 
-def _restore(ckpt: Checkpointer, step: int, model, optimizer, task: Task, scaler, schedules: Schedules,
-             loader) -> int:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    tensors = {"model": model_sd, "optim": optim_sd, "task": task.state_dict()}
-    objects, mine = ckpt.load(step, tensors)
-    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
-    task.load_state_dict(tensors["task"])
-    if scaler is not None and objects["scaler"] is not None:
-        scaler.load_state_dict(objects["scaler"])
-    schedules.load_state_dict(objects["schedule"])
-    try:
-        loader.load_state_dict(mine["loader"])
-    except ValueError as exc:  # e.g. a different world size / worker count: the position does not transfer
-        raise UserError(f"checkpoint step {step}: cannot restore the data position: {exc}") from None
-    set_rng_state(mine["rng"])
-    return int(objects["step"])
+    def _tensors(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # DCP-ready under DDP and FSDP2
+        return {"model": model_sd, "optim": optim_sd, "task": self.task.state_dict()}
+
+    def save(self, ckpt: Checkpointer, step: int) -> None:
+        objects = {"step": step, "scaler": self.scaler.state_dict() if self.scaler else None,
+                   "schedule": self.schedules.state_dict()}
+        ckpt.save(step, self._tensors(), objects, {"rng": rng_state(), "loader": self.loader.state_dict()})
+
+    def restore(self, ckpt: Checkpointer, step: int) -> int:
+        tensors = self._tensors()
+        objects, mine = ckpt.load(step, tensors)
+        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                       optim_state_dict=tensors["optim"])
+        self.task.load_state_dict(tensors["task"])
+        if self.scaler is not None and objects["scaler"] is not None:
+            self.scaler.load_state_dict(objects["scaler"])
+        self.schedules.load_state_dict(objects["schedule"])
+        try:
+            self.loader.load_state_dict(mine["loader"])
+        except ValueError as exc:  # e.g. another world size / worker count: the position does not transfer
+            raise UserError(f"checkpoint step {step}: cannot restore the data position: {exc}") from None
+        set_rng_state(mine["rng"])
+        return int(objects["step"])
 
 
 class _FullState(nn.Module):
