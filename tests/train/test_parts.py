@@ -155,3 +155,21 @@ def test_head_rows_mapped_by_wnid_missing_class_keeps_fresh_row():
 @pytest.mark.parametrize(("code", "expected"), [(-15, 143), (-9, 137), (143, 143), (1, 1), (2, 2)])
 def test_launcher_maps_worker_signal_deaths_to_retryable_codes(code, expected):
     assert exit_code(code) == expected
+
+
+# ---- the command line -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("args", "message"), [
+    (["vit-huge", "--stage", "distill"], "has no stage `distill`"),
+    (["vit-huge", "--stage", "pretrain", "--set", "stages.pretrain.batch.micro_batch=3", "--set",
+      "stages.pretrain.batch.global_batch=12"], "must be even with Mixup"),
+    (["vit-huge", "--stage", "pretrain"], "no manifest at"),
+])
+def test_cli_bad_input_exits_2_with_a_message(args, message, monkeypatch, capsys, tmp_path):
+    from vfm.train.cli import main
+
+    monkeypatch.setattr("sys.argv", ["vfm.train", *args, "--data", str(tmp_path / "nowhere"), "--out",
+                                     str(tmp_path / "out"), "--profile", "smoke"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,4 +1,6 @@
-"""Tiny learnable shard sets made with vfm.data (synthetic JPEG folder → `vfm shard folder` → manifest)."""
+"""Helpers of the trainer tests: tiny learnable shard sets made with vfm.data (synthetic JPEG folder →
+sharded → manifest), an in-memory `Task` that drives the loop through the protocol alone, and the
+torchrun command line of the real entry point."""
 
 from __future__ import annotations
 

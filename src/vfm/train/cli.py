@@ -64,6 +64,9 @@ def train_command(
         if knn_train or knn_val:
             raise UserError("--knn-train/--knn-val apply to DINOv2 pretraining only (recipes with `ssl`)")
         task = SupervisedTask(data, num_workers=workers, head_from_wnids=head_from_wnids)
+        # a missing or empty manifest fails here, before any rank joins the process group
+        if not task.manifest.shards:
+            raise UserError(f"{data}: the manifest lists no shards; reshard the dataset with `vfm shard`")
     try:
         train(task, spec)
     finally:
