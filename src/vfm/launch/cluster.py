@@ -15,6 +15,7 @@ latter folds every API error into a `RuntimeError` string, and the launcher must
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -65,7 +66,8 @@ class ClusterBackend:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            # the kubernetes package reads KUBECONFIG once at import; read it now
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         return cls(api=k8s.ApiClient(), **kwargs)
 
     @property

@@ -65,7 +65,7 @@ def run_cmd(
     console.print(f"\n[bold]{recipe_id}[/] ({profile}): pipeline {result.state} in {result.seconds:.0f} s")
     if result.report:
         console.print(result.report, markup=False, highlight=False)
-    console.print(f"MLflow: {result.mlflow_url}", highlight=False)
+    print(f"MLflow: {result.mlflow_url}")  # plain print: a terminal-wrapped URL is not clickable
     if result.state != "FINISHED":
         raise SystemExit(1)
 

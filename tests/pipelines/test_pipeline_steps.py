@@ -1,0 +1,94 @@
+"""The steps behind the components: run bookkeeping, fan-out, suite data, aggregation, exit handler."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from vfm.errors import UserError
+from vfm.launch import JobOptions, build_job, job_name, to_manifest
+from vfm.pipeline import steps
+from vfm.pipeline.submit import parse_params
+from vfm.recipes import load_recipe
+
+
+def test_fan_out_carries_upstream_values_per_seed_and_rejects_bad_seed_lists():
+    items = steps.fan_out_seeds([0, 1], init="s3://x/export", data="s3://d/manifest.json")
+    assert items == [{"seed": 0, "init": "s3://x/export", "data": "s3://d/manifest.json"},
+                     {"seed": 1, "init": "s3://x/export", "data": "s3://d/manifest.json"}]
+    for bad in ([], [1, 1]):
+        with pytest.raises(UserError):
+            steps.fan_out_seeds(bad)
+
+
+def test_suite_data_names_what_is_missing():
+    assert steps.suite_data("knn", val="v", knn_train="t") == {"knn_train": "t", "knn": "v"}
+    with pytest.raises(UserError, match="in_c needs manifests for in_c"):
+        steps.suite_data("in_c", val="v")
+    with pytest.raises(UserError, match="unknown suite"):
+        steps.suite_data("imagenet-a", val="v")
+
+
+def test_aggregate_merges_suites_per_seed_then_averages_seeds():
+    results = [{"seed": 0, "suite": "in1k", "metrics": {"eval.in1k.top1": 80.0}},
+               {"seed": 0, "suite": "knn", "metrics": {"eval.knn.k20.top1": 70.0}},
+               {"seed": 1.0, "suite": "in1k", "metrics": {"eval.in1k.top1": 82.0}},
+               {"seed": 1.0, "suite": "knn", "metrics": {"eval.knn.k20.top1": 72.0}}]
+    agg = steps.aggregate(results)
+    assert agg["eval.in1k.top1"] == 81.0 and agg["eval.knn.k20.top1"] == 71.0 and agg["eval.num_seeds"] == 2
+    assert agg["eval.in1k.top1.std"] == pytest.approx(2**0.5)
+
+
+def kubeconfig(tmp_path, url):
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": url}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}]}))
+    return path
+
+
+def test_exit_handler_marks_the_run_failed_and_deletes_only_this_runs_jobs(mlflow_uri, fake_k8s, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, fake_k8s.url)))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    parent, sha = steps.start_run(recipe_id="vit-huge", profile="smoke", overrides=[], run_id="run-x",
+                                  mlflow_uri=mlflow_uri)
+    recipe = load_recipe("vit-huge", profile="smoke")
+    assert sha == steps.recipe_digest(recipe)
+    for run, stage in (("run-x", "pretrain"), ("run-x", "finetune"), ("run-y", "pretrain")):
+        m = to_manifest(build_job(recipe, JobOptions(name=job_name("vit-huge", stage, run), namespace="vision",
+                                                     image="ghcr.io/x/t:1", args=[], labels={"vfm.io/run": run})))
+        fake_k8s.jobs[("vision", m["metadata"]["name"])] = m
+    out = steps.finish(state="FAILED", error="Task finetune failed", recipe_id="vit-huge", run_id="run-x",
+                       namespace="vision", backend="cluster", mlflow_uri=mlflow_uri)
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags["vfm.failure"] == "Task finetune failed"
+    assert sorted(fake_k8s.deleted) == sorted([job_name("vit-huge", "pretrain", "run-x"),
+                                               job_name("vit-huge", "finetune", "run-x")])
+    assert [n for (_, n) in fake_k8s.jobs] == [job_name("vit-huge", "pretrain", "run-y")]
+    assert "deleted leftover PyTorchJobs" in out
+
+
+def test_exit_handler_closes_a_successful_run_as_finished(mlflow_uri):
+    parent, _ = steps.start_run(recipe_id="convnext-xl", profile="smoke", overrides=[], run_id="run-ok",
+                                mlflow_uri=mlflow_uri)
+    steps.finish(state="SUCCEEDED", error="", recipe_id="convnext-xl", run_id="run-ok", namespace="",
+                 backend="local", mlflow_uri=mlflow_uri)
+    assert MlflowClient(tracking_uri=mlflow_uri).get_run(parent).info.status == "FINISHED"
+
+
+def test_train_refuses_a_recipe_that_resolves_differently_than_at_start():
+    with pytest.raises(UserError, match="differs from the one the pipeline started with"):
+        steps.train(recipe_id="vit-huge", stage="pretrain", profile="smoke", overrides=[], data="s3://d/m.json",
+                    data_digest="0" * 64, recipe_sha="not-the-digest", image="ghcr.io/x/t:1", run_id="r",
+                    parent_run_id="", runs_prefix="s3://b/runs", backend="local")
+
+
+def test_submit_parameters_parse_as_yaml_values():
+    assert parse_params(["profile=smoke", "seeds=[0, 1]", "train_timeout_hours=12.5"]) == {
+        "profile": "smoke", "seeds": [0, 1], "train_timeout_hours": 12.5}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_params(["seeds"])
