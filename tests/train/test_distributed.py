@@ -115,17 +115,16 @@ def _worker_pids(launcher: int) -> dict[int, int]:
     return out
 
 
-def _interrupt(cmd: list[str], out: Path, after_step: int, action) -> tuple[int, str]:
-    """Start `cmd`, wait for checkpoint `after_step` to be complete, apply `action(launcher_pid)`."""
+def _interrupt(cmd: list[str], ready, action) -> tuple[int, str]:
+    """Start `cmd`, wait until `ready()` (a checkpoint is complete), apply `action(launcher_pid)`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        marker = out / "checkpoints" / f"step-{after_step:06d}" / MARKER
         deadline = time.monotonic() + 180
-        while not marker.exists():
+        while not ready():
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
+            time.sleep(0.05)
         action(proc.pid)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -135,24 +134,41 @@ def _interrupt(cmd: list[str], out: Path, after_step: int, action) -> tuple[int,
     return proc.returncode, err
 
 
-def test_sigterm_then_kill9_of_a_rank_then_restart_is_bit_exact(shards, straight, tmp_path):
-    """A pod preempted (SIGTERM → save, 143), restarted, then a rank killed outright (kill -9 → 137) after
-    a later checkpoint, restarted again: the final parameters equal the uninterrupted run's, bit for bit."""
-    cmd = train_cmd("vit-huge-pretrain", "pretrain", shards, tmp_path, *stage_sets("pretrain", RESUME))
+def _complete_s3(bucket: str, prefix: str) -> list[int]:
+    from vfm.servers import s3_client
 
-    rc, err = _interrupt(cmd, tmp_path, 4, lambda pid: os.kill(pid, signal.SIGTERM))
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/checkpoints/")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    return sorted(int(k.split("/")[-2].split("-")[1]) for k in keys if k.endswith(f"/{MARKER}"))
+
+
+def test_sigterm_then_kill9_of_a_rank_then_restart_is_bit_exact(shards, straight, tmp_path, bucket, s3_endpoint,
+                                                                monkeypatch):
+    """Checkpoints on S3 (the pods' path). A pod preempted (SIGTERM → save, 143), restarted, then a rank
+    killed outright (kill -9 → 137) after a later checkpoint, restarted again: the final parameters
+    equal those of the uninterrupted run, bit for bit."""
+    from vfm.servers import s3_client
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    out = f"s3://{bucket}/run"
+    cmd = train_cmd("vit-huge-pretrain", "pretrain", shards, out, *stage_sets("pretrain", RESUME))
+    done = lambda: _complete_s3(bucket, "run")  # noqa: E731
+
+    rc, err = _interrupt(cmd, lambda: 4 in done(), lambda pid: os.kill(pid, signal.SIGTERM))
     assert rc == 143, err[-3000:]  # 128 + SIGTERM: retryable for the PyTorchJob ExitCode policy
     assert "checkpoint saved, exiting 143" in err
-    stopped = _complete(tmp_path)[-1]
+    stopped = done()[-1]
     assert 4 < stopped < 16 and stopped % 4, "SIGTERM saves the step it stopped at, off the every-4 schedule"
 
     after = (stopped // 4 + 1) * 4  # the next scheduled checkpoint of the restarted run
-    rc, err = _interrupt(cmd, tmp_path, after, lambda pid: os.kill(_worker_pids(pid)[1], signal.SIGKILL))
+    rc, err = _interrupt(cmd, lambda: after in done(), lambda pid: os.kill(_worker_pids(pid)[1], signal.SIGKILL))
     assert rc == 137, err[-3000:]  # 128 + SIGKILL, also retryable
     assert f"step {stopped} of 16" in err  # the restart resumed from the SIGTERM checkpoint
-    killed_at = _complete(tmp_path)[-1]
+    killed_at = done()[-1]
     assert after <= killed_at < 16
 
     log = _ok(run(cmd))
     assert f"step {killed_at} of 16" in log
+    (tmp_path / "export").mkdir()
+    s3_client().download_file(bucket, "run/export/weights.pt", str(tmp_path / "export" / "weights.pt"))
     _same_weights(straight, tmp_path)

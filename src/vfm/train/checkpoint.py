@@ -6,7 +6,8 @@
 A checkpoint counts only once COMPLETE exists: it is written after every rank has finished (a barrier),
 so a step directory left half-written by a killed pod is never loaded (it is deleted by the next purge).
 For s3:// every rank writes its DCP files to a local staging directory and uploads them; rank 0 uploads
-COMPLETE only after all ranks' uploads are done. Loading downloads the step into local staging first.
+COMPLETE only after all ranks' uploads are done. Loading downloads the step once per node (local rank 0)
+into a directory all ranks of the node read.
 
 Tensors (model, optimiser, task state; possibly DTensor shards) go through DCP's structured path.
 Plain Python state is stored as one opaque `bytes` value per key so its nesting need not be known in
@@ -16,6 +17,7 @@ per-rank state (RNG, data-loader position) under `rank<N>` so DCP does not dedup
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -56,11 +58,16 @@ def _split(url: str) -> tuple[str, str]:
 class Checkpointer:
     """Save / find / load / purge step checkpoints of one run (collective calls: every rank calls them)."""
 
-    def __init__(self, root: str, *, keep: int, rank: int, world_size: int, staging: str | None = None):
+    def __init__(self, root: str, *, keep: int, rank: int, world_size: int, local_rank: int | None = None,
+                 staging: str | None = None):
         if keep < 1:
             raise ValueError("keep must be ≥ 1")
         self.root, self.keep, self.rank, self.world_size = str(root).rstrip("/"), keep, rank, world_size
-        self._staging = Path(staging or tempfile.gettempdir()) / f"vfm-ckpt-{os.getpid()}-rank{rank}"
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+        base = Path(staging or tempfile.gettempdir())
+        self._staging = base / f"vfm-ckpt-{os.getpid()}-rank{rank}"  # this rank's files before upload
+        # one download per node, read by all its ranks: named by the run, the same for every local rank
+        self._node_cache = base / f"vfm-ckpt-{hashlib.sha1(self.root.encode()).hexdigest()[:12]}"
 
     # ---- finding -------------------------------------------------------------------------------
     def _steps(self) -> tuple[list[int], list[int]]:
@@ -180,18 +187,20 @@ class Checkpointer:
         full = {**tensors, "objects": b"", key: b""}
         local = Path(self.root) / name
         if is_s3(self.root):
-            local = self._staging / name
-            shutil.rmtree(local, ignore_errors=True)
-            self._download(f"{self.root}/{name}", local)
-        try:
-            meta = dcp.FileSystemReader(str(local)).read_metadata()
-            if key not in meta.state_dict_metadata:
-                raise UserError(f"checkpoint {self.root}/{name} has no state for rank {self.rank}: it was "
-                                f"written by a different number of processes; resume with the same world size")
-            dcp.load(full, checkpoint_id=str(local))
-        finally:
-            if is_s3(self.root):
+            local = self._node_cache / name
+            if self.local_rank == 0:
                 shutil.rmtree(local, ignore_errors=True)
+                self._download(f"{self.root}/{name}", local)
+            barrier()
+        meta = dcp.FileSystemReader(str(local)).read_metadata()
+        if key not in meta.state_dict_metadata:
+            raise UserError(f"checkpoint {self.root}/{name} has no state for rank {self.rank}: it was "
+                            f"written by a different number of processes; resume with the same world size")
+        dcp.load(full, checkpoint_id=str(local))
+        if is_s3(self.root):
+            barrier()  # every local rank has read the node's copy
+            if self.local_rank == 0:
+                shutil.rmtree(self._node_cache, ignore_errors=True)
         tensors.update({k: v for k, v in full.items() if k not in (key, "objects")})
         return _unpack(full["objects"]), _unpack(full[key])
 
