@@ -173,3 +173,13 @@ def test_cli_bad_input_exits_2_with_a_message(args, message, monkeypatch, capsys
         main()
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_launcher_gives_workers_time_to_save_after_sigterm(monkeypatch):
+    from vfm.train.launch import SHUTDOWN_TIMEOUT_S, parse_args
+
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
+    tail = ["--nproc-per-node", "2", "-m", "vfm.train", "vit-huge"]
+    assert parse_args(tail).shutdown_timeout == SHUTDOWN_TIMEOUT_S > 30
+    assert parse_args(["--shutdown-timeout", "45", *tail]).shutdown_timeout == 45

@@ -10,10 +10,15 @@ environment defaults) and maps the outcome to an exit code:
     (a worker killed by SIGKILL / the OOM killer: 137; 1 = a bug or NaN loss; 2 = bad input)
 
 Later failures are consequences (torchrun terminates the surviving workers), so the first is the cause.
+
+torchrun gives workers 30 s after forwarding SIGTERM before it SIGKILLs them, too short to save a
+sharded ViT-g checkpoint to S3; the launcher raises that to SHUTDOWN_TIMEOUT_S unless `--shutdown-timeout`
+or TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise. The pod's terminationGracePeriodSeconds must exceed it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -25,8 +30,18 @@ def exit_code(failure_code: int) -> int:
     return 128 - failure_code if failure_code < 0 else failure_code
 
 
-def main(argv: list[str] | None = None) -> int:
+SHUTDOWN_TIMEOUT_S = 300
+
+
+def parse_args(argv: list[str] | None = None):
     args = get_args_parser().parse_args(argv)
+    if args.shutdown_timeout is None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        args.shutdown_timeout = SHUTDOWN_TIMEOUT_S
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         run(args)
     except SignalException as exc:
