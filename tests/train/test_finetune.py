@@ -20,7 +20,7 @@ def _task(recipe, stage: str, data: str, init: str | None = None, **kw) -> Super
     return task
 
 
-@pytest.fixture(params=["vit-huge-pretrain", "vit-huge", "convnext-xl"])
+@pytest.fixture(params=["vit-huge", "convnext-xl"])  # vit-huge also changes resolution (32 → 48 px)
 def pretrained(request, shards, tmp_path):
     """A pretraining export of the recipe (4 classes) with non-trivial weights."""
     recipe = load_recipe(request.param, profile="smoke")
@@ -58,6 +58,7 @@ def test_new_head_same_backbone_at_step_zero(pretrained, shards5):
         assert all(torch.equal(a, b) for a, b in zip(task.ema.state_dict().values(), dst.values(), strict=True))
 
 
+@pytest.mark.parametrize("pretrained", ["vit-huge"], indirect=True)  # ConvNeXt's head.fc: test_distributed
 def test_head_rows_copied_by_wnid_and_missing_class_fresh(pretrained, shards5):
     recipe, export = pretrained
     source, meta = load_export(export)
