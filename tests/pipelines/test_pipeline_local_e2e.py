@@ -16,7 +16,7 @@ from vfm.pipeline.local import run_local
 
 FULL = os.environ.get("VFM_SCALE", "reduced") == "full"
 REDUCED_SETS = {
-    "vit-huge": ["stages.pretrain.steps=4", "stages.finetune.steps=2"],
+    "vit-huge": ["stages.pretrain.steps=4", "stages.finetune.steps=3"],
     "dinov2-giant": ["stages.pretrain.steps=4"],
 }
 
