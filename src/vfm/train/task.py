@@ -25,6 +25,9 @@ Call order, per process:
         task.after_update(model, step)   # step = the update just done
     module, meta = task.export()         # rank 0 saves it (full state dict gathered by the loop)
 
+Optional attribute `num_samples` (int): samples in one epoch of the task's data; the loop sizes
+epoch-based schedules with it when the stage does not set `num_samples` (SupervisedTask: the manifest's).
+
 Param-group keys the loop understands (besides `params`, `weight_decay`):
   - `lr_scale` (timm's layer decay convention): group lr = scheduled lr × lr_scale;
   - `wd_scale`: group weight decay = scheduled weight decay × wd_scale (default: 1 if the group's
