@@ -81,7 +81,9 @@ class _Centering(nn.Module):
             self.center.mul_(self.momentum).add_(batch_center, alpha=1 - self.momentum)
 
 
-class DINOLoss(nn.Module):
+class _TeacherTargets(nn.Module):
+    """Teacher logits → target distributions, by centering (EMA centre) or Sinkhorn-Knopp."""
+
     def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "sinkhorn_knopp",
                  center_momentum: float = 0.9) -> None:
         super().__init__()
@@ -92,13 +94,19 @@ class DINOLoss(nn.Module):
         self.centre = _Centering(out_dim, center_momentum)
 
     @torch.no_grad()
-    def teacher_targets(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """(N, K) logits → (N, K) target distributions; updates the EMA centre when centering."""
+    def _targets(self, teacher_logits: Tensor, teacher_temp: float, n_rows_total: Tensor | None = None) -> Tensor:
         if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher_logits, teacher_temp)
+            return sinkhorn_knopp(teacher_logits, teacher_temp, n_rows_total=n_rows_total)
         targets = self.centre.softmax_centered(teacher_logits, teacher_temp)
         self.centre.update(teacher_logits)
         return targets
+
+
+class DINOLoss(_TeacherTargets):
+    @torch.no_grad()
+    def teacher_targets(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """(N, K) logits → (N, K) target distributions; updates the EMA centre when centering."""
+        return self._targets(teacher_logits, teacher_temp)
 
     def forward(self, student_global: Tensor, student_local: Tensor | None, targets: Tensor,
                 n_global: int) -> Tensor:
@@ -127,23 +135,14 @@ class DINOLoss(nn.Module):
         return total / n_terms
 
 
-class IBOTPatchLoss(nn.Module):
-    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "sinkhorn_knopp",
-                 center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.centering = centering
-        self.centre = _Centering(out_dim, center_momentum)
-
+class IBOTPatchLoss(_TeacherTargets):
     @torch.no_grad()
     def teacher_targets(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """(M, K) logits of this rank's masked patches → targets (Sinkhorn over all ranks' patches)."""
+        n_total = None
         if self.centering == "sinkhorn_knopp":
             n_total = _all_reduce_(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
-            return sinkhorn_knopp(teacher_logits, teacher_temp, n_rows_total=n_total)
-        targets = self.centre.softmax_centered(teacher_logits, teacher_temp)
-        self.centre.update(teacher_logits)
-        return targets
+        return self._targets(teacher_logits, teacher_temp, n_rows_total=n_total)
 
     def forward(self, student_logits: Tensor, targets: Tensor, masks: Tensor) -> Tensor:
         """`student_logits`, `targets`: (M, K) at the masked positions, in `masks.flatten()` order;
