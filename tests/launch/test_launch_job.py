@@ -112,3 +112,11 @@ def test_trainer_args_carry_every_run_parameter():
     assert args == ["vit-huge", "--stage", "finetune", "--data", "s3://d/m.json", "--out", "s3://o",
                     "--profile", "smoke", "--set", "stages.finetune.steps=2", "--init", "s3://o/pretrain/export",
                     "--seed", "1", "--run-key", "r/finetune/1", "--parent-run-id", "abc"]
+
+
+def test_grace_period_outlasts_the_trainers_checkpoint_window():
+    """SIGTERM → the trainer's launcher waits SHUTDOWN_TIMEOUT_S for ranks to save; the kubelet must not SIGKILL first."""
+    from vfm.train.launch import SHUTDOWN_TIMEOUT_S
+
+    for replica in manifest("vit-huge")["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_TIMEOUT_S

@@ -25,6 +25,7 @@ from kubernetes.client import models as k8s
 
 from vfm.errors import UserError
 from vfm.recipes import Recipe
+from vfm.train.launch import SHUTDOWN_TIMEOUT_S
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -212,7 +213,9 @@ def _pod_template(recipe: Recipe, opts: JobOptions, role: str) -> k8s.V1PodTempl
             tolerations=tolerations or None,
             volumes=[k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
                 medium="Memory", size_limit=f"{opts.shm_gib}Gi"))],
-            termination_grace_period_seconds=120,  # time for the trainer to finish a checkpoint on SIGTERM
+            # the trainer's launcher gives ranks SHUTDOWN_TIMEOUT_S to checkpoint after SIGTERM; the kubelet
+            # must wait longer than that before SIGKILL, or a preempted pod loses the save it started
+            termination_grace_period_seconds=SHUTDOWN_TIMEOUT_S + 60,
         ),
     )
 
