@@ -48,9 +48,11 @@ def test_vit_huge_smoke_dag_end_to_end(services, tmp_path):
 
 @pytest.mark.scale
 def test_dinov2_giant_smoke_dag_end_to_end(services, tmp_path):
+    seen = []  # `--serve` hook: called with the outcome while the services are still up
     result = run_local("dinov2-giant", workdir=tmp_path, profile="smoke",
-                       overrides=[] if FULL else REDUCED_SETS["dinov2-giant"])
+                       overrides=[] if FULL else REDUCED_SETS["dinov2-giant"], while_serving=seen.append)
     assert result.state == "FINISHED", result
+    assert seen == [result] and result.embedded_store is None  # configured services, not embedded ones
     client = MlflowClient(tracking_uri=services.mlflow_uri)
     run = client.get_run(result.parent_run_id)
     assert "eval.knn.k20.top1" in run.data.metrics and run.data.metrics["eval.num_seeds"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +46,8 @@ def run_cmd(
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma list: the last stage's seeds (default: the recipe's).")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="KFP outputs, embedded servers' state, synthetic data.")] = Path(".vfm-local"),
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Reuse/make the synthetic data here.")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Keep the embedded MLflow/S3 up after the run "
+                                        "(until Ctrl-C) to browse it in the MLflow UI.")] = False,
 ) -> None:
     """Run the recipe's pipeline end to end; `--local` is the only mode (use `submit` for a cluster)."""
     from rich.console import Console
@@ -59,13 +63,25 @@ def run_cmd(
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--seeds {seeds!r}: expected a comma list of integers such as 0,1,2") from None
-    result = run_local(recipe_id, workdir=workdir.resolve(), profile=profile, overrides=list(overrides or []),
-                       seeds=seed_list, data_dir=data_dir.resolve() if data_dir else None)
     console = Console()
-    console.print(f"\n[bold]{recipe_id}[/] ({profile}): pipeline {result.state} in {result.seconds:.0f} s")
-    if result.report:
-        console.print(result.report, markup=False, highlight=False)
-    print(f"MLflow: {result.mlflow_url}")  # plain print: a terminal-wrapped URL is not clickable
+
+    def show(result) -> None:
+        console.print(f"\n[bold]{recipe_id}[/] ({profile}): pipeline {result.state} in {result.seconds:.0f} s")
+        if result.report:
+            console.print(result.report, markup=False, highlight=False)
+        print(f"MLflow: {result.mlflow_url}")  # plain print: a terminal-wrapped URL is not clickable
+        if serve and result.embedded_store is not None:
+            console.print("serving the embedded MLflow and S3 endpoint; Ctrl-C to stop")
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
+
+    result = run_local(recipe_id, workdir=workdir.resolve(), profile=profile, overrides=list(overrides or []),
+                       seeds=seed_list, data_dir=data_dir.resolve() if data_dir else None, while_serving=show)
+    if result.embedded_store is not None and not serve:
+        # the embedded servers stopped with the run; runs, params and metrics stay in their SQLite store
+        print(f"The embedded MLflow has stopped. Browse the runs with: mlflow ui --backend-store-uri "
+              f"sqlite:///{result.embedded_store}  (artifacts lived on the embedded S3 endpoint: rerun with "
+              "--serve to browse them too)")
     if result.state != "FINISHED":
         raise SystemExit(1)
 

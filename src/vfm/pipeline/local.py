@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class LocalRun:
     parent_run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     report: str = ""
+    embedded_store: Path | None = None
+    """The embedded MLflow's SQLite file (it outlives the run; the embedded S3 endpoint does not)."""
 
     @property
     def mlflow_url(self) -> str:
@@ -113,7 +115,10 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
 
 
 def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", overrides: list[str] | None = None,
-              seeds: list[int] | None = None, data_dir: Path | None = None) -> LocalRun:
+              seeds: list[int] | None = None, data_dir: Path | None = None,
+              while_serving: Callable[[LocalRun], None] | None = None) -> LocalRun:
+    """Run the pipeline; `while_serving(result)` is called before embedded services stop (e.g. to keep
+    the MLflow UI up for browsing, artifacts included)."""
     from kfp import local
 
     from vfm.pipeline.dag import build_pipeline
@@ -138,7 +143,12 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
         pipeline(**pipeline_arguments(recipe_id, sources=sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
                                       s3_endpoint=s3_endpoint, profile=profile, overrides=list(overrides or []),
                                       seeds=seeds))
-        return _collect(recipe_id, mlflow_uri, time.monotonic() - start)
+        result = _collect(recipe_id, mlflow_uri, time.monotonic() - start)
+        if embedded:
+            result.embedded_store = workdir / "services" / "mlflow.db"
+        if while_serving is not None:
+            while_serving(result)
+        return result
 
 
 def _collect(recipe_id: str, mlflow_uri: str, seconds: float) -> LocalRun:
