@@ -202,9 +202,11 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
     if claimed and total_days is not None:
         ratio = total_days / claimed
         if ratio > DURATION_TOLERANCE or ratio < 1 / DURATION_TOLERANCE:
+            implied_gpus = total_hours / (claimed * 24)
             warnings.append(
                 f"claims.duration_days: the paper says {claimed:g} days; at {mfu:.0%} MFU on {hw.gpus}× {hw.gpu} "
-                f"the recipe needs {total_days:.1f} days ({ratio:.2g}× the claim)")
+                f"the recipe needs {total_days:.1f} days ({ratio:.2g}× the claim) — the claim fits about "
+                f"{implied_gpus:,.0f} such GPUs at this MFU (or a lower MFU / slower GPU); set hardware.gpus")
     for note in recipe.upstream:
         warnings.append(f"{note.field}: paper {note.paper}; upstream {note.upstream} ({note.source})")
     return Plan(

@@ -87,3 +87,10 @@ def test_cli_recipes_list_and_show():
         assert rid[:10] in out.stdout
     out = _vfm("recipes", "show", "vit-huge", "--resolved", "--profile", "smoke")
     assert out.returncode == 0 and "profile: smoke" in out.stdout and "vit_tiny_patch16_224" in out.stdout
+
+
+def test_duration_claim_is_compared_and_explained():
+    p = plan(load_recipe("vit-huge"), mfu=0.4)
+    (w,) = [w for w in p.warnings if w.startswith("claims.duration_days")]
+    implied = p.total_gpu_hours / (21 * 24)  # the paper's 3 weeks
+    assert f"about {implied:,.0f} such GPUs" in w
