@@ -97,13 +97,13 @@ class MemoryTask:
         return loss, {}
 
     def after_update(self, model, step):
-        pass
+        return None  # a plain classifier: no EMA teacher or other per-update work
 
     def state_dict(self):
         return {}
 
     def load_state_dict(self, state):
-        pass
+        assert state == {}, f"this task checkpoints no extra state, got {sorted(state)}"
 
     def train_flops_per_sample(self) -> float:
         return 1.0
