@@ -19,25 +19,38 @@ app = typer.Typer(help="vfm: vision foundation model recipes → shards → trai
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 recipes_app = typer.Typer(help="The seed recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
-console = Console()
+# piped or redirected: no wrapping at 80 columns (rich's default off a terminal), so lines stay whole
+console = Console(soft_wrap=not sys.stdout.isatty())
 err_console = Console(stderr=True)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
 ProfileOpt = Annotated[str, typer.Option("--profile", help="Scale profile: paper or smoke.")]
 
 
+def _piped() -> bool:
+    """stdout is a pipe or file: print plain text that never wraps, truncates or carries colour codes."""
+    return not sys.stdout.isatty()
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
-    """The five seed recipes."""
+    """The five seed recipes (tab-separated when piped, so ids can be cut and copied whole)."""
     from vfm.recipes import list_recipes, load_recipe
 
-    table = Table("id", "model", "stages", "paper seed", "claims")
+    header = ("id", "model", "stages", "paper seed", "claims")
+    rows = []
     for rid in list_recipes():
         r = load_recipe(rid)
         claims = ", ".join(f"{k}={v}" for k, v in r.claims.model_dump(exclude_none=True).items())
         kw = ",".join(f"{k}={v}" for k, v in r.model.kwargs.items())
-        table.add_row(rid, r.model.timm_name + (f" ({kw})" if kw else ""), " → ".join(r.stages),
-                      r.paper.seed, claims)
+        rows.append((rid, r.model.timm_name + (f" ({kw})" if kw else ""), " → ".join(r.stages), r.paper.seed, claims))
+    if _piped():
+        print("\n".join("\t".join(row) for row in [header, *rows]))
+        return
+    table = Table(*header)
+    table.columns[0].no_wrap = True
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -45,15 +58,21 @@ def recipes_list() -> None:
 def recipes_show(
     recipe_id: str,
     resolved: Annotated[bool, typer.Option("--resolved", help="After profile, overrides and defaults.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML (implies --resolved).")] = False,
     overrides: SetOpt = None,
     profile: ProfileOpt = "paper",
 ) -> None:
-    """Print a recipe as YAML: the seed as written, or `--resolved` with every default filled in."""
+    """Print a recipe as YAML: the seed as written, or `--resolved` with every default filled in.
+
+    Written straight to stdout, never through rich: `vfm recipes show ID --resolved > r.yaml` is valid YAML."""
     from vfm.recipes import load_recipe, recipe_dict
 
     recipe = load_recipe(recipe_id, overrides, profile)  # validates even when showing the raw seed
+    if as_json:
+        sys.stdout.write(json.dumps(recipe.model_dump(mode="json"), indent=2) + "\n")
+        return
     data = recipe.model_dump(mode="json") if resolved or overrides or profile != "paper" else recipe_dict(recipe_id)
-    console.print(yaml.safe_dump(data, sort_keys=False), markup=False, highlight=False)
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=10**6))
 
 
 @app.command("plan")
@@ -98,13 +117,25 @@ def plan_cmd(
     row("memory / GPU", lambda s: f"{s.memory_gb['total_gb']:.1f} GB "
         f"(states {s.memory_gb['weights_grads_adamw_gb']:.1f} + act {s.memory_gb['activations_gb']:.1f})")
     console.print(table)
+    console.print("[bold]the paper against itself[/]")
+    for c in p.checks:
+        mark = {"ok": "[green]ok[/]", "flag": "[yellow]flag[/]", "info": "[cyan]info[/]"}[c.status]
+        console.print(f"  {mark} {c.name}: ", end="")
+        console.print(c.detail, markup=False, highlight=False)
+    for s in p.stages:
+        if (s.executed_micro_batch, s.executed_grad_accum) != (s.micro_batch, s.grad_accum) and s.executed_micro_batch:
+            console.print(f"[bold]executed plan[/] {s.stage}: {s.world_size} × micro-batch {s.executed_micro_batch} × "
+                          f"accumulation {s.executed_grad_accum} = {s.global_batch:,}")
     if p.params_claim_millions is not None:
         console.print(f"params: paper {p.params_claim_millions:g} M, counted {p.params_counted_millions:,.1f} M")
     if p.total_wall_clock_days is not None:
         claim = f" (paper: {p.claimed_days:g} days)" if p.claimed_days else ""
         console.print(f"total: {p.total_gpu_hours:,.0f} GPU-hours, {p.total_wall_clock_days:.2f} days{claim}")
     for w in p.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print("[yellow]warning:[/] ", end="")
+        console.print(w, markup=False, highlight=False)
+    for n in p.notes:
+        console.print(n, markup=False, highlight=False)
 
 
 # each area's commands; a module listed here exposes `register(app)`

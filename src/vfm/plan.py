@@ -9,6 +9,13 @@ Every number is derived from the recipe and counted on the meta device (nothing 
     GPU-hours   = train FLOPs / (peak × MFU) / 3600
     memory/GPU  = 16 B/param (fp32 weights + grads + 2 AdamW moments) / (world if FSDP) + activations
 
+Then it checks the paper against itself (`Plan.checks`), with the paper's own numbers and the stated GPU:
+- batch arithmetic: GPUs × micro-batch × accumulation = global batch;
+- implied utilisation: pretraining FLOPs / (GPUs × peak × stated duration), flagged outside 5–60 %;
+- where the paper states a duration but no GPU count, how many GPUs that duration implies at `mfu`;
+- memory: whether the stated per-GPU batch fits; if not, the micro-batch × accumulation that keeps the
+  paper's global batch and fits is the executed plan (`StagePlan.executed_*`, with the `--set` to use it).
+
 Claims from the paper (params, duration) are compared, never overwritten.
 """
 
@@ -32,7 +39,10 @@ GPU_SPECS: dict[str, tuple[float, float]] = {
     "A100-SXM-80GB": (312e12, 80e9),
     "A100-40GB": (312e12, 40e9),
 }
+PLAUSIBLE_MFU = (0.05, 0.60)  # outside this band a paper's GPUs × duration cannot have run its FLOPs
+MEMORY_HEADROOM = 0.9  # allocator fragmentation, NCCL buffers, CUDA context: plan on 90 % of the card
 BYTES_PER_PARAM_TRAIN = 16  # fp32 master weights 4 + grads 4 + AdamW exp_avg 4 + exp_avg_sq 4
+BYTES_PER_PARAM_TEACHER = 4  # DINOv2's EMA teacher: an fp32 copy of the backbone
 PARAM_CLAIM_TOLERANCE = 0.10
 DURATION_TOLERANCE = 2.0  # flag an estimate more than 2× away from the paper's stated duration
 
@@ -58,6 +68,21 @@ class StagePlan:
     gpu_hours: float | None
     wall_clock_hours: float | None
     memory_gb: dict[str, float] = field(default_factory=dict)
+    fits: bool | None = None
+    """Whether the recipe's micro-batch fits 90 % of the GPU (None: the GPU's memory is unknown)."""
+    executed_micro_batch: int = 0
+    executed_grad_accum: int = 0
+    """The largest micro-batch that fits and divides the per-GPU batch, and the accumulation that keeps
+    the global batch (equal to the recipe's when it fits)."""
+
+
+@dataclass
+class Check:
+    """One consistency check of a paper against itself: `flag` when the paper's numbers disagree."""
+
+    name: str
+    status: str  # ok | flag | info
+    detail: str
 
 
 @dataclass
@@ -76,6 +101,10 @@ class Plan:
     total_wall_clock_days: float | None
     claimed_days: float | None
     warnings: list[str]
+    checks: list[Check] = field(default_factory=list)
+    """The paper checked against itself; the `flag`s are where its own numbers disagree."""
+    notes: list[str] = field(default_factory=list)
+    """Where the paper and its upstream code differ, and the readings chosen where the paper is ambiguous."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +146,15 @@ def _activation_bytes(model: nn.Module, resolution: int, checkpointing: bool, by
     return (total - in_blocks + block_inputs + max(per_block.values(), default=0)) * bytes_per_el
 
 
+def _fit_micro_batch(per_gpu: int, micro: int, states: float, act_per_sample: float, gpu_mem: float) -> int:
+    """The largest micro-batch ≤ `micro` that divides the per-GPU batch and fits; 0 if none does."""
+    budget = MEMORY_HEADROOM * gpu_mem - states
+    if budget <= 0:
+        return 0
+    most = int(budget // act_per_sample) if act_per_sample > 0 else micro
+    return max((m for m in range(1, min(micro, most) + 1) if per_gpu % m == 0), default=0)
+
+
 def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
     if not 0 < mfu <= 1:
         from vfm.recipes import RecipeError
@@ -125,6 +163,7 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
     hw = recipe.hardware
     peak, gpu_mem = GPU_SPECS.get(hw.gpu, (None, None))
     warnings: list[str] = []
+    checks: list[Check] = []
     if peak is None:
         warnings.append(f"hardware.gpu `{hw.gpu}` has no known peak: GPU-hours are not estimated "
                         f"(known: {', '.join(GPU_SPECS)})")
@@ -161,34 +200,36 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
         gpu_hours = train_flops / (peak * mfu) / 3600 if peak else None
         wall = gpu_hours / hw.gpus if gpu_hours is not None else None
 
-        weights_states = params * BYTES_PER_PARAM_TRAIN / (hw.gpus if st.parallelism == "fsdp" else 1)
+        bytes_per_param = BYTES_PER_PARAM_TRAIN + (BYTES_PER_PARAM_TEACHER if recipe.ssl is not None else 0)
+        weights_states = params * bytes_per_param / (hw.gpus if st.parallelism == "fsdp" else 1)
         bytes_per_el = 4 if st.precision == "fp32" else 2
         act_res = st.data.multicrop.global_crops_size if st.data.multicrop else res
-        act = _activation_bytes(model, act_res, st.activation_checkpointing, bytes_per_el) * b.micro_batch
+        act_sample = _activation_bytes(model, act_res, st.activation_checkpointing, bytes_per_el)
         if st.data.multicrop is not None:
-            act *= st.data.multicrop.global_crops_count + st.data.multicrop.local_crops_count * (
+            act_sample *= st.data.multicrop.global_crops_count + st.data.multicrop.local_crops_count * (
                 st.data.multicrop.local_crops_size / act_res) ** 2
+        act = act_sample * b.micro_batch
         mem = {"weights_grads_adamw_gb": weights_states / 1e9, "activations_gb": act / 1e9,
                "total_gb": (weights_states + act) / 1e9}
-        if gpu_mem and weights_states + act > 0.9 * gpu_mem:
-            warnings.append(
-                f"stages.{name}: estimated {mem['total_gb']:.0f} GB per GPU exceeds 90 % of {hw.gpu}'s "
-                f"{gpu_mem / 1e9:.0f} GB; lower micro_batch, enable activation_checkpointing or use fsdp")
-        if recipe.ssl is not None and accum > 1:
-            warnings.append(f"stages.{name}: gradient accumulation {accum} with DINOv2 losses is not equivalent "
-                            "to a larger batch (KoLeo and centering are per step); DINOv2 uses none")
-        stages.append(StagePlan(
+        sp = StagePlan(
             stage=name, dataset=st.data.dataset, resolution=res, samples_per_epoch=samples,
             global_batch=b.global_batch, micro_batch=b.micro_batch, grad_accum=accum, world_size=hw.gpus,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup,
             peak_lr=o.peak_lr(b.global_batch), params=params, forward_gflops_per_image=fwd / 1e9,
             train_gflops_per_sample=train_per_sample / 1e9, train_flops=train_flops, gpu_hours=gpu_hours,
-            wall_clock_hours=wall, memory_gb=mem,
-        ))
+            wall_clock_hours=wall, memory_gb=mem, executed_micro_batch=b.micro_batch, executed_grad_accum=accum,
+        )
+        checks.append(_batch_check(recipe, sp))
+        if gpu_mem:
+            checks.append(_memory_check(recipe, sp, weights_states, act_sample, gpu_mem))
+        if recipe.ssl is not None and sp.executed_grad_accum > 1:
+            warnings.append(f"stages.{name}: gradient accumulation {sp.executed_grad_accum} with DINOv2 losses is "
+                            "not equivalent to a larger batch (KoLeo and centering are per step); DINOv2 uses none")
         # fine-tuning runs once per seed
         if name == "finetune" and len(st.seeds) > 1 and gpu_hours is not None:
-            stages[-1].gpu_hours = gpu_hours * len(st.seeds)
-            stages[-1].wall_clock_hours = (wall or 0) * len(st.seeds)
+            sp.gpu_hours = gpu_hours * len(st.seeds)
+            sp.wall_clock_hours = (wall or 0) * len(st.seeds)
+        stages.append(sp)
 
     claim = recipe.claims.params_millions
     if claim is not None and abs(counted_params / 1e6 - claim) / claim > PARAM_CLAIM_TOLERANCE:
@@ -198,20 +239,85 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
             "vfm builds the architecture the recipe names")
     total_hours = sum(s.gpu_hours for s in stages) if all(s.gpu_hours is not None for s in stages) else None
     total_days = total_hours / hw.gpus / 24 if total_hours is not None else None
-    claimed = recipe.claims.duration_days
-    if claimed and total_days is not None:
-        ratio = total_days / claimed
-        if ratio > DURATION_TOLERANCE or ratio < 1 / DURATION_TOLERANCE:
-            implied_gpus = total_hours / (claimed * 24)
-            warnings.append(
-                f"claims.duration_days: the paper says {claimed:g} days; at {mfu:.0%} MFU on {hw.gpus}× {hw.gpu} "
-                f"the recipe needs {total_days:.1f} days ({ratio:.2g}× the claim) — the claim fits about "
-                f"{implied_gpus:,.0f} such GPUs at this MFU (or a lower MFU / slower GPU); set hardware.gpus")
-    for note in recipe.upstream:
-        warnings.append(f"{note.field}: paper {note.paper}; upstream {note.upstream} ({note.source})")
+    pre = next((s for s in stages if s.stage == "pretrain"), None)
+    if pre is not None and peak:
+        checks.append(_duration_check(recipe, pre, peak, mfu))
+    notes = [f"upstream: {n.field}: paper {n.paper}; upstream {n.upstream} ({n.source})" for n in recipe.upstream]
+    notes += [f"reading: {a.field}: \"{a.quote}\" read as {a.chosen}; other reading: {a.other}"
+              for a in recipe.ambiguous]
+    notes += [f"declared: {d.task} on {d.dataset} after pretraining (the paper's transfer; not yet a vfm stage)"
+              for d in recipe.downstream]
+    if recipe.ablation is not None:
+        ab = recipe.ablation
+        notes.append(f"declared: ablation of {ab.variant}, kernel sizes {ab.kernel_sizes} × expansion ratios "
+                     f"{ab.mlp_ratios} = {len(ab.kernel_sizes) * len(ab.mlp_ratios)} cells × {len(ab.seeds)} seed(s), "
+                     f"{ab.epochs:g} epochs on {ab.subset.num_classes} IN-1K classes (not yet a vfm pipeline)")
     return Plan(
         recipe=recipe.id, profile=recipe.profile, gpu=hw.gpu, gpus=hw.gpus, gpus_per_node=hw.gpus_per_node,
         nodes=hw.nodes, mfu=mfu, stages=stages, params_claim_millions=claim,
         params_counted_millions=counted_params / 1e6, total_gpu_hours=total_hours,
-        total_wall_clock_days=total_days, claimed_days=claimed, warnings=warnings,
+        total_wall_clock_days=total_days, claimed_days=recipe.claims.duration_days, warnings=warnings,
+        checks=checks, notes=notes,
     )
+
+
+def _batch_check(recipe: Recipe, sp: StagePlan) -> Check:
+    made = sp.world_size * sp.micro_batch * sp.grad_accum
+    detail = (f"{sp.world_size} GPUs × micro-batch {sp.micro_batch} × accumulation {sp.grad_accum} = {made:,}"
+              f"{' = ' if made == sp.global_batch else ' ≠ '}global batch {sp.global_batch:,}")
+    return Check(f"stages.{sp.stage}.batch", "ok" if made == sp.global_batch else "flag", detail)
+
+
+def _memory_check(recipe: Recipe, sp: StagePlan, states: float, act_sample: float, gpu_mem: float) -> Check:
+    st = recipe.stages[sp.stage]  # type: ignore[index]
+    per_gpu = sp.micro_batch * sp.grad_accum
+    sp.fits = states + act_sample * sp.micro_batch <= MEMORY_HEADROOM * gpu_mem
+    where = (f"{st.parallelism.upper()}, {st.precision}"
+             + (", activation checkpointing" if st.activation_checkpointing else "")
+             + (f", {st.data.multicrop.global_crops_count + st.data.multicrop.local_crops_count} crops"
+                if st.data.multicrop else ""))
+    need = f"micro-batch {sp.micro_batch} needs ≈{sp.memory_gb['total_gb']:,.0f} GB of {recipe.hardware.gpu}'s " \
+           f"{gpu_mem / 1e9:.0f} GB ({where})"
+    if sp.fits:
+        return Check(f"stages.{sp.stage}.memory", "ok", need)
+    micro = _fit_micro_batch(per_gpu, sp.micro_batch, states, act_sample, gpu_mem)
+    if micro == 0:
+        sp.executed_micro_batch = sp.executed_grad_accum = 0
+        fix = "not even micro-batch 1 fits: use parallelism fsdp or activation_checkpointing"
+        if st.parallelism == "fsdp" or st.activation_checkpointing:
+            fix = "not even micro-batch 1 fits: use more GPUs or a smaller model"
+        return Check(f"stages.{sp.stage}.memory", "flag", f"{need}; {fix}")
+    sp.executed_micro_batch, sp.executed_grad_accum = micro, per_gpu // micro
+    sets = (f"--set stages.{sp.stage}.batch.micro_batch={micro} "
+            f"--set stages.{sp.stage}.batch.grad_accum={per_gpu // micro}")
+    return Check(f"stages.{sp.stage}.memory", "flag",
+                 f"{need}: does not fit; executed plan: {sp.world_size} × micro-batch {micro} × accumulation "
+                 f"{per_gpu // micro} = {sp.global_batch:,}, the paper's global batch ({sets})")
+
+
+def _duration_check(recipe: Recipe, pre: StagePlan, peak: float, mfu: float) -> Check:
+    """The paper's GPUs × duration against the FLOPs of its pretraining, or the GPUs its duration implies."""
+    hw, claims = recipe.hardware, recipe.claims
+    name = "claims.duration_days"
+    length = "stated" if recipe.stated(f"stages.pretrain.{'steps' if recipe.stages['pretrain'].steps else 'epochs'}") \
+        else "a vfm default"
+    gpu_note = "" if recipe.stated("hardware.gpu") else f" ({hw.gpu} is a vfm default: the type is not stated)"
+    if not claims.duration_days:
+        what = "neither a GPU count nor a duration" if not recipe.stated("hardware.gpus") else "no duration"
+        return Check(name, "info", f"the paper states {what}: {pre.gpu_hours:,.0f} pretraining GPU-hours at "
+                                   f"{mfu:.0%} MFU are {pre.gpu_hours / hw.gpus / 24:.1f} days on {hw.gpus} GPUs")
+    seconds = claims.duration_days * 86400
+    if not recipe.stated("hardware.gpus"):
+        gpus = pre.train_flops / (peak * mfu * seconds)
+        return Check(name, "info",
+                     f"the paper states {claims.duration_days:g} days but no GPU count: {pre.train_flops:.3g} FLOPs "
+                     f"(length {length}) in that time need {gpus:,.1f} {hw.gpu} at {mfu:.0%} MFU{gpu_note}")
+    implied = pre.train_flops / (hw.gpus * peak * seconds)
+    lo, hi = PLAUSIBLE_MFU
+    ok = lo <= implied <= hi
+    detail = (f"{pre.train_flops:.3g} FLOPs of pretraining ({pre.total_steps:,} steps × {pre.global_batch:,}, length "
+              f"{length}) on {hw.gpus} × {hw.gpu} in {claims.duration_days:g} days imply {implied:.1%} utilisation"
+              f"{gpu_note}")
+    if not ok:
+        detail += f": implausible (outside {lo:.0%}–{hi:.0%})"
+    return Check(name, "ok" if ok else "flag", detail)

@@ -79,6 +79,6 @@ def test_headless_ssl_backbones_are_only_knn_evaluated_and_say_why():
     plan = plan_dag("dinov2-giant")
     assert plan.stages == ["pretrain"] and plan.suites == ["knn"]
     assert set(plan.skipped) == {"in1k", "in_r"} and "linear probe" in plan.skipped["in1k"]
-    assert "knn_train" in plan.data and plan.data["pretrain"].layout == "folder"  # lvd142m is a folder of images
+    assert "knn_train" in plan.data and plan.data["pretrain"].layout == "folder"  # uncurated-142m is a folder of images
     vit = plan_dag("vit-huge")
     assert vit.stages == ["pretrain", "finetune"] and vit.suites == ["in1k", "in_c", "in_r", "knn"] and vit.seeds == [0, 1, 2]

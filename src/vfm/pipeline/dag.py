@@ -37,7 +37,8 @@ RAW_SOURCES = {
     "in1k": "imagenet/ILSVRC2012_img_train.tar",
     "in1k-val": "imagenet/ILSVRC2012_img_val.tar",
     "imagenet-r": "imagenet-r",
-    "lvd142m": "lvd142m",
+    "curated-1.2b": "curated-1.2b",  # paper 003's curated corpus: a folder of images (a later curation step writes it)
+    "uncurated-142m": "uncurated-142m",  # paper 004's web-scraped images: a folder
 }
 VAL_LABELS = "imagenet/LOC_val_solution.csv"
 
@@ -82,6 +83,10 @@ def plan_dag(recipe_id: str) -> DagPlan:
         for s in [s for s in suites if s != "knn"]:
             skipped[s] = "needs a classifier; a headless SSL backbone needs a linear probe, which vfm evaluate does not run"
         suites = [s for s in suites if s == "knn"]
+    for d in recipe.downstream:  # paper 001's COCO / ADE20K transfer
+        skipped[f"{d.task}:{d.dataset}"] = "declared by the paper; vfm has no dense-transfer stage yet"
+    if recipe.ablation is not None:  # paper 002's kernel × expansion grid
+        skipped["ablation"] = "declared by the paper; its grid is not yet a vfm pipeline"
     data: dict[str, DataRole] = {}
     for stage in stages:
         ds = recipe.stages[stage].data.dataset

@@ -121,11 +121,17 @@ def _unwrap(tp: Any) -> Any:
 def _check_model_name(recipe: Recipe) -> None:
     import timm
 
-    name = recipe.model.timm_name
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
-        raise RecipeError(f"field `model.timm_name`: unknown timm model `{name}`{hint}")
+    names = {"model.timm_name": recipe.model.timm_name}
+    if recipe.ablation is not None:
+        names["ablation.variant"] = recipe.ablation.variant
+    for field_path, name in names.items():
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
+            raise RecipeError(f"field `{field_path}`: unknown timm model `{name}`{hint}")
+    if recipe.ablation is not None and not recipe.ablation.variant.startswith("convnext"):
+        raise RecipeError(f"field `ablation.variant`: `{recipe.ablation.variant}` is not a ConvNeXt; the grid sets "
+                          "timm ConvNeXt's kernel_sizes and mlp_ratio (e.g. convnext_tiny)")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -61,7 +61,7 @@ class MultiCropConfig(_Strict):
 
 class DataConfig(_Strict):
     dataset: str
-    """Dataset id: in22k-fall11, in21k-winter21, in1k, lvd142m, imagenet-r, imagenet-c, folder."""
+    """Dataset id, one of `vfm.recipes.datasets.DATASET_SIZES` (e.g. in22k-fall11, in1k, curated-1.2b) or folder."""
     resolution: int = Field(224, ge=8)
     crop_pct: float = Field(0.875, gt=0, le=1.0)
     """Eval transform: resize to resolution/crop_pct, centre-crop resolution."""
@@ -91,6 +91,7 @@ class OptimConfig(_Strict):
     warmup_lr_init: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr: float = Field(1e-6, ge=0)
+    """Where the cosine ends; 0 for a paper's "decaying to zero"."""
     clip_grad: float | None = Field(None, gt=0)
     patch_embed_lr_mult: float = 1.0
 
@@ -212,21 +213,67 @@ class EvalConfig(_Strict):
 
 class PaperConfig(_Strict):
     title: str
-    seed: str
-    """The seed document id this recipe was transcribed from."""
-    arxiv: str | None = None
+    seed: str = Field(pattern=r"^\d{3}$")
+    """The seed paper this recipe was transcribed from: its file's first three digits (`000`…`004`)."""
+
+
+class Claims(_Strict):
+    """What the paper says it achieved or did. Never written by vfm; compared against what vfm measures
+    (`vfm plan` for params and duration, evaluation for accuracy). Each belongs to the paper that states it."""
+
+    top1: float | None = None
+    """IN-1K top-1 (%) after fine-tuning."""
+    top1_runs_averaged: int | None = None
+    """How many fine-tuning runs the paper's top-1 is the mean of (evaluation reports the seed mean)."""
+    knn_top1: float | None = None
+    """IN-1K k-NN top-1 (%) of the frozen backbone."""
+    params_millions: float | None = None
+    duration_days: float | None = None
+    """The stated length of pretraining (every seed states it for pretraining only)."""
+    duration_text: str | None = None
+    iterations: int | None = None
+    """Optimiser updates of pretraining, as stated."""
     year: int | None = None
     country: str | None = None
 
 
-class Claims(_Strict):
-    """What the paper says it achieved. Never written by vfm; compared against what vfm measures."""
+class DownstreamTask(_Strict):
+    """A transfer task the paper fine-tunes the pretrained backbone on (dense tasks are not IN-1K stages)."""
 
-    top1: float | None = None
-    knn_top1: float | None = None
-    params_millions: float | None = None
-    duration_days: float | None = None
-    duration_text: str | None = None
+    task: Literal["object_detection", "semantic_segmentation"]
+    dataset: Literal["coco2017", "ade20k"]
+
+
+class AblationSubset(_Strict):
+    """A deterministic subset of IN-1K train: `num_classes` classes drawn with `seed`, `fraction` of each."""
+
+    num_classes: int = Field(100, ge=2, le=1000)
+    fraction: float = Field(1.0, gt=0, le=1.0)
+    seed: int = 0
+
+
+class AblationConfig(_Strict):
+    """A grid of smaller variants trained on an IN-1K subset (paper 002: kernel size × expansion ratio).
+    Each cell is `variant` built through timm's ConvNeXt `kernel_sizes` and `mlp_ratio` arguments."""
+
+    variant: str
+    """A timm ConvNeXt, e.g. `convnext_tiny`."""
+    kernel_sizes: list[int] = Field(min_length=1)
+    mlp_ratios: list[float] = Field(min_length=1)
+    subset: AblationSubset = Field(default_factory=AblationSubset)
+    resolution: int = Field(224, ge=8)
+    epochs: float = Field(gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    metrics: list[Literal["top1", "top5"]] = Field(default_factory=lambda: ["top1", "top5"])
+
+    @model_validator(mode="after")
+    def _odd_kernels(self) -> AblationConfig:
+        bad = [k for k in self.kernel_sizes if k < 1 or k % 2 == 0]
+        if bad:
+            raise ValueError(f"ablation.kernel_sizes {bad}: depthwise kernels must be odd and ≥ 1 (same padding)")
+        if any(r <= 0 for r in self.mlp_ratios):
+            raise ValueError(f"ablation.mlp_ratios {self.mlp_ratios}: expansion ratios must be > 0")
+        return self
 
 
 class UpstreamNote(_Strict):
@@ -236,6 +283,17 @@ class UpstreamNote(_Strict):
     paper: str
     upstream: str
     source: str
+
+
+class Ambiguity(_Strict):
+    """A sentence of the paper that admits more than one setting: the reading the recipe uses, and the other."""
+
+    field: str
+    quote: str
+    """The paper's words."""
+    chosen: str
+    other: str
+    why: str
 
 
 class Recipe(_Strict):
@@ -248,9 +306,13 @@ class Recipe(_Strict):
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     claims: Claims = Field(default_factory=Claims)
+    downstream: list[DownstreamTask] = Field(default_factory=list)
+    """Transfer tasks the paper runs after pretraining (declared here; the pipeline says which it runs)."""
+    ablation: AblationConfig | None = None
     upstream: list[UpstreamNote] = Field(default_factory=list)
+    ambiguous: list[Ambiguity] = Field(default_factory=list)
     provenance: dict[str, str] = Field(default_factory=dict)
-    """Field path → where a value came from when the seed paper is silent."""
+    """Field path → why it has its value when the seed paper is silent (a vfm default or addition)."""
     profile: Literal["paper", "smoke"] = "paper"
 
     @model_validator(mode="after")
@@ -289,3 +351,8 @@ class Recipe(_Strict):
     @property
     def is_ssl(self) -> bool:
         return self.ssl is not None
+
+    def stated(self, path: str) -> bool:
+        """Whether the paper states the field at `path`: it does unless `provenance` marks the field or a
+        section above it (e.g. `hardware.gpus`, or `stages.finetune.optim` for all its fields)."""
+        return not any(path == key or path.startswith(key + ".") for key in self.provenance)

@@ -1,0 +1,76 @@
+"""Every recipe's training transform survives tens of thousands of random draws.
+
+timm 1.0.31's RandAugment asks Pillow 13 for a 0-bit posterize at the top of its magnitude range; with
+`rand-m9-mstd0.5-inc1` (ConvNeXt) that is about 2 draws in 1,000, so a real run died within minutes.
+The draws are of small images (32 px crops) so that 20,000 of them take seconds. VFM_SCALE=reduced (CI)
+draws 5,000 per supervised transform, which still meets the old failure rate ~10 times on average.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import auto_augment
+
+from vfm.data.transforms import POSTERIZE_OPS, build_transform, safe_posterize
+from vfm.recipes import list_recipes, load_recipe
+from vfm.ssl.multicrop import MultiCropTransform
+
+FULL = os.environ.get("VFM_SCALE", "reduced") == "full"
+SUPERVISED_DRAWS = 20_000 if FULL else 5_000
+MULTICROP_DRAWS = 2_000 if FULL else 200  # 12 crops a draw, and no RandAugment in DINOv2's pipeline
+
+
+def _images(n: int = 8) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _train_transforms() -> list[tuple[str, object, int]]:
+    out = []
+    for rid in list_recipes():
+        recipe = load_recipe(rid)
+        for stage, st in recipe.stages.items():
+            if st.data.multicrop is not None:
+                mc = st.data.multicrop.model_copy(update={"global_crops_size": 32, "local_crops_size": 16})
+                out.append((f"{rid}:{stage}", MultiCropTransform(mc, st.data.mean, st.data.std), MULTICROP_DRAWS))
+            else:
+                small = st.data.model_copy(update={"resolution": 32})
+                out.append((f"{rid}:{stage}", build_transform(small, is_training=True), SUPERVISED_DRAWS))
+    return out
+
+
+@pytest.mark.scale
+@pytest.mark.parametrize(("name", "transform", "draws"), _train_transforms(), ids=lambda v: v if isinstance(v, str) else "")
+def test_training_transform_survives_many_draws(name, transform, draws):
+    random.seed(0)
+    torch.manual_seed(0)
+    images = _images()
+    for i in range(draws):
+        try:
+            out = transform(images[i % len(images)])
+        except Exception as exc:  # name the recipe and the draw, so a failure can be replayed
+            raise AssertionError(f"{name}: draw {i} raised {exc!r}") from exc
+    assert out is not None
+
+
+def test_every_recipe_augmentation_string_is_covered():
+    strings = {load_recipe(r).stages[s].data.augment.rand_augment for r in list_recipes() for s in load_recipe(r).stages}
+    assert {"rand-m9-mstd0.5-inc1", "rand-n9-m5"} <= strings
+
+
+def test_zero_bit_posterize_is_black_and_registered_for_every_posterize_op():
+    img = Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8))
+    assert np.asarray(safe_posterize(img, 0)).max() == 0 and safe_posterize(img, 0).mode == "RGB"
+    assert np.asarray(safe_posterize(img, 8)).min() == 200
+    assert np.asarray(safe_posterize(img, 1)).max() == 128  # 200 keeps its top bit
+    for name in POSTERIZE_OPS:
+        assert auto_augment.NAME_TO_OP[name] is safe_posterize
+    # the op that crashed: PosterizeIncreasing at timm's top magnitude asks for 0 bits
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    assert np.asarray(op(img)).max() == 0
