@@ -1,7 +1,6 @@
 """KFP pipeline of the `meta-dinov2-giant` recipe, generated from the recipe by vfm.pipeline.dag.
 
 meta-dinov2-giant: pretrain, seeds [0] of pretrain, evaluate knn
-(in1k not evaluated: needs a classifier; a headless SSL backbone needs a linear probe, which vfm evaluate does not run; in_r not evaluated: needs a classifier; a headless SSL backbone needs a linear probe, which vfm evaluate does not run)
 
 Compile:  vfm pipeline compile meta-dinov2-giant     (or: kfp dsl compile --py pipelines/meta-dinov2-giant.py --function pipeline --output pipelines/meta-dinov2-giant.yaml)
 Submit:   kfp --endpoint URL run create -e vfm-meta-dinov2-giant -f pipelines/meta-dinov2-giant.yaml profile=paper

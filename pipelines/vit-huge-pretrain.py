@@ -1,6 +1,7 @@
 """KFP pipeline of the `vit-huge-pretrain` recipe, generated from the recipe by vfm.pipeline.dag.
 
-vit-huge-pretrain: pretrain → finetune, seeds [0, 1, 2] of finetune, evaluate in1k, knn
+vit-huge-pretrain: pretrain, seeds [0] of pretrain, evaluate knn
+(the paper's COCO object detection and ADE20K semantic segmentation are declared in the recipe, not yet stages)
 
 Compile:  vfm pipeline compile vit-huge-pretrain     (or: kfp dsl compile --py pipelines/vit-huge-pretrain.py --function pipeline --output pipelines/vit-huge-pretrain.yaml)
 Submit:   kfp --endpoint URL run create -e vfm-vit-huge-pretrain -f pipelines/vit-huge-pretrain.yaml profile=paper
