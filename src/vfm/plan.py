@@ -5,7 +5,7 @@ Every number is derived from the recipe and counted on the meta device (nothing 
     world = gpus; nodes = gpus / gpus_per_node
     global batch = micro × accumulation × world            (2048 = 32 × 1 × 64 for vit-huge)
     steps/epoch = ceil(samples / global batch)              (DINOv2: its fixed 1250-iteration "epoch")
-    train FLOPs = 3 × forward FLOPs × samples seen          (supervised; perf.md §2)
+    train FLOPs = 3 × forward FLOPs × samples seen          (supervised: backward ≈ 2 × forward, Kaplan et al. 2020)
     GPU-hours   = train FLOPs / (peak × MFU) / 3600
     memory/GPU  = 16 B/param (fp32 weights + grads + 2 AdamW moments) / (world if FSDP) + activations
 
@@ -31,7 +31,7 @@ from vfm.models import build_model, count_params, forward_flops
 from vfm.recipes import Recipe
 from vfm.recipes.datasets import DATASET_SIZES
 
-# dense bf16/fp16 tensor-core peak per GPU (FLOP/s) and memory (bytes); perf.md §2b
+# dense bf16/fp16 tensor-core peak per GPU (FLOP/s, NVIDIA A100/H100/H200 datasheets) and memory (bytes)
 GPU_SPECS: dict[str, tuple[float, float]] = {
     "H100-SXM-80GB": (989e12, 80e9),
     "H100-PCIe-80GB": (756e12, 80e9),

@@ -69,7 +69,7 @@ def test_gang_elastic_and_deadline_options():
     assert spec["runPolicy"]["schedulingPolicy"] == {"minAvailable": 12, "queue": "h100", "priorityClass": "train"}
     assert spec["runPolicy"]["activeDeadlineSeconds"] == 7200
     assert spec["elasticPolicy"] == {"minReplicas": 8, "maxReplicas": 16, "maxRestarts": 3, "rdzvBackend": "c10d"}
-    assert list(spec["pytorchReplicaSpecs"]) == ["Worker"] and spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 12
+    assert list(spec["pytorchReplicaSpecs"]) == ["Worker"] and spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 128 // 8  # paper 004: 128 accelerators
     kueue = manifest("dinov2-giant", gang=Gang(scheduler="kueue", queue="team-a"))
     labels = kueue["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
     assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and "schedulingPolicy" not in kueue["spec"]["runPolicy"]

@@ -160,7 +160,7 @@ def test_launcher_maps_worker_signal_deaths_to_retryable_codes(code, expected):
 # ---- the command line -----------------------------------------------------------------------------
 @pytest.mark.parametrize(("args", "message"), [
     (["vit-huge", "--stage", "distill"], "has no stage `distill`"),
-    (["vit-huge", "--stage", "pretrain", "--set", "stages.pretrain.batch.micro_batch=3", "--set",
+    (["convnext-xl", "--stage", "pretrain", "--set", "stages.pretrain.batch.micro_batch=3", "--set",
       "stages.pretrain.batch.global_batch=12"], "must be even with Mixup"),
     (["vit-huge", "--stage", "pretrain"], "no manifest at"),
 ])

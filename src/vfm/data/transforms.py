@@ -1,7 +1,8 @@
 """Recipe transforms from timm (PIL RGB in, normalised CHW float tensor out).
 
 Training calls `transforms_imagenet_train` directly because `create_transform` does not forward
-`force_color_jitter`, and timm drops colour jitter whenever RandAugment is on (recipes.md §1.4).
+`force_color_jitter`, and timm drops colour jitter whenever RandAugment is on (timm/data/transforms_factory.py,
+`transforms_imagenet_train`: `disable_color_jitter = not (force_color_jitter or '3a' in auto_augment)`).
 Evaluation: resize the short side to resolution / crop_pct, then centre-crop `resolution`.
 Mixup/CutMix operate on batches and belong to the trainer.
 

@@ -37,7 +37,7 @@ def epoch_length(ssl: SSLConfig, steps_per_epoch: int) -> int:
 
 def teacher_momentum(ssl: SSLConfig, step: int, total: int) -> float:
     """EMA momentum of the teacher for the update after optimiser step `step` (seed 003: linear
-    0.996 → 1.0; upstream and seed 004: cosine 0.994 → 1.0)."""
+    0.996 → 1.0; upstream, and seed 004's vfm default: cosine 0.994 → 1.0)."""
     if ssl.momentum_schedule == "linear":
         return linear(step, ssl.momentum_start, ssl.momentum_end, total)
     return cosine(step, ssl.momentum_start, ssl.momentum_end, total)
