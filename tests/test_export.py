@@ -15,7 +15,7 @@ from vfm.recipes import load_recipe
 def test_export_round_trip(where, tmp_path, bucket):
     recipe = load_recipe("vit-huge", profile="smoke")
     model = build_model(recipe, "pretrain", num_classes=3)
-    kwargs = {"patch_size": 8, "img_size": 32, "depth": 2}
+    kwargs = {k: v for k, v in recipe.model.kwargs.items() if k in ("patch_size", "depth")} | {"img_size": 32}
     meta = ExportMeta(timm_name=recipe.model.timm_name, kwargs=kwargs, num_classes=3, recipe_id=recipe.id,
                       stage="pretrain", resolution=32, wnids=["n1", "n2", "n3"], seed=1, step=12)
     dest = str(tmp_path / "export") if where == "local" else f"s3://{bucket}/run/export"

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vfm.data.archives import add_bytes, tar_bytes, write_tar_of_tars  # noqa: F401  (re-exported for the tests)
 from vfm.data.synthetic import jpeg_bytes, synthetic_image
 
 
@@ -51,36 +52,13 @@ def bad_member(kind: str, seed: int = 0) -> bytes:
     return BAD_MEMBERS[kind][0]
 
 
-def add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    tf.addfile(ti, io.BytesIO(data))
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            add_bytes(tf, name, data)
-    return buf.getvalue()
-
-
-def write_tar_of_tars(path: Path, classes: dict[str, dict[str, bytes]], gz: bool = False) -> Path:
-    """ILSVRC2012_img_train.tar / fall11_whole.tar: <wnid>.tar members holding <wnid>_<n>.JPEG."""
-    mode = "w:gz" if gz else "w"
-    with tarfile.open(path, mode) as tf:
-        for wnid, members in classes.items():
-            add_bytes(tf, f"{wnid}.tar", tar_bytes(members))
+def write_tree_tar(path: Path, members: dict[str, bytes]) -> Path:
+    path.write_bytes(tar_bytes(members))
     return path
 
 
 def class_images(wnid: str, n: int, seed: int) -> dict[str, bytes]:
     return {f"{wnid}_{i}.JPEG": tiny_jpeg(seed * 1000 + i) for i in range(n)}
-
-
-def write_tree_tar(path: Path, members: dict[str, bytes]) -> Path:
-    path.write_bytes(tar_bytes(members))
-    return path
 
 
 def write_devkit(path: Path, wnids_in_meta_order: list[str], gt_ids: list[int]) -> Path:

@@ -20,7 +20,9 @@ def test_every_seed_validates_in_both_profiles(rid):
     smoke = load_recipe(rid, profile="smoke")
     assert paper.profile == "paper" and smoke.profile == "smoke"
     assert list(paper.stages) == list(smoke.stages)
-    assert smoke.hardware.gpus == 2 and smoke.stages["pretrain"].steps <= 20
+    pre = smoke.stages["pretrain"]
+    # a dozen updates on a test's 64 images: SSL by steps, supervised by epochs of the data given
+    assert smoke.hardware.gpus == 2 and (pre.steps or 0) <= 20 and (pre.epochs or 0) * 64 / pre.batch.global_batch <= 20
     # the smoke model is of the same family and actually runs on CPU
     assert smoke.model.family == paper.model.family
     model = build_model(smoke, "pretrain", num_classes=10)
@@ -85,3 +87,10 @@ def test_stated_reads_provenance():
     assert not r.stated("hardware.gpus") and r.stated("hardware.gpu")
     assert not r.stated("stages.finetune.data.augment.rand_augment")  # under a section marked as a default
     assert r.stated("stages.pretrain.optim.warmup_steps")
+
+
+def test_a_duration_override_replaces_the_other_duration():
+    r = load_recipe("vit-huge", ["stages.pretrain.steps=4"], profile="smoke")  # smoke sets epochs
+    assert (r.stages["pretrain"].steps, r.stages["pretrain"].epochs) == (4, None)
+    r = load_recipe("meta-dinov2-giant", ["stages.pretrain.epochs=2"])  # the paper sets steps
+    assert (r.stages["pretrain"].steps, r.stages["pretrain"].epochs) == (None, 2)

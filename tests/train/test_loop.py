@@ -88,7 +88,7 @@ def _spec(tmp_path, *sets: str, **kw) -> RunSpec:
 
 def test_nan_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(world1, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6 .*checkpoint"):
-        train(MemoryTask(nan_at=6), _spec(tmp_path))
+        train(MemoryTask(nan_at=6), _spec(tmp_path, "stages.pretrain.checkpoint_every_steps=4"))
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-000004"]
 

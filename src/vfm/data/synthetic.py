@@ -8,9 +8,7 @@ wnids (`n00000000`, ...) so the same code paths as ImageNet apply (`vfm shard fo
 from __future__ import annotations
 
 import colorsys
-import csv
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +56,14 @@ def make_synthetic_val_tar(tar_path: str | Path, csv_path: str | Path, num_class
 
     `wnids` picks the class wnids (default `n0000000c`); returns [(image id, wnid)] in file order.
     """
+    from vfm.data.archives import write_val_tar
+
     rng = np.random.default_rng(seed)
     wnids = wnids or [synthetic_wnid(c) for c in range(num_classes)]
-    rows = []
-    with tarfile.open(tar_path, "w") as tf:
-        for n in range(num_classes * per_class):
+
+    def images():
+        for _ in range(num_classes * per_class):
             c = int(rng.integers(num_classes))
-            image_id = f"ILSVRC2012_val_{n + 1:08d}"
-            data = jpeg_bytes(synthetic_image(c, num_classes, size, rng))
-            ti = tarfile.TarInfo(f"{image_id}.JPEG")
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-            rows.append((image_id, wnids[c]))
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["ImageId", "PredictionString"])
-        for image_id, wnid in rows:
-            w.writerow([image_id, f"{wnid} 10 20 30 40"])
-    return rows
+            yield wnids[c], jpeg_bytes(synthetic_image(c, num_classes, size, rng))
+
+    return write_val_tar(tar_path, csv_path, images())

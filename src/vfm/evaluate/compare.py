@@ -35,6 +35,8 @@ class RunRow:
     stage: str
     status: str
     metrics: dict[str, float]
+    profile: str
+    parent_run_id: str
     claims: dict[str, dict[str, float | None]]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
@@ -78,7 +80,9 @@ def collect_runs(experiments: Sequence[str] = (), *, tracking_uri: str | None = 
             claims = {k: v for k, v in tags.items() if k.startswith(CLAIM_TAG_PREFIX)}
             row = RunRow(experiment=exp.name, run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8],
                          recipe=tags.get("vfm.recipe", exp.name.removeprefix("vfm/")), stage=tags.get("vfm.stage", ""),
-                         status=run.info.status, metrics=metrics, claims=claims_table(metrics, claims))
+                         status=run.info.status, metrics=metrics, profile=tags.get("vfm.profile", ""),
+                         parent_run_id=tags.get("mlflow.parentRunId", ""),
+                         claims=claims_table(metrics, claims))
             for name in [m for m in sorted(metrics) if "loss" in m][:MAX_CURVES_PER_RUN]:
                 history = client.get_metric_history(run.info.run_id, name)
                 row.curves[name] = sorted((h.step, h.value) for h in history)
@@ -126,19 +130,25 @@ def render_png(rows: Sequence[RunRow], path: str | Path) -> Path:
         ax_curve.text(0.5, 0.5, "no loss metrics logged", ha="center", va="center", transform=ax_curve.transAxes)
 
     evaluated = [r for r in rows if any(m in r.metrics for m, _ in KEY_METRICS)]
+    # a pipeline run carries its seeds' mean ± std: one bar per pipeline run, not one per child run
+    pipelines = [r for r in evaluated if r.stage == "pipeline"]
+    evaluated = pipelines or evaluated
     metrics = [(m, label) for m, label in KEY_METRICS if any(m in r.metrics for r in evaluated)]
     width = 0.8 / max(1, len(evaluated))
     for i, r in enumerate(evaluated):
         xs = [j + i * width for j in range(len(metrics))]
         vals = [r.metrics.get(m, 0.0) for m, _ in metrics]
         errs = [r.metrics.get(f"{m}.std", 0.0) for m, _ in metrics]
-        ax_bar.bar(xs, vals, width, yerr=errs, label=f"{r.recipe}/{r.stage} {r.name}")
+        seeds = int(r.metrics.get("eval.num_seeds", 1))
+        label = (f"{r.recipe} ({r.profile or 'paper'} profile) {r.name}, mean ± std of {seeds} seeds"
+                 if r.stage == "pipeline" else f"{r.recipe}/{r.stage} {r.name}")
+        ax_bar.bar(xs, vals, width, yerr=errs, capsize=4, label=label)
         for x, (m, _) in zip(xs, metrics, strict=True):
             if m in r.claims:
                 ax_bar.plot([x - width / 2, x + width / 2], [r.claims[m]["claim"]] * 2, "k--", linewidth=1.5)
     ax_bar.set_xticks([j + width * (len(evaluated) - 1) / 2 for j in range(len(metrics))],
                       [label for _, label in metrics])
-    ax_bar.set_title("evaluation (dashed: paper claim)")
+    ax_bar.set_title("evaluation (dashed: the paper's claim, at full scale)")
     ax_bar.set_ylabel("%")
     if evaluated:
         ax_bar.legend(fontsize=7)

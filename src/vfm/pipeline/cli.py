@@ -44,8 +44,10 @@ def run_cmd(
     profile: Annotated[str, typer.Option("--profile", help="Scale profile: smoke (CPU minutes) or paper.")] = "smoke",
     overrides: SetOpt = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma list: the last stage's seeds (default: the recipe's).")] = None,
-    workdir: Annotated[Path, typer.Option("--workdir", help="KFP outputs, embedded servers' state, synthetic data.")] = Path(".vfm-local"),
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Reuse/make the synthetic data here.")] = None,
+    workdir: Annotated[Path, typer.Option("--workdir", help="KFP outputs, logs, embedded servers' state, local data.")] = Path(".vfm-local"),
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Reuse/make the local digits archives here.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Stream every KFP and trainer log line too "
+                                          "(they always go to the log file).")] = False,
     serve: Annotated[bool, typer.Option("--serve", help="Keep the embedded MLflow/S3 up after the run "
                                         "(until Ctrl-C) to browse it in the MLflow UI.")] = False,
 ) -> None:
@@ -70,13 +72,15 @@ def run_cmd(
         if result.report:
             console.print(result.report, markup=False, highlight=False)
         print(f"MLflow: {result.mlflow_url}")  # plain print: a terminal-wrapped URL is not clickable
+        print(f"logs: {result.log_path}")
         if serve and result.embedded_store is not None:
             console.print("serving the embedded MLflow and S3 endpoint; Ctrl-C to stop")
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
 
     result = run_local(recipe_id, workdir=workdir.resolve(), profile=profile, overrides=list(overrides or []),
-                       seeds=seed_list, data_dir=data_dir.resolve() if data_dir else None, while_serving=show)
+                       seeds=seed_list, data_dir=data_dir.resolve() if data_dir else None, while_serving=show,
+                       verbose=verbose)
     if result.embedded_store is not None and not serve:
         # the embedded servers stopped with the run; runs, params and metrics stay in their SQLite store
         print(f"The embedded MLflow has stopped. Browse the runs with: mlflow ui --backend-store-uri "

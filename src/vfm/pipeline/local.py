@@ -2,21 +2,30 @@
 
 - S3 and MLflow: the configured ones (MLFLOW_TRACKING_URI + AWS_ENDPOINT_URL_S3), else the embedded
   pair on loopback (vfm.servers.embedded_services), exactly as the components talk to them in a cluster;
-- data: a small learnable synthetic set (vfm.data.synthetic) unless `data_dir` already holds one,
-  sharded by the pipeline's own shard steps into `s3://<bucket>/data`;
+- data: scikit-learn's handwritten digits (real scans, no download) written in the official ImageNet
+  archive layouts (vfm.data.digits) unless `data_dir` already holds them, sharded by the pipeline's own
+  shard steps into `s3://<bucket>/data`, so the run reads them as it would read a user's ImageNet;
 - training: the same PyTorchJob spec through the launcher's local backend (backend=local);
 - kfp.local's SubprocessRunner with use_venv=False runs every lightweight component in this
   interpreter's environment (the components image's role).
 
 KFP caching stays off when the services are embedded: a cache entry would point at objects of an S3
 endpoint that no longer exists after this run.
+
+kfp.local writes every task's executor input and every trainer line to stdout (about 1,700 lines for
+the smoke DAG). They go to `<workdir>/logs/<id>-<time>.log`; the console gets one line per finished task
+(`TaskLog`), or everything with `verbose`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +35,8 @@ from typing import Any
 from vfm.errors import UserError
 
 LOCAL_BUCKET = "vfm-local"
-# all 200 ImageNet-R classes: IN-R is scored through its 200-class mask and needs a head that has them all
-# (so do the in1k and k-NN suites' label alignment); the k-NN suite's largest k (200) needs ≥ 200 train images
-SMOKE_CLASSES = 200
-SMOKE_TRAIN_PER_CLASS, SMOKE_VAL_PER_CLASS = 2, 1
-SMOKE_IMAGE_SIZE = 36
-SMOKE_IMAGENET_C = ("gaussian_noise,contrast", "1,3")  # corruptions, severities (paper: 15 × 5)
+LOCAL_IMAGENET_C = ("gaussian_noise,contrast", "1,3")  # corruptions, severities (paper: 15 × 5)
+LOCAL_IMAGE_SIZE = 32
 
 
 @dataclass
@@ -46,6 +51,10 @@ class LocalRun:
     report: str = ""
     embedded_store: Path | None = None
     """The embedded MLflow's SQLite file (it outlives the run; the embedded S3 endpoint does not)."""
+    log_path: Path | None = None
+    """Everything kfp.local and the trainers printed."""
+    tasks: list[tuple[str, str, float]] = field(default_factory=list)
+    """(task, final state, seconds) in the order they finished, as kfp.local reported them."""
 
     @property
     def mlflow_url(self) -> str:
@@ -54,29 +63,88 @@ class LocalRun:
         return self.mlflow_uri
 
 
-def smoke_sources(data_dir: Path) -> dict[str, tuple[str, str]]:
-    """Role → (source path, shard layout) of the synthetic smoke data, made once under `data_dir`.
+def default_sources(recipe_id: str, data_dir: Path) -> tuple[dict[str, tuple[str, str]], str]:
+    """(role → (source, layout), val labels file) of the local default data, made once under `data_dir`:
+    each role gets the digits archive in the layout its dataset has on a cluster (`DagPlan.data`)."""
+    from vfm.data.digits import make_digits_archives
+    from vfm.pipeline.dag import plan_dag
 
-    Class folders are named after real ImageNet-R wnids (which are IN-1K wnids), so the same sets serve
-    the folder-layout training data, IN-1K-style val/k-NN and the `imagenet-r` layout (IN-1K labels,
-    200-class mask) without special cases in evaluation.
-    """
-    from vfm.data.classes import imagenet_r_wnids
-    from vfm.data.synthetic import make_synthetic_folder, synthetic_wnid
+    digits = make_digits_archives(data_dir, size=LOCAL_IMAGE_SIZE)
+    sources = {}
+    for role, d in plan_dag(recipe_id).data.items():
+        try:
+            sources[role] = (digits.source(d.layout), d.layout)
+        except ValueError as exc:
+            raise UserError(f"{recipe_id}: the local default data has no `{role}` set: {exc}") from None
+    return sources, str(digits.val_labels)
 
-    wnids = list(imagenet_r_wnids()[:SMOKE_CLASSES])
-    sets = {"train": (SMOKE_TRAIN_PER_CLASS, 0), "val": (SMOKE_VAL_PER_CLASS, 1), "imagenet_r": (SMOKE_VAL_PER_CLASS, 2)}
-    for name, (per_class, seed) in sets.items():
-        root = data_dir / name
-        if (root / ".complete").is_file():
-            continue
-        make_synthetic_folder(root, num_classes=SMOKE_CLASSES, per_class=per_class, size=SMOKE_IMAGE_SIZE, seed=seed)
-        for c, wnid in enumerate(wnids):  # n0000000c → a real wnid (files keep their synthetic names)
-            (root / synthetic_wnid(c)).rename(root / wnid)
-        (root / ".complete").write_text("ok\n")
-    train, val, r = (str(data_dir / n) for n in ("train", "val", "imagenet_r"))
-    return {"pretrain": (train, "folder"), "finetune": (train, "folder"), "knn_train": (train, "folder"),
-            "val": (val, "folder"), "imagenet_r": (r, "imagenet-r")}
+
+class TaskLog(io.TextIOBase):
+    """What kfp.local prints during a run: all of it into `log`, and a line per finished task to `console`
+    from kfp.local's own "Executing task 'x'" / "Task 'x' finished with status S" records
+    (kfp/local/task_dispatcher.py). With `echo`, every line also goes to the console as before."""
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _START = re.compile(r"Executing task '([^']+)'")
+    _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+    _PIPELINE = re.compile(r"Pipeline '([^']+)' finished with status (\w+)")
+
+    def __init__(self, log: io.TextIOBase, console: io.TextIOBase, echo: bool = False):
+        self.log, self.console, self.echo = log, console, echo
+        self.started: dict[str, list[float]] = {}  # a ParallelFor runs iterations of one task name at once
+        self._lock = threading.Lock()  # ...in threads that all print here: a text file is not thread-safe
+        self.finished: list[tuple[str, str, float]] = []
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.log.write(text)
+            if self.echo:
+                self.console.write(text)
+            lines = (self._partial + text).split("\n")
+            self._partial = lines.pop()
+            for line in lines:
+                self._scan(self._ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self.log.flush()
+            self.console.flush()
+
+    def _scan(self, line: str) -> None:
+        now = time.monotonic()
+        if m := self._START.search(line):
+            self.started.setdefault(m[1], []).append(now)
+            return
+        if m := self._END.search(line):
+            name, state = m[1], m[2]
+            starts = self.started.get(name) or [now]
+            seconds = now - starts.pop(0)
+            self.finished.append((name, state, seconds))
+            self._say(f"  {state:<8} {name:<44} {seconds:7.1f} s\n")
+        elif m := self._PIPELINE.search(line):
+            self._say(f"  {m[2]:<8} pipeline {m[1]}\n")
+
+    def _say(self, text: str) -> None:
+        if not self.echo:
+            self.console.write(text)
+            self.console.flush()
+
+
+@contextlib.contextmanager
+def captured_output(log_path: Path, verbose: bool) -> Iterator[TaskLog]:
+    """stdout and stderr of this process (kfp.local's handler and its subprocesses' streamed output) into
+    `log_path`; the terminal keeps a line per task."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console = sys.stdout
+    with open(log_path, "w", buffering=1) as log:
+        tasks = TaskLog(log, console, echo=verbose)
+        with contextlib.redirect_stdout(tasks), contextlib.redirect_stderr(tasks):
+            yield tasks
 
 
 @contextlib.contextmanager
@@ -97,7 +165,8 @@ def services(workdir: Path) -> Iterator[tuple[str, str, bool]]:
 
 
 def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], bucket: str, mlflow_uri: str,
-                       s3_endpoint: str, profile: str, overrides: list[str], seeds: list[int] | None) -> dict[str, Any]:
+                       s3_endpoint: str, profile: str, overrides: list[str], seeds: list[int] | None,
+                       val_labels: str = "") -> dict[str, Any]:
     """Parameters of the recipe's pipeline for a local run (backend=local, no Secret, no PVC)."""
     from vfm.pipeline.dag import plan_dag
 
@@ -105,8 +174,9 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
     args: dict[str, Any] = dict(
         runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
         s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile, overrides=list(overrides),
-        backend="local", shard_size="8MB", shard_workers=1, train_timeout_hours=1.0, val_labels="",
-        imagenet_c_corruptions=SMOKE_IMAGENET_C[0], imagenet_c_severities=SMOKE_IMAGENET_C[1])
+        backend="local", shard_size="8MB", shard_workers=1, train_timeout_hours=1.0,
+        val_labels=val_labels if "val" in plan.data else "",
+        imagenet_c_corruptions=LOCAL_IMAGENET_C[0], imagenet_c_severities=LOCAL_IMAGENET_C[1])
     for role in plan.data:
         args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
     if seeds is not None:
@@ -116,9 +186,11 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
 
 def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", overrides: list[str] | None = None,
               seeds: list[int] | None = None, data_dir: Path | None = None,
-              while_serving: Callable[[LocalRun], None] | None = None) -> LocalRun:
+              while_serving: Callable[[LocalRun], None] | None = None, verbose: bool = False,
+              log_path: Path | None = None) -> LocalRun:
     """Run the pipeline; `while_serving(result)` is called before embedded services stop (e.g. to keep
-    the MLflow UI up for browsing, artifacts included)."""
+    the MLflow UI up for browsing, artifacts included). The KFP and trainer output goes to `log_path`
+    (default `<workdir>/logs/<id>-<time>.log`, `LocalRun.log_path`) with a line per task on stdout."""
     from kfp import local
 
     from vfm.pipeline.dag import build_pipeline
@@ -129,6 +201,7 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
     for name in ("werkzeug", "moto", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     workdir.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or workdir / "logs" / f"{recipe_id}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     start = time.monotonic()
     with services(workdir) as (mlflow_uri, s3_endpoint, embedded):
         from vfm.servers import s3_client
@@ -136,14 +209,17 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
         client = s3_client(s3_endpoint)
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
             client.create_bucket(Bucket=LOCAL_BUCKET)
-        sources = smoke_sources(data_dir or workdir / "data")
+        sources, val_labels = default_sources(recipe_id, data_dir or workdir / "data")
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
                    raise_on_error=False, enable_caching=not embedded)
         pipeline = build_pipeline(recipe_id)
-        pipeline(**pipeline_arguments(recipe_id, sources=sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
-                                      s3_endpoint=s3_endpoint, profile=profile, overrides=list(overrides or []),
-                                      seeds=seeds))
-        result = _collect(recipe_id, mlflow_uri, time.monotonic() - start)
+        print(f"{recipe_id} ({profile}): running the pipeline; KFP and trainer logs: {log_path}", flush=True)
+        with captured_output(log_path, verbose) as tasks:
+            pipeline(**pipeline_arguments(recipe_id, sources=sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
+                                          s3_endpoint=s3_endpoint, profile=profile, overrides=list(overrides or []),
+                                          seeds=seeds, val_labels=val_labels))
+            result = _collect(recipe_id, mlflow_uri, time.monotonic() - start)  # its download bar goes to the log
+        result.log_path, result.tasks = log_path, list(tasks.finished)
         if embedded:
             result.embedded_store = workdir / "services" / "mlflow.db"
         if while_serving is not None:

@@ -79,6 +79,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise RecipeError(f"--set {path}: `{'.'.join(keys[: depth + 1])}` is a value, not a section")
         node = nxt
     node[keys[-1]] = value
+    # a stage's length is `epochs` or `steps`: setting one replaces the other (e.g. steps=4 on smoke's epochs)
+    duration = {"epochs": "steps", "steps": "epochs"}
+    if len(keys) == 3 and keys[0] == "stages" and keys[2] in duration and value is not None:
+        node.pop(duration[keys[2]], None)
 
 
 def _explain(exc: ValidationError) -> str:

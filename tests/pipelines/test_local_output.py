@@ -1,0 +1,51 @@
+"""What a newcomer sees of a local run: a line per task (from kfp.local's own records), the full output
+in a log file, and a results table that labels a smoke run's claims as full-scale references."""
+
+from __future__ import annotations
+
+import io
+
+from vfm.pipeline.local import TaskLog
+from vfm.pipeline.steps import report_table
+
+# kfp.local 2.17's records (kfp/local/task_dispatcher.py, pipeline_orchestrator.py), colours included
+KFP_LINES = """\
+21:26:34.575 - INFO - Executing task \x1b[96m'shard-dataset'\x1b[0m
+{"inputs": {"parameterValues": {"source": "/data/x"}}}
+21:26:39.040 - INFO - Task \x1b[96m'shard-dataset'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m
+21:26:40.000 - INFO - Executing task \x1b[96m'finetune'\x1b[0m
+21:26:40.001 - INFO - Executing task \x1b[96m'finetune'\x1b[0m
+    [rank0] vfm.train.loop: step 1/180 loss 6.9
+21:26:50.000 - INFO - Task \x1b[96m'finetune'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m
+21:26:55.000 - INFO - Task \x1b[96m'finetune'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m
+21:27:00.000 - INFO - Pipeline \x1b[95m'vfm-vit-huge'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m
+"""
+
+
+def test_task_lines_on_the_console_everything_in_the_log():
+    log, console = io.StringIO(), io.StringIO()
+    tasks = TaskLog(log, console)
+    for chunk in (KFP_LINES[:50], KFP_LINES[50:333], KFP_LINES[333:]):  # writes split mid-line
+        tasks.write(chunk)
+    assert log.getvalue() == KFP_LINES
+    shown = console.getvalue().splitlines()
+    assert [line.split()[:2] for line in shown] == [["SUCCESS", "shard-dataset"], ["SUCCESS", "finetune"],
+                                                   ["FAILURE", "finetune"], ["FAILURE", "pipeline"]]
+    assert "executor" not in console.getvalue() and "vfm.train.loop" not in console.getvalue()
+    assert [(n, s) for n, s, _ in tasks.finished] == [("shard-dataset", "SUCCESS"), ("finetune", "SUCCESS"),
+                                                      ("finetune", "FAILURE")]
+    assert all(sec >= 0 for _, _, sec in tasks.finished)
+
+
+def test_verbose_streams_everything_too():
+    log, console = io.StringIO(), io.StringIO()
+    TaskLog(log, console, echo=True).write(KFP_LINES)
+    assert console.getvalue() == KFP_LINES == log.getvalue()
+
+
+def test_report_labels_the_scale():
+    rows = [("eval.in1k.top1", "92.94 ± 0.16", "89.1"), ("eval.in1k.top5", "99.6", "")]
+    smoke = report_table(rows, "smoke")
+    assert "achieved (smoke profile)" in smoke and "| paper, full scale: 89.1 |" in smoke
+    paper = report_table(rows, "paper")
+    assert "| metric | achieved | paper claim |" in paper and "| eval.in1k.top1 | 92.94 ± 0.16 | 89.1 |" in paper
