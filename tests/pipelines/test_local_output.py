@@ -3,9 +3,12 @@ in a log file, and a results table that labels a smoke run's claims as full-scal
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import threading
 
-from vfm.pipeline.local import TaskLog
+from vfm.pipeline.local import TaskLog, thread_safe_kfp_logging
 from vfm.pipeline.steps import report_table
 
 # kfp.local 2.17's records (kfp/local/task_dispatcher.py, pipeline_orchestrator.py), colours included
@@ -49,3 +52,30 @@ def test_report_labels_the_scale():
     assert "achieved (smoke profile)" in smoke and "| paper, full scale: 89.1 |" in smoke
     paper = report_table(rows, "paper")
     assert "| metric | achieved | paper claim |" in paper and "| eval.in1k.top1 | 92.94 ± 0.16 | 89.1 |" in paper
+
+
+def test_parallel_tasks_keep_their_log_records():
+    """kfp.local's per-task logger context, entered from ParallelFor threads, loses records unpatched."""
+    from kfp.local import logging_utils
+
+    log, console = io.StringIO(), io.StringIO()
+    tasks = TaskLog(log, console)
+    gate = threading.Barrier(2)
+
+    def task(name: str, hold: float) -> None:
+        with logging_utils.local_logger_context():
+            logging.info(f"Executing task '{name}'")
+            gate.wait()  # both inside: the first to leave must not take the other's handler away
+            threading.Event().wait(hold)
+            logging.info(f"Task '{name}' finished with status SUCCESS")
+
+
+
+    with contextlib.redirect_stdout(tasks), thread_safe_kfp_logging():
+        threads = [threading.Thread(target=task, args=(f"finetune-{i}", 0.05 * i)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(n for n, _, _ in tasks.finished) == ["finetune-0", "finetune-1"], log.getvalue()
+    assert logging_utils.local_logger_context.__name__ == "local_logger_context"  # restored afterwards

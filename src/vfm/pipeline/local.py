@@ -136,6 +136,44 @@ class TaskLog(io.TextIOBase):
 
 
 @contextlib.contextmanager
+def thread_safe_kfp_logging() -> Iterator[None]:
+    """Make kfp.local's per-task logger context safe for ParallelFor threads while a run lasts.
+
+    kfp.local 2.17 enters `logging_utils.local_logger_context()` for every task
+    (kfp/local/task_dispatcher.py); it replaces the root logger's handlers on entry and restores the saved
+    ones on exit. ParallelFor iterations run in threads, so one iteration's exit restores handlers under
+    another that is still logging, and that iteration's records ("Task 'finetune' finished ...") vanish:
+    seen here, 1 of 3 fine-tunes lost. Shared instead: the first entry installs kfp's handler, the last
+    exit restores, under a lock.
+    """
+    from kfp.local import logging_utils
+
+    original = logging_utils.local_logger_context
+    lock, depth, active = threading.Lock(), [0], [None]
+
+    @contextlib.contextmanager
+    def shared() -> Iterator[None]:
+        with lock:
+            if depth[0] == 0:
+                active[0] = original()
+                active[0].__enter__()
+            depth[0] += 1
+        try:
+            yield
+        finally:
+            with lock:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    active[0].__exit__(None, None, None)
+
+    logging_utils.local_logger_context = shared
+    try:
+        yield
+    finally:
+        logging_utils.local_logger_context = original
+
+
+@contextlib.contextmanager
 def captured_output(log_path: Path, verbose: bool) -> Iterator[TaskLog]:
     """stdout and stderr of this process (kfp.local's handler and its subprocesses' streamed output) into
     `log_path`; the terminal keeps a line per task."""
@@ -214,7 +252,7 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
                    raise_on_error=False, enable_caching=not embedded)
         pipeline = build_pipeline(recipe_id)
         print(f"{recipe_id} ({profile}): running the pipeline; KFP and trainer logs: {log_path}", flush=True)
-        with captured_output(log_path, verbose) as tasks:
+        with captured_output(log_path, verbose) as tasks, thread_safe_kfp_logging():
             pipeline(**pipeline_arguments(recipe_id, sources=sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
                                           s3_endpoint=s3_endpoint, profile=profile, overrides=list(overrides or []),
                                           seeds=seeds, val_labels=val_labels))
