@@ -88,12 +88,11 @@ def make_digits_archives(root: str | Path, size: int = 32) -> DigitsArchives:
     from sklearn.datasets import load_digits
 
     root = Path(root)
-    out = DigitsArchives(root, root / "ILSVRC2012_img_train.tar", root / "fall11_whole.tar", root / "train",
-                         root / "ILSVRC2012_img_val.tar", root / "LOC_val_solution.csv", root / "imagenet-r.tar",
-                         0, 0)
     digits = load_digits()
     train, val = split(digits.target)
-    out = DigitsArchives(**{**out.__dict__, "num_train": len(train), "num_val": len(val)})
+    out = DigitsArchives(root, root / "ILSVRC2012_img_train.tar", root / "fall11_whole.tar", root / "train",
+                         root / "ILSVRC2012_img_val.tar", root / "LOC_val_solution.csv", root / "imagenet-r.tar",
+                         len(train), len(val))
     if (root / ".complete").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
