@@ -11,7 +11,8 @@ import uuid
 
 import pytest
 
-from vfm.servers import S3_ENV_DEFAULTS, embedded_services, s3_client
+from vfm.services import S3_ENV_DEFAULTS, embedded_services
+from vfm.storage import s3_client
 
 
 @pytest.fixture(scope="session")

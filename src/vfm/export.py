@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vfm.data import storage
+from vfm import storage
 from vfm.errors import UserError
 
 WEIGHTS = "weights.pt"

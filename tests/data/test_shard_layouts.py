@@ -16,8 +16,8 @@ from data_archives import (
     write_tree_tar,
 )
 
+from vfm import storage
 from vfm.data import classes as class_lists
-from vfm.data import storage
 from vfm.data.loader import slot_stream
 from vfm.data.manifest import Manifest
 from vfm.data.shard import write_dataset

@@ -10,7 +10,7 @@ import sys
 
 from data_archives import BAD_MEMBERS, bad_member, class_images, write_tar_of_tars
 
-from vfm.data import storage
+from vfm import storage
 from vfm.data.manifest import Manifest
 from vfm.data.shard import FAULT_KILL_ENV
 

@@ -136,7 +136,7 @@ def _interrupt(cmd: list[str], ready, action) -> tuple[int, str]:
 
 
 def _complete_s3(bucket: str, prefix: str) -> list[int]:
-    from vfm.servers import s3_client
+    from vfm.storage import s3_client
 
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/checkpoints/")
     keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
@@ -148,7 +148,7 @@ def test_sigterm_then_kill9_of_a_rank_then_restart_is_bit_exact(shards, straight
     """Checkpoints on S3 (the pods' path). A pod preempted (SIGTERM → save, 143), restarted, then a rank
     killed outright (kill -9 → 137) after a later checkpoint, restarted again: the final parameters
     equal those of the uninterrupted run, bit for bit."""
-    from vfm.servers import s3_client
+    from vfm.storage import s3_client
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     out = f"s3://{bucket}/run"

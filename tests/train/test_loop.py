@@ -124,7 +124,7 @@ def test_precisions_and_switches_train(world1, tmp_path, parallelism, precision,
 
 def test_checkpoints_and_export_on_s3_resume(world1, tmp_path, bucket, s3_endpoint, monkeypatch):
     from vfm.export import load_export
-    from vfm.servers import s3_client
+    from vfm.storage import s3_client
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     spec = _spec(tmp_path, "stages.pretrain.steps=6", max_steps=4)

@@ -129,7 +129,7 @@ def test_local_checkpoints_marker_keep_last_k_and_half_written_ignored(tmp_path)
 
 
 def test_s3_checkpoints_marker_uploaded_last(bucket, s3_endpoint, monkeypatch):
-    from vfm.servers import s3_client
+    from vfm.storage import s3_client
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     ck = _roundtrip(f"s3://{bucket}/run/checkpoints")

@@ -26,7 +26,7 @@ def _progress() -> Progress:
 
 
 def _already_complete(dest: str, dataset: str, seed: int, endpoint_url: str | None) -> bool:
-    from vfm.data import storage
+    from vfm import storage
     from vfm.data.manifest import MANIFEST_NAME, Manifest
 
     url = storage.join(dest, MANIFEST_NAME)

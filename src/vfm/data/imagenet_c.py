@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vfm.data import storage
+from vfm import storage
 from vfm.data.manifest import Manifest
 from vfm.data.sources import SourceError, SourceIndex, index_source
 

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vfm.data import storage
+from vfm import storage
 from vfm.data.manifest import Manifest
 
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vfm.data import storage
+from vfm import storage
 
 MANIFEST_NAME = "manifest.json"
 TIMM_INFO_NAME = "_info.json"

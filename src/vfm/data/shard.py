@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vfm.data import storage
+from vfm import storage
 from vfm.data.manifest import MANIFEST_NAME, TIMM_INFO_NAME, Manifest, ShardInfo
 from vfm.data.sources import SourceIndex, sample_key
 from vfm.data.validate import check_image

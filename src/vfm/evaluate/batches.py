@@ -52,7 +52,7 @@ def _item(value: Any) -> Any:
 
 def iter_progress(items: Iterable[T], description: str) -> Iterator[T]:
     """Iterate with a rich progress line on rank 0 (the only rank that prints)."""
-    from vfm.evaluate.dist import rank_and_world
+    from vfm.dist import rank_and_world
 
     rank, _ = rank_and_world()
     if rank != 0:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from vfm.dist import all_reduce_sum, is_distributed
 from vfm.evaluate.batches import Batch, iter_progress, split_batch
-from vfm.evaluate.dist import all_reduce_sum, is_distributed
 
 ALL = "all"
 

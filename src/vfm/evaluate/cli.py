@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         """Top-1/5, ImageNet-C mCE, ImageNet-R and k-NN of an export; mean ± std over several seeds."""
         import torch
 
-        from vfm.evaluate.dist import rank_and_world
+        from vfm.dist import rank_and_world
         from vfm.evaluate.results import summary_rows
         from vfm.evaluate.suite import check_data, evaluate_seeds, parse_suites
 
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
 def _recipe_of(export: str):
     """The recipe an export came from (for MLflow and claims); None for an export of an unknown recipe.
     Reads only `model.json`: the weights (GBs for ViT-g) are loaded once, by the evaluation."""
-    from vfm.data import storage
+    from vfm import storage
     from vfm.export import META, ExportMeta
     from vfm.recipes import RecipeError, load_recipe
 
@@ -142,6 +142,6 @@ def _init_distributed() -> None:
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from vfm.train.dist import init_distributed
+        from vfm.dist import init_distributed
 
         init_distributed()

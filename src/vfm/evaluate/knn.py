@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from vfm.dist import all_gather_uneven, is_distributed, rank_and_world
 from vfm.evaluate.batches import Batch, iter_progress, split_batch
-from vfm.evaluate.dist import all_gather_uneven, is_distributed, rank_and_world
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -194,7 +194,7 @@ def _merge_ranks(sims: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torc
 
 
 def _global_count(n: int, device: torch.device) -> int:
-    from vfm.evaluate.dist import all_reduce_sum
+    from vfm.dist import all_reduce_sum
 
     return int(all_reduce_sum(torch.tensor([n], dtype=torch.int64, device=device)).item())
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from vfm.dist import rank_and_world
 from vfm.errors import UserError
 from vfm.evaluate.classify import ALL, align_classes, classify
-from vfm.evaluate.dist import rank_and_world
 from vfm.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, extract_features, knn_classify
 from vfm.evaluate.results import SUITES, EvalResults, aggregate_seeds, claims_table, prefixed
 from vfm.evaluate.robustness import imagenet_c_report, imagenet_r_mask

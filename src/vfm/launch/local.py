@@ -35,7 +35,7 @@ from typing import Any
 from vfm.launch.cluster import _sigterm_raises
 from vfm.launch.job import CONTAINER
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
-from vfm.servers import free_port
+from vfm.services import free_port
 from vfm.train.launch import exit_code as exit_code_of
 
 TAIL_LINES = 30

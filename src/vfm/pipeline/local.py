@@ -1,7 +1,7 @@
 """`vfm pipeline run ID --local`: the recipe's whole KFP pipeline through `kfp.local` on this machine.
 
 - S3 and MLflow: the configured ones (MLFLOW_TRACKING_URI + AWS_ENDPOINT_URL_S3), else the embedded
-  pair on loopback (vfm.servers.embedded_services), exactly as the components talk to them in a cluster;
+  pair on loopback (vfm.services.embedded_services), exactly as the components talk to them in a cluster;
 - data: scikit-learn's handwritten digits (real scans, no download) written in the official ImageNet
   archive layouts (vfm.data.digits) unless `data_dir` already holds them, sharded by the pipeline's own
   shard steps into `s3://<bucket>/data`, so the run reads them as it would read a user's ImageNet;
@@ -196,7 +196,7 @@ def services(workdir: Path) -> Iterator[tuple[str, str, bool]]:
     if mlflow_uri or s3:
         raise UserError("set both MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL_S3 to use your own services, "
                         "or neither to start embedded ones")
-    from vfm.servers import embedded_services
+    from vfm.services import embedded_services
 
     with embedded_services(workdir / "services") as svc:
         yield svc.mlflow_uri, svc.s3_endpoint, True
@@ -242,7 +242,7 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
     log_path = log_path or workdir / "logs" / f"{recipe_id}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     start = time.monotonic()
     with services(workdir) as (mlflow_uri, s3_endpoint, embedded):
-        from vfm.servers import s3_client
+        from vfm.storage import s3_client
 
         client = s3_client(s3_endpoint)
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):

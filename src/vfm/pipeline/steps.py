@@ -106,7 +106,7 @@ def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int =
           workers: int = 4, s3_endpoint: str = "") -> tuple[str, str]:
     """`vfm shard` to `<data_prefix>/<name>` (resumable; a complete manifest there is reused); returns
     (manifest URL, sha256)."""
-    from vfm.data import storage
+    from vfm import storage
 
     dest = storage.join(data_prefix, name)
     cmd = ["shard", dataset, "--source", source, "--dest", dest, "--seed", str(seed), "--shard-size", shard_size,
@@ -119,7 +119,7 @@ def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int =
 def make_imagenet_c(*, val_manifest: str, data_prefix: str, name: str = "imagenet-c", corruptions: str = "", severities: str = "",
                     s3_endpoint: str = "") -> tuple[str, str]:
     """`vfm make-imagenet-c` from the sharded IN-1K val set to `<data_prefix>/<name>`; returns (manifest URL, sha256)."""
-    from vfm.data import storage
+    from vfm import storage
 
     dest = storage.join(data_prefix, name)
     cmd = ["make-imagenet-c", "--source", val_manifest, "--dest", dest]
@@ -131,8 +131,8 @@ def make_imagenet_c(*, val_manifest: str, data_prefix: str, name: str = "imagene
 
 
 def _run_vfm(cmd: list[str], dest: str, s3_endpoint: str) -> tuple[str, str]:
+    from vfm import storage
     from vfm.cli import app
-    from vfm.data import storage
     from vfm.data.manifest import MANIFEST_NAME
 
     use_endpoints(s3_endpoint=s3_endpoint)
@@ -152,7 +152,7 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
           secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "",
           task_config: Any = None) -> str:
     """Run one training stage as a PyTorchJob (cluster or local backend); returns its export URL."""
-    from vfm.data import storage
+    from vfm import storage
     from vfm.export import META
     from vfm.launch import JobFailed, JobOptions, build_job, job_name, run_job, to_manifest, trainer_args
     from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from vfm import storage
+from vfm.dist import barrier
 from vfm.errors import UserError
-from vfm.train.dist import barrier
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def step_dir(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def is_s3(url: str) -> bool:
-    return str(url).startswith("s3://")
-
-
-def _split(url: str) -> tuple[str, str]:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    return bucket, prefix.rstrip("/")
 
 
 class Checkpointer:
@@ -73,17 +65,12 @@ class Checkpointer:
     def _steps(self) -> tuple[list[int], list[int]]:
         """(complete steps, all step directories), sorted."""
         names: dict[int, bool] = {}
-        if is_s3(self.root):
-            from vfm.servers import s3_client
-
-            bucket, prefix = _split(self.root)
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    parts = obj["Key"][len(prefix) + 1:].split("/")
-                    if len(parts) == 2 and (m := _STEP_DIR.match(parts[0])):
-                        step = int(m.group(1))
-                        names[step] = names.get(step, False) or parts[1] == MARKER
+        if storage.is_s3(self.root):
+            for url in storage.list_prefix(self.root):
+                parts = url[len(self.root) + 1:].split("/")
+                if len(parts) == 2 and (m := _STEP_DIR.match(parts[0])):
+                    step = int(m.group(1))
+                    names[step] = names.get(step, False) or parts[1] == MARKER
         elif Path(self.root).is_dir():
             for p in Path(self.root).iterdir():
                 if p.is_dir() and (m := _STEP_DIR.match(p.name)):
@@ -107,12 +94,12 @@ class Checkpointer:
         t0 = time.perf_counter()
         name = step_dir(step)
         full = {**tensors, "objects": _pack(objects), f"rank{self.rank}": _pack(rank_objects)}
-        if is_s3(self.root):
+        if storage.is_s3(self.root):
             local = self._staging / name
             shutil.rmtree(local, ignore_errors=True)
             local.mkdir(parents=True)
             dcp.save(full, storage_writer=dcp.FileSystemWriter(str(local)))
-            self._upload(local, f"{self.root}/{name}")
+            storage.upload_dir(local, f"{self.root}/{name}")
             shutil.rmtree(local, ignore_errors=True)
         else:
             target = Path(self.root) / name
@@ -131,25 +118,8 @@ class Checkpointer:
         return f"{self.root}/{name}"
 
     def _write_marker(self, name: str, info: dict) -> None:
-        body = json.dumps(info).encode()
-        if is_s3(self.root):
-            from vfm.servers import s3_client
-
-            bucket, prefix = _split(self.root)
-            s3_client().put_object(Bucket=bucket, Key=f"{prefix}/{name}/{MARKER}", Body=body)
-        else:
-            tmp = Path(self.root) / name / f".{MARKER}.tmp"
-            tmp.write_bytes(body)
-            tmp.replace(tmp.with_name(MARKER))  # atomic: the marker is either absent or whole
-
-    def _upload(self, local: Path, url: str) -> None:
-        from vfm.servers import s3_client
-
-        client = s3_client()
-        bucket, prefix = _split(url)
-        for path in sorted(local.rglob("*")):
-            if path.is_file():
-                client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+        # atomic: the marker is either absent or whole (a local temp name renamed; one S3 PUT)
+        storage.write_bytes(f"{self.root}/{name}/{MARKER}", json.dumps(info).encode())
 
     def _purge(self) -> None:
         """Keep the newest `keep` complete checkpoints; drop older ones and any stale partial directory."""
@@ -162,22 +132,9 @@ class Checkpointer:
             self._delete(step_dir(step))
 
     def _delete(self, name: str) -> None:
-        if is_s3(self.root):
-            from vfm.servers import s3_client
-
-            client = s3_client()
-            bucket, prefix = _split(self.root)
-            # the marker goes first so a partly deleted step is never taken for a complete one
-            client.delete_object(Bucket=bucket, Key=f"{prefix}/{name}/{MARKER}")
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{name}/")
-            for page in pages:
-                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if keys:
-                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-        else:
-            path = Path(self.root) / name
-            (path / MARKER).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
+        # the marker goes first so a partly deleted step is never taken for a complete one
+        storage.delete(f"{self.root}/{name}/{MARKER}")
+        storage.delete_prefix(f"{self.root}/{name}")
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self, step: int, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -186,34 +143,23 @@ class Checkpointer:
         key = f"rank{self.rank}"
         full = {**tensors, "objects": b"", key: b""}
         local = Path(self.root) / name
-        if is_s3(self.root):
+        if storage.is_s3(self.root):
             local = self._node_cache / name
             if self.local_rank == 0:
                 shutil.rmtree(local, ignore_errors=True)
-                self._download(f"{self.root}/{name}", local)
+                storage.download_dir(f"{self.root}/{name}", local)
             barrier()
         meta = dcp.FileSystemReader(str(local)).read_metadata()
         if key not in meta.state_dict_metadata:
             raise UserError(f"checkpoint {self.root}/{name} has no state for rank {self.rank}: it was "
                             f"written by a different number of processes; resume with the same world size")
         dcp.load(full, checkpoint_id=str(local))
-        if is_s3(self.root):
+        if storage.is_s3(self.root):
             barrier()  # every local rank has read the node's copy
             if self.local_rank == 0:
                 shutil.rmtree(self._node_cache, ignore_errors=True)
         tensors.update({k: v for k, v in full.items() if k not in (key, "objects")})
         return _unpack(full["objects"]), _unpack(full[key])
-
-    def _download(self, url: str, local: Path) -> None:
-        from vfm.servers import s3_client
-
-        client = s3_client()
-        bucket, prefix = _split(url)
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-            for obj in page.get("Contents", []):
-                dest = local / obj["Key"][len(prefix) + 1:]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(dest))
 
 
 def _pack(obj: Any) -> bytes:

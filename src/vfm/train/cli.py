@@ -43,9 +43,9 @@ def train_command(
 ) -> None:
     """Train a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow): supervised, or DINOv2 self-supervised
     pretraining for recipes with `ssl` (same loop; the teacher backbone is exported)."""
+    from vfm.dist import shutdown
     from vfm.errors import UserError
     from vfm.recipes import load_recipe
-    from vfm.train.dist import shutdown
     from vfm.train.loop import RunSpec, train
     from vfm.train.supervised import SupervisedTask
 

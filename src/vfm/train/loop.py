@@ -37,12 +37,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from vfm import dist as vdist
 from vfm.errors import UserError
 from vfm.export import save_export
 from vfm.recipes.datasets import DATASET_SIZES
 from vfm.recipes.schema import Recipe
 from vfm.tracking import TrackedRun, tracked_run
-from vfm.train import dist as vdist
 from vfm.train.checkpoint import Checkpointer
 from vfm.train.optim import Schedules, build_optimizer
 from vfm.train.parallel import apply_speed_switches, set_gradient_sync, shard, wrap

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vfm import dist as vdist
 from vfm.models import model_kwargs
 from vfm.recipes import Recipe
-from vfm.train import dist as vdist
 from vfm.train.loop import AUTOCAST, Batches, train_step
 from vfm.train.optim import Schedules, build_optimizer
 from vfm.train.parallel import apply_speed_switches, wrap

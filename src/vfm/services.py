@@ -1,4 +1,4 @@
-"""The embedded default: a real S3 endpoint (moto server mode) and a real `mlflow server` on loopback.
+"""The embedded services of a local run and the test suite: a real S3 endpoint (moto server mode) and a real `mlflow server` on loopback.
 
 `vfm pipeline run --local` and the test-suite both start these when no endpoint is configured, so
 every byte goes over HTTP exactly as it would to AWS/MinIO and a remote MLflow:
@@ -68,14 +68,6 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
-def s3_client(endpoint_url: str | None = None):
-    """The project's boto3 S3 client (standard retries, path-style) for this endpoint or the configured one."""
-    from vfm.data.storage import default_endpoint
-    from vfm.data.storage import s3_client as client
-
-    return client(endpoint_url or default_endpoint())
-
-
 @contextlib.contextmanager
 def mlflow_server(workdir: Path, s3_endpoint: str) -> Iterator[str]:
     """A real `mlflow server` subprocess: SQLite backend, artifacts proxied to the S3 endpoint."""
@@ -109,6 +101,8 @@ def mlflow_server(workdir: Path, s3_endpoint: str) -> Iterator[str]:
 def _ensure_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
     for k, v in S3_ENV_DEFAULTS.items():
         os.environ.setdefault(k, env.get(k, v))
+    from vfm.storage import s3_client
+
     client = s3_client(endpoint)
     try:
         client.head_bucket(Bucket=bucket)

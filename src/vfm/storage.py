@@ -1,4 +1,5 @@
-"""One place for every byte the data area moves: local paths and `s3://bucket/key` URLs.
+"""One place for every byte vfm moves: local paths and `s3://bucket/key` URLs (shards, manifests,
+exports, checkpoints, run records).
 
 S3 goes through boto3 with an explicit endpoint (AWS, MinIO, Ceph, the embedded moto server), retries in
 `standard` mode by default (`adaptive` adds client-side rate limiting for readers that hit SlowDown) and
@@ -50,13 +51,20 @@ def default_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-@functools.lru_cache(maxsize=16)
 def s3_client(endpoint_url: str | None = None, retry_mode: str = "standard", max_attempts: int = 8):
-    """The boto3 S3 client every data reader/writer uses (cached per process and settings).
+    """The boto3 S3 client every reader/writer uses, for `endpoint_url` or the configured endpoint.
 
-    Checksums are computed only when the operation requires them: S3-compatible stores (MinIO, Ceph)
-    reject the CRC headers botocore >= 1.36 sends by default, and we verify sha256 ourselves.
+    The default endpoint is read from the environment on every call, so a process that points
+    AWS_ENDPOINT_URL_S3 elsewhere (a test's fresh server) never reuses a client of the old one.
     """
+    return _cached_client(endpoint_url or default_endpoint(), retry_mode, max_attempts)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_client(endpoint_url: str | None, retry_mode: str, max_attempts: int):
+    """One client per process and settings. Checksums are computed only when the operation requires
+    them: S3-compatible stores (MinIO, Ceph) reject the CRC headers botocore >= 1.36 sends by default,
+    and we verify sha256 ourselves."""
     import boto3
     from botocore.config import Config
 
@@ -75,7 +83,7 @@ def s3_client(endpoint_url: str | None = None, retry_mode: str = "standard", max
 
 
 def _client(endpoint_url: str | None):
-    return s3_client(endpoint_url or default_endpoint())
+    return s3_client(endpoint_url)
 
 
 def exists(url: str, endpoint_url: str | None = None) -> bool:
@@ -163,6 +171,50 @@ def list_prefix(url: str, endpoint_url: str | None = None) -> Iterator[str]:
     for page in pages:
         for obj in page.get("Contents", []):
             yield f"s3://{bucket}/{obj['Key']}"
+
+
+def upload_dir(local: str | Path, url: str, endpoint_url: str | None = None) -> None:
+    """Copy every file under the local directory `local` to the same relative names under `url`."""
+    root = Path(local)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            upload_file(path, join(url, path.relative_to(root).as_posix()), endpoint_url)
+
+
+def download_dir(url: str, local: str | Path, endpoint_url: str | None = None) -> None:
+    """Copy every object under the prefix `url` into the local directory `local`, keeping relative names."""
+    if not is_s3(url):
+        shutil.copytree(url, local, dirs_exist_ok=True)
+        return
+    base = url.rstrip("/")
+    for src in list_prefix(base, endpoint_url):
+        dest = Path(local) / src[len(base) + 1:]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        bucket, key = split_s3(src)
+        _client(endpoint_url).download_file(bucket, key, str(dest))
+
+
+def delete(url: str, endpoint_url: str | None = None) -> None:
+    """Remove one object or file; absent is fine."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        _client(endpoint_url).delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(url).unlink(missing_ok=True)
+
+
+def delete_prefix(url: str, endpoint_url: str | None = None) -> None:
+    """Remove everything under a prefix / directory (S3: batched DeleteObjects, 1,000 keys a request)."""
+    if not is_s3(url):
+        shutil.rmtree(url, ignore_errors=True)
+        return
+    client = _client(endpoint_url)
+    bucket, key = split_s3(url.rstrip("/"))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
+    for page in pages:
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
