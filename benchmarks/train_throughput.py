@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from vfm.recipes import load_recipe
-from vfm.train.throughput import compare, markdown
+from vfm.throughput import compare, markdown
 
 
 def main() -> None:

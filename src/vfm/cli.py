@@ -142,7 +142,7 @@ def plan_cmd(
 _AREAS: list[str] = [
     "vfm.data.cli",
     "vfm.evaluate.cli",
-    "vfm.train.cli",
+    "vfm.trainer",
     "vfm.pipeline.cli",
 ]
 

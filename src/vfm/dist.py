@@ -7,7 +7,7 @@ Setup comes from the environment torchrun (and the PyTorchJob operator) provides
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for each process it starts;
 the training operator sets MASTER_ADDR/PORT, WORLD_SIZE and RANK (= node rank) on each pod, which is
-also the process rank when a pod runs one process without torchrun. A plain `python -m vfm.train`
+also the process rank when a pod runs one process without torchrun. A plain `python -m vfm.trainer`
 with none of these set runs as a world of one on a loopback rendezvous, so the code path (DCP,
 FSDP meshes, barriers) is the same everywhere.
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from vfm import storage
 from vfm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.pt"
 META = "model.json"
@@ -59,6 +63,39 @@ def save_export(model: nn.Module, meta: ExportMeta, dest: str | Path) -> str:
         for name in (WEIGHTS, META):
             storage.upload_file(Path(tmp) / name, storage.join(str(dest), name))
     return str(dest)
+
+
+class _FullState(nn.Module):
+    """Presents an already gathered state dict through `state_dict()` for `save_export`."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self._full = state
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self._full
+
+
+def export_trained(module: nn.Module, meta: ExportMeta, dest: str, *, is_main: bool, run: Any = None) -> str | None:
+    """The end of a training run: gather `module`'s full state and write the export (rank 0).
+
+    Collective: every rank takes part in gathering sharded (DTensor) weights; only rank 0 receives them,
+    in CPU memory, so a sharded ViT-g is never materialised on every GPU. With a tracked `run`
+    (vfm.tracking.TrackedRun) the export is also logged as its `export` artifact. Returns `dest` on rank 0.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    view = _FullState(full)
+    if run is not None and run.enabled:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_export(view, meta, Path(tmp))
+            run.log_artifact(tmp, "export")
+    save_export(view, meta, dest)
+    log.info("exported %s (step %d) to %s", meta.timm_name, meta.step, dest)
+    return dest
 
 
 def load_export(src: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportMeta]:

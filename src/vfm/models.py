@@ -6,6 +6,8 @@ model for its input size: resolution comes from the recipe stage and is passed t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,29 +16,26 @@ from vfm.recipes.schema import Recipe
 
 
 def stage_num_classes(recipe: Recipe, stage: str) -> int:
-    """Classes of a stage's dataset (0 = headless backbone, e.g. self-supervised pretraining)."""
-    if recipe.is_ssl and stage == "pretrain":
-        return 0
+    """Classes of a stage's dataset (0 for an unlabelled corpus)."""
     return NUM_CLASSES.get(recipe.stages[stage].data.dataset, 0)  # type: ignore[index]
 
 
-def model_kwargs(recipe: Recipe, stage: str, num_classes: int | None = None) -> dict:
+def model_kwargs(recipe: Recipe, stage: str, num_classes: int | None = None, **overrides: Any) -> dict:
+    """timm kwargs of the stage's model: the recipe's architecture, the stage's resolution, drop-path and
+    classes, then `overrides` (what the task's objective fixes, `TaskSpec.model_overrides`)."""
     st = recipe.stages[stage]  # type: ignore[index]
     kwargs: dict = dict(recipe.model.kwargs)
     if recipe.model.family == "vit":
         kwargs["img_size"] = st.data.resolution
-    if recipe.is_ssl:
-        kwargs["dynamic_img_size"] = True  # multi-crop: one backbone sees 224 px globals and 98 px locals
     kwargs["drop_path_rate"] = st.drop_path
     kwargs["num_classes"] = stage_num_classes(recipe, stage) if num_classes is None else num_classes
     if st.head_init_scale is not None and recipe.model.family == "convnext":
         kwargs["head_init_scale"] = st.head_init_scale
-    return kwargs
+    return {**kwargs, **overrides}
 
 
-def build_model(
-    recipe: Recipe, stage: str = "pretrain", *, num_classes: int | None = None, device: str | torch.device = "cpu"
-) -> nn.Module:
+def build_model(recipe: Recipe, stage: str = "pretrain", *, num_classes: int | None = None,
+                device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """`timm.create_model` with the recipe's architecture overrides and the stage's resolution/classes.
 
     Always passes `num_classes`: `vit_huge_patch14_224` and `vit_giant_patch14_dinov2` default to headless.
@@ -44,7 +43,8 @@ def build_model(
     import timm
 
     with torch.device(device):
-        return timm.create_model(recipe.model.timm_name, pretrained=False, **model_kwargs(recipe, stage, num_classes))
+        return timm.create_model(recipe.model.timm_name, pretrained=False,
+                                 **model_kwargs(recipe, stage, num_classes, **overrides))
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,11 +1,13 @@
 """`vfm plan`: what a recipe costs before anyone books GPUs.
 
-Every number is derived from the recipe and counted on the meta device (nothing is allocated):
+Every number is derived from the recipe and counted on the meta device (nothing is allocated). The
+run numbers are the training loop's own, from `vfm.recipes.derive.resolve_stage`:
 
     world = gpus; nodes = gpus / gpus_per_node
-    global batch = micro × accumulation × world            (2048 = 32 × 1 × 64 for vit-huge)
+    global batch = micro × accumulation × world            (2048 = 8 × 4 × 64 for vit-huge)
     steps/epoch = ceil(samples / global batch)              (DINOv2: its fixed 1250-iteration "epoch")
-    train FLOPs = 3 × forward FLOPs × samples seen          (supervised: backward ≈ 2 × forward, Kaplan et al. 2020)
+    train FLOPs = train FLOPs per sample × samples seen     (supervised: 3 × forward, as backward ≈ 2 × forward,
+                                                             Kaplan et al. 2020; DINOv2: + teacher and heads)
     GPU-hours   = train FLOPs / (peak × MFU) / 3600
     memory/GPU  = 16 B/param (fp32 weights + grads + 2 AdamW moments) / (world if FSDP) + activations
 
@@ -21,7 +23,6 @@ Claims from the paper (params, duration) are compared, never overwritten.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,16 +30,10 @@ from torch import nn
 
 from vfm.models import build_model, count_params, forward_flops
 from vfm.recipes import Recipe
-from vfm.recipes.datasets import DATASET_SIZES
+from vfm.recipes.derive import resolve_stage
+from vfm.recipes.gpus import GPU_SPECS
 
-# dense bf16/fp16 tensor-core peak per GPU (FLOP/s, NVIDIA A100/H100/H200 datasheets) and memory (bytes)
-GPU_SPECS: dict[str, tuple[float, float]] = {
-    "H100-SXM-80GB": (989e12, 80e9),
-    "H100-PCIe-80GB": (756e12, 80e9),
-    "H200-141GB": (989e12, 141e9),
-    "A100-SXM-80GB": (312e12, 80e9),
-    "A100-40GB": (312e12, 40e9),
-}
+__all__ = ["GPU_SPECS", "Check", "Plan", "StagePlan", "plan"]
 PLAUSIBLE_MFU = (0.05, 0.60)  # outside this band a paper's GPUs × duration cannot have run its FLOPs
 MEMORY_HEADROOM = 0.9  # allocator fragmentation, NCCL buffers, CUDA context: plan on 90 % of the card
 BYTES_PER_PARAM_TRAIN = 16  # fp32 master weights 4 + grads 4 + AdamW exp_avg 4 + exp_avg_sq 4
@@ -110,13 +105,6 @@ class Plan:
         return asdict(self)
 
 
-def _samples(recipe: Recipe, stage: str) -> int:
-    st = recipe.stages[stage]  # type: ignore[index]
-    if st.num_samples is not None:
-        return st.num_samples
-    return DATASET_SIZES.get(st.data.dataset, 0)
-
-
 def _activation_bytes(model: nn.Module, resolution: int, checkpointing: bool, bytes_per_el: int) -> float:
     """Saved-activation estimate for one sample: the sum of every leaf module's output (what autograd
     keeps), or with activation checkpointing the block inputs plus one block recomputed at a time."""
@@ -169,38 +157,26 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
                         f"(known: {', '.join(GPU_SPECS)})")
     stages: list[StagePlan] = []
     counted_params = 0
-    for name, st in recipe.stages.items():
-        model = build_model(recipe, name, device="meta")
+    for name in recipe.stages:
+        stage = resolve_stage(recipe, name, hw.gpus)
+        st, task = stage.config, stage.task
+        model = build_model(recipe, name, device="meta", **task.model_overrides)
         params = count_params(model)
         if name == "pretrain" or not counted_params:
             counted_params = params
         res = st.data.resolution
         fwd = forward_flops(model, res)
-        train_per_sample = 3 * fwd
-        if recipe.ssl is not None and st.data.multicrop is not None:
-            mc = st.data.multicrop
-            fwd_g = fwd if mc.global_crops_size == res else forward_flops(model, mc.global_crops_size)
-            fwd_l = forward_flops(model, mc.local_crops_size) if mc.local_crops_count else 0
-            # student fwd+bwd on every crop, EMA teacher forward on the global crops only
-            train_per_sample = 3 * (mc.global_crops_count * fwd_g + mc.local_crops_count * fwd_l)
-            train_per_sample += mc.global_crops_count * fwd_g
-        samples = _samples(recipe, name)
+        train_per_sample = stage.train_flops_per_sample  # the count the training loop's MFU uses
         b = st.batch
-        accum = recipe.grad_accum(name)
-        if recipe.ssl is not None and recipe.ssl.epoch_length_steps and name == "pretrain":
-            steps_per_epoch = recipe.ssl.epoch_length_steps
-        else:
-            steps_per_epoch = max(1, math.ceil(samples / b.global_batch))
-        total_steps = st.steps if st.steps is not None else math.ceil((st.epochs or 0) * steps_per_epoch)
-        o = st.optim
-        warmup = o.warmup_steps if o.warmup_steps is not None else round((o.warmup_epochs or 0) * steps_per_epoch)
+        accum, steps_per_epoch, total_steps, warmup = (stage.grad_accum, stage.steps_per_epoch, stage.total_steps,
+                                                       stage.warmup_steps)
         if warmup >= total_steps:
             warnings.append(f"stages.{name}: warmup ({warmup} steps) is not shorter than training ({total_steps})")
         train_flops = train_per_sample * total_steps * b.global_batch
         gpu_hours = train_flops / (peak * mfu) / 3600 if peak else None
         wall = gpu_hours / hw.gpus if gpu_hours is not None else None
 
-        bytes_per_param = BYTES_PER_PARAM_TRAIN + (BYTES_PER_PARAM_TEACHER if recipe.ssl is not None else 0)
+        bytes_per_param = BYTES_PER_PARAM_TRAIN + (BYTES_PER_PARAM_TEACHER if task.teacher else 0)
         weights_states = params * bytes_per_param / (hw.gpus if st.parallelism == "fsdp" else 1)
         bytes_per_el = 4 if st.precision == "fp32" else 2
         act_res = st.data.multicrop.global_crops_size if st.data.multicrop else res
@@ -212,18 +188,18 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
         mem = {"weights_grads_adamw_gb": weights_states / 1e9, "activations_gb": act / 1e9,
                "total_gb": (weights_states + act) / 1e9}
         sp = StagePlan(
-            stage=name, dataset=st.data.dataset, resolution=res, samples_per_epoch=samples,
+            stage=name, dataset=st.data.dataset, resolution=res, samples_per_epoch=stage.num_samples,
             global_batch=b.global_batch, micro_batch=b.micro_batch, grad_accum=accum, world_size=hw.gpus,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup,
-            peak_lr=o.peak_lr(b.global_batch), params=params, forward_gflops_per_image=fwd / 1e9,
+            peak_lr=stage.peak_lr, params=params, forward_gflops_per_image=fwd / 1e9,
             train_gflops_per_sample=train_per_sample / 1e9, train_flops=train_flops, gpu_hours=gpu_hours,
             wall_clock_hours=wall, memory_gb=mem, executed_micro_batch=b.micro_batch, executed_grad_accum=accum,
         )
         checks.append(_batch_check(recipe, sp))
         if gpu_mem:
             checks.append(_memory_check(recipe, sp, weights_states, act_sample, gpu_mem))
-        if recipe.ssl is not None and sp.executed_grad_accum > 1:
-            warnings.append(f"stages.{name}: gradient accumulation {sp.executed_grad_accum} with DINOv2 losses is "
+        if not task.exact_accumulation and sp.executed_grad_accum > 1:
+            warnings.append(f"stages.{name}: gradient accumulation {sp.executed_grad_accum} with {task.name} losses is "
                             "not equivalent to a larger batch (KoLeo and centering are per step); DINOv2 uses none")
         # fine-tuning runs once per seed
         if name == "finetune" and len(st.seeds) > 1 and gpu_hours is not None:

@@ -34,7 +34,7 @@ def test_paper_recipe_is_master_plus_workers_with_numeric_nproc_and_gpus():
         c = pod["containers"][0]
         assert c["name"] == "pytorch"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
-        assert c["command"][:3] == ["python", "-m", "vfm.train.launch"]
+        assert c["command"][:3] == ["python", "-m", "vfm.train.torchrun"]
         assert c["args"][:3] == ["vit-huge", "--stage", "pretrain"]
         assert c["envFrom"] == [{"secretRef": {"name": "vfm-credentials"}}]
         assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
@@ -116,7 +116,7 @@ def test_trainer_args_carry_every_run_parameter():
 
 def test_grace_period_outlasts_the_trainers_checkpoint_window():
     """SIGTERM → the trainer's launcher waits SHUTDOWN_TIMEOUT_S for ranks to save; the kubelet must not SIGKILL first."""
-    from vfm.train.launch import SHUTDOWN_TIMEOUT_S
+    from vfm.train.torchrun import SHUTDOWN_TIMEOUT_S
 
     for replica in manifest("vit-huge")["spec"]["pytorchReplicaSpecs"].values():
         assert replica["template"]["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_TIMEOUT_S

@@ -49,9 +49,9 @@ def two_replica_job(tmp_path, mode: str, nodes: int = 2, torchrun: bool = True):
     m = to_manifest(build_job(recipe, JobOptions(name="local-test", namespace="default",
                                                  image="ghcr.io/x/t:1", args=[], secret=None,
                                                  env={"OUT": str(tmp_path), "MODE": mode})))
-    # the exit-code-keeping torchrun with a tiny script instead of vfm.train; exit-code policy tests that
+    # the exit-code-keeping torchrun with a tiny script instead of vfm.trainer; exit-code policy tests that
     # never reach torch.distributed skip torchrun's start-up (seconds per process on 2 shared cores)
-    command = ["python", "-m", "vfm.train.launch", str(script)] if torchrun else ["python", str(script)]
+    command = ["python", "-m", "vfm.train.torchrun", str(script)] if torchrun else ["python", str(script)]
     for rep in m["spec"]["pytorchReplicaSpecs"].values():
         rep["template"]["spec"]["containers"][0]["command"] = command
     return m

@@ -6,6 +6,7 @@ import pytest
 
 from vfm.models import build_model
 from vfm.recipes import RecipeError, list_recipes, load_recipe
+from vfm.recipes.derive import resolve_stage
 
 SEEDS = ["convnext-xl", "dinov2-giant", "meta-dinov2-giant", "vit-huge", "vit-huge-pretrain"]
 
@@ -35,7 +36,8 @@ def test_every_seed_validates_in_both_profiles(rid):
 
 def test_override_changes_a_field():
     r = load_recipe("vit-huge", ["stages.pretrain.batch.micro_batch=16", "stages.pretrain.precision=fp16"])
-    assert r.stages["pretrain"].batch.micro_batch == 16 and r.grad_accum("pretrain") == 2
+    assert r.stages["pretrain"].batch.micro_batch == 16
+    assert resolve_stage(r, "pretrain", r.hardware.gpus).grad_accum == 2
     assert r.stages["pretrain"].precision == "fp16"
 
 

@@ -24,9 +24,9 @@ def make_shards(root: Path, *, num_classes: int, per_class: int, seed: int, size
 
 def train(recipe: str, data: str, out: Path, *extra: str, env: dict[str, str] | None = None,
           timeout: float = 240) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 -m vfm.train RECIPE --stage pretrain` on the smoke profile (gloo, CPU)."""
+    """`torchrun --nproc-per-node 2 -m vfm.trainer RECIPE --stage pretrain` on the smoke profile (gloo, CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           "-m", "vfm.train", recipe, "--stage", "pretrain", "--data", data, "--out", str(out),
+           "-m", "vfm.trainer", recipe, "--stage", "pretrain", "--data", data, "--out", str(out),
            "--profile", "smoke", "--log-every", "1", *extra]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full_env.pop("MLFLOW_TRACKING_URI", None)  # tracking only where a test asks for it

@@ -1,5 +1,5 @@
 """Two CPU ranks under torchrun (gloo), on tiny shards made with vfm.data, through the real entry point
-`python -m vfm.train.launch --nproc-per-node 2 -m vfm.train ...`."""
+`python -m vfm.train.torchrun --nproc-per-node 2 -m vfm.trainer ...`."""
 
 from __future__ import annotations
 

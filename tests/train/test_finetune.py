@@ -8,15 +8,16 @@ import torch
 
 from vfm.export import load_export, save_export
 from vfm.recipes import load_recipe
-from vfm.train.supervised import SupervisedTask, head_keys
+from vfm.recipes.derive import resolve_stage
+from vfm.tasks.supervised import SupervisedTask, head_keys
 from vfm.train.task import TaskContext
 
 
 def _task(recipe, stage: str, data: str, init: str | None = None, **kw) -> SupervisedTask:
     task = SupervisedTask(data, **kw)
     torch.manual_seed(1)
-    task.build(TaskContext(recipe=recipe, stage=stage, device=torch.device("cpu"), rank=0, world_size=1, seed=0,
-                           total_steps=6, steps_per_epoch=8, init=init))
+    resolved = resolve_stage(recipe, stage, world_size=1, num_samples=task.num_samples)
+    task.build(TaskContext(stage=resolved, device=torch.device("cpu"), rank=0, seed=0, init=init))
     return task
 
 

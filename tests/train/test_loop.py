@@ -13,6 +13,7 @@ from train_fixtures import MemoryTask, learnable_set
 
 from vfm.models import build_model
 from vfm.recipes import load_recipe
+from vfm.recipes.derive import resolve_stage
 from vfm.train.loop import Batches, RunSpec, TrainingDiverged, train, train_step
 from vfm.train.optim import build_optimizer, param_groups
 from vfm.train.parallel import wrap
@@ -83,7 +84,8 @@ def test_accumulated_micro_batches_give_the_update_of_one_big_batch(world1, para
 def _spec(tmp_path, *sets: str, **kw) -> RunSpec:
     r = load_recipe("vit-huge-pretrain", ["hardware.gpus=1", "stages.pretrain.parallelism=ddp", *sets],
                     profile="smoke")
-    return RunSpec(recipe=r, stage="pretrain", out=str(tmp_path / "run"), deterministic=True, log_every=1, **kw)
+    stage = resolve_stage(r, "pretrain", world_size=1, num_samples=len(learnable_set()[0]))
+    return RunSpec(stage=stage, out=str(tmp_path / "run"), deterministic=True, log_every=1, **kw)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(world1, tmp_path):

@@ -10,10 +10,11 @@ import torch
 
 from vfm.models import build_model
 from vfm.recipes import load_recipe
+from vfm.recipes.derive import resolve_stage
+from vfm.tasks.supervised import map_head_rows
 from vfm.train.checkpoint import MARKER, Checkpointer, step_dir
-from vfm.train.launch import exit_code
 from vfm.train.optim import Schedules, build_optimizer, param_groups
-from vfm.train.supervised import map_head_rows
+from vfm.train.torchrun import exit_code
 
 
 def _recipe(*sets: str, rid: str = "vit-huge"):
@@ -58,7 +59,9 @@ def test_warmup_is_exact_in_updates_then_cosine_to_min():
     o = r.stages["pretrain"].optim
     model = build_model(r, "pretrain", num_classes=4)
     opt = build_optimizer(param_groups(model, o), o, peak_lr=1e-3, device=torch.device("cpu"))
-    s = Schedules(opt, o, peak_lr=1e-3, total_steps=110, steps_per_epoch=8)
+    stage = resolve_stage(r, "pretrain", 1, num_samples=8 * r.stages["pretrain"].batch.global_batch)
+    assert (stage.total_steps, stage.warmup_steps) == (110, 10)
+    s = Schedules(opt, o, peak_lr=1e-3, total_steps=stage.total_steps, warmup_steps=stage.warmup_steps)
     lrs = []
     for step in range(110):
         s.apply(step)
@@ -79,7 +82,10 @@ def test_warmup_epochs_use_updates_per_epoch_and_frozen_groups_get_zero_lr():
     groups = param_groups(model, o)
     groups[0]["frozen_until_step"] = 5
     opt = build_optimizer(groups, o, peak_lr=1e-3, device=torch.device("cpu"))
-    s = Schedules(opt, o, peak_lr=1e-3, total_steps=40, steps_per_epoch=10)
+    # 10 updates per epoch: a warmup of 1.5 epochs is 15 updates
+    stage = resolve_stage(r, "pretrain", 1, num_samples=10 * r.stages["pretrain"].batch.global_batch)
+    assert stage.steps_per_epoch == 10 and stage.warmup_steps == 15
+    s = Schedules(opt, o, peak_lr=1e-3, total_steps=stage.total_steps, warmup_steps=stage.warmup_steps)
     assert s.warmup == 15
     s.apply(4)
     assert opt.param_groups[0]["lr"] == 0.0 and opt.param_groups[1]["lr"] > 0
@@ -95,7 +101,7 @@ def test_warmup_longer_than_run_is_a_recipe_error():
     o = r.stages["pretrain"].optim
     opt = build_optimizer(param_groups(build_model(r, "pretrain", num_classes=4), o), o, 1e-3, torch.device("cpu"))
     with pytest.raises(RecipeError, match="warmup of 50 updates"):
-        Schedules(opt, o, peak_lr=1e-3, total_steps=20, steps_per_epoch=5)
+        Schedules(opt, o, peak_lr=1e-3, total_steps=20, warmup_steps=resolve_stage(r, "pretrain", 1).warmup_steps)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -165,9 +171,9 @@ def test_launcher_maps_worker_signal_deaths_to_retryable_codes(code, expected):
     (["vit-huge", "--stage", "pretrain"], "no manifest at"),
 ])
 def test_cli_bad_input_exits_2_with_a_message(args, message, monkeypatch, capsys, tmp_path):
-    from vfm.train.cli import main
+    from vfm.trainer import main
 
-    monkeypatch.setattr("sys.argv", ["vfm.train", *args, "--data", str(tmp_path / "nowhere"), "--out",
+    monkeypatch.setattr("sys.argv", ["vfm.trainer", *args, "--data", str(tmp_path / "nowhere"), "--out",
                                      str(tmp_path / "out"), "--profile", "smoke"])
     with pytest.raises(SystemExit) as exc:
         main()
@@ -176,10 +182,10 @@ def test_cli_bad_input_exits_2_with_a_message(args, message, monkeypatch, capsys
 
 
 def test_launcher_gives_workers_time_to_save_after_sigterm(monkeypatch):
-    from vfm.train.launch import SHUTDOWN_TIMEOUT_S, parse_args
+    from vfm.train.torchrun import SHUTDOWN_TIMEOUT_S, parse_args
 
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
-    tail = ["--nproc-per-node", "2", "-m", "vfm.train", "vit-huge"]
+    tail = ["--nproc-per-node", "2", "-m", "vfm.trainer", "vit-huge"]
     assert parse_args(tail).shutdown_timeout == SHUTDOWN_TIMEOUT_S > 30
     assert parse_args(["--shutdown-timeout", "45", *tail]).shutdown_timeout == 45

@@ -78,16 +78,16 @@ class MemoryTask:
 
     def build(self, ctx):
         self.ctx = ctx
-        self.model = build_model(ctx.recipe, ctx.stage, num_classes=4, device=ctx.device)
+        self.model = build_model(ctx.recipe, ctx.stage.name, num_classes=4, device=ctx.device)
 
     def trainable(self) -> nn.Module:
         return self.model
 
     def param_groups(self, model):
-        return param_groups(model, self.ctx.stage_config.optim)
+        return param_groups(model, self.ctx.config.optim)
 
     def make_loader(self, rank, world_size, seed):
-        return MemoryLoader(*self.data, self.ctx.stage_config.batch.micro_batch, rank, world_size, seed)
+        return MemoryLoader(*self.data, self.ctx.config.batch.micro_batch, rank, world_size, seed)
 
     def loss(self, model, batch, step):
         x, y = batch
@@ -105,14 +105,11 @@ class MemoryTask:
     def load_state_dict(self, state):
         assert state == {}, f"this task checkpoints no extra state, got {sorted(state)}"
 
-    def train_flops_per_sample(self) -> float:
-        return 1.0
-
     def export(self):
         r = self.ctx.recipe
-        kwargs = {k: v for k, v in model_kwargs(r, self.ctx.stage).items() if k != "num_classes"}
+        kwargs = {k: v for k, v in model_kwargs(r, self.ctx.stage.name).items() if k != "num_classes"}
         return self.model, ExportMeta(timm_name=r.model.timm_name, kwargs=kwargs, num_classes=4, recipe_id=r.id,
-                                      stage=self.ctx.stage, resolution=32)
+                                      stage=self.ctx.stage.name, resolution=32)
 
 
 # ---- subprocess runs ------------------------------------------------------------------------------
@@ -127,9 +124,9 @@ def stage_sets(stage: str, items: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def train_cmd(recipe: str, stage: str, data: str, out, *extra: str, nproc: int = 2) -> list[str]:
-    """`python -m vfm.train.launch --nproc-per-node N -m vfm.train ...` on the smoke profile."""
-    return [sys.executable, "-m", "vfm.train.launch", "--nproc-per-node", str(nproc), "--standalone",
-            "-m", "vfm.train", recipe, "--stage", stage, "--data", data, "--out", str(out), "--profile", "smoke",
+    """`python -m vfm.train.torchrun --nproc-per-node N -m vfm.trainer ...` on the smoke profile."""
+    return [sys.executable, "-m", "vfm.train.torchrun", "--nproc-per-node", str(nproc), "--standalone",
+            "-m", "vfm.trainer", recipe, "--stage", stage, "--data", data, "--out", str(out), "--profile", "smoke",
             "--log-every", "1", "--deterministic", *extra]
 
 

@@ -25,7 +25,7 @@ from kubernetes.client import models as k8s
 
 from vfm.errors import UserError
 from vfm.recipes import Recipe
-from vfm.train.launch import SHUTDOWN_TIMEOUT_S
+from vfm.train.torchrun import SHUTDOWN_TIMEOUT_S
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -46,8 +46,8 @@ GPU_PRODUCTS = {
     "A100-SXM-80GB": "NVIDIA-A100-SXM4-80GB",
     "A100-SXM-40GB": "NVIDIA-A100-SXM4-40GB",
 }
-# the trainer exits ≥ 128 for retryable failures (SIGTERM → 143); vfm.train.launch (torchrun) keeps that code
-TRAINER_COMMAND = ["python", "-m", "vfm.train.launch", "-m", "vfm.train"]
+# the trainer exits ≥ 128 for retryable failures (SIGTERM → 143); vfm.train.torchrun (torchrun) keeps that code
+TRAINER_COMMAND = ["python", "-m", "vfm.train.torchrun", "-m", "vfm.trainer"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class JobOptions:
     namespace: str
     image: str
     args: list[str]
-    """Trainer arguments after `torchrun -m vfm.train` (see `trainer_args`)."""
+    """Trainer arguments after `torchrun -m vfm.trainer` (see `trainer_args`)."""
     secret: str | None = "vfm-credentials"
     """Secret whose keys become env vars (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, ...)."""
     env: dict[str, str] = field(default_factory=dict)
@@ -137,7 +137,7 @@ def trainer_args(
     run_key: str | None = None,
     parent_run_id: str | None = None,
 ) -> list[str]:
-    """The `python -m vfm.train` command line (the trainer's documented interface)."""
+    """The `python -m vfm.trainer` command line (the trainer's documented interface)."""
     args = [recipe_id, "--stage", stage, "--data", data, "--out", out, "--profile", profile]
     for item in overrides or []:
         args += ["--set", item]

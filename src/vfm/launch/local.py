@@ -3,7 +3,7 @@
     LocalBackend().run(manifest, timeout_s=600, max_restarts=2)
 
 Each replica (Master, then Workers) becomes one process running the replica's container command
-(`python -m vfm.train.launch -m vfm.train ...`, the same `nprocPerNode` ranks), with the env the
+(`python -m vfm.train.torchrun -m vfm.trainer ...`, the same `nprocPerNode` ranks), with the env the
 operator v1.9 sets (pkg/controller.v1/pytorch/envvar.go): PYTHONUNBUFFERED, MASTER_ADDR/PORT,
 WORLD_SIZE = replicas × nprocPerNode, RANK = node index, PET_MASTER_ADDR/PORT, PET_NNODES,
 PET_NODE_RANK, PET_NPROC_PER_NODE (elastic: PET_RDZV_ENDPOINT/BACKEND, PET_NNODES=min:max,
@@ -36,7 +36,7 @@ from vfm.launch.cluster import _sigterm_raises
 from vfm.launch.job import CONTAINER
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
 from vfm.services import free_port
-from vfm.train.launch import exit_code as exit_code_of
+from vfm.train.torchrun import exit_code as exit_code_of
 
 TAIL_LINES = 30
 

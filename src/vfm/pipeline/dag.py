@@ -73,13 +73,14 @@ class DagPlan:
 
 def plan_dag(recipe_id: str) -> DagPlan:
     from vfm.recipes import load_recipe
+    from vfm.tasks import task_for
 
     recipe = load_recipe(recipe_id)
     stages = [s for s in ("pretrain", "finetune") if s in recipe.stages]
     last = stages[-1]
     suites = [s for s in SUITE_ORDER if s in recipe.eval.suites]
     skipped = {}
-    if recipe.is_ssl and last == "pretrain":  # the export is a headless backbone
+    if task_for(recipe, last).headless:  # e.g. DINOv2 pretraining exports a backbone without a classifier
         for s in [s for s in suites if s != "knn"]:
             skipped[s] = "needs a classifier; a headless SSL backbone needs a linear probe, which vfm evaluate does not run"
         suites = [s for s in suites if s == "knn"]

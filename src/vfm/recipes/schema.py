@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vfm.recipes.derive import grad_accum
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -317,23 +319,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _batches(self) -> Recipe:
-        world = self.hardware.gpus
         for name, stage in self.stages.items():
             b = stage.batch
-            per_update = b.micro_batch * world
-            if b.grad_accum is None:
-                if b.global_batch % per_update:
-                    raise ValueError(
-                        f"stages.{name}.batch.global_batch={b.global_batch} is not a multiple of "
-                        f"micro_batch × world size = {b.micro_batch} × {world} = {per_update}; "
-                        "change global_batch, micro_batch or hardware.gpus"
-                    )
-            elif b.micro_batch * b.grad_accum * world != b.global_batch:
-                raise ValueError(
-                    f"stages.{name}.batch: micro_batch × grad_accum × world size = {b.micro_batch} × "
-                    f"{b.grad_accum} × {world} = {b.micro_batch * b.grad_accum * world} ≠ "
-                    f"global_batch={b.global_batch}; fix one of them or drop grad_accum to derive it"
-                )
+            grad_accum(b, self.hardware.gpus, f"stages.{name}")  # the paper's world size must make its batch
             if stage.data.augment.mixup or stage.data.augment.cutmix:
                 if b.micro_batch % 2:
                     raise ValueError(
@@ -343,14 +331,6 @@ class Recipe(_Strict):
             if self.stages["pretrain"].data.multicrop is None:
                 raise ValueError("stages.pretrain.data.multicrop is required when `ssl` is set")
         return self
-
-    def grad_accum(self, stage: str) -> int:
-        b = self.stages[stage].batch  # type: ignore[index]
-        return b.grad_accum or b.global_batch // (b.micro_batch * self.hardware.gpus)
-
-    @property
-    def is_ssl(self) -> bool:
-        return self.ssl is not None
 
     def stated(self, path: str) -> bool:
         """Whether the paper states the field at `path`: it does unless `provenance` marks the field or a

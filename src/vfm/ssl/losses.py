@@ -19,17 +19,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from vfm.dist import is_distributed, rank_and_world
 
 
 def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
+    return rank_and_world()[1]
 
 
 def _all_reduce_(t: Tensor) -> Tensor:
-    if _distributed():
+    """Sum over ranks in place, on the tensor's own device (the loss runs where the model does)."""
+    if is_distributed():
         dist.all_reduce(t)
     return t
 

@@ -30,11 +30,6 @@ def linear(step: int, start: float, end: float, total: int) -> float:
     return start + (end - start) * step / (total - 1)
 
 
-def epoch_length(ssl: SSLConfig, steps_per_epoch: int) -> int:
-    """Iterations per DINOv2 "epoch": the recipe's fixed length (1250 upstream), else the data epoch."""
-    return ssl.epoch_length_steps or steps_per_epoch
-
-
 def teacher_momentum(ssl: SSLConfig, step: int, total: int) -> float:
     """EMA momentum of the teacher for the update after optimiser step `step` (seed 003: linear
     0.996 → 1.0; upstream, and seed 004's vfm default: cosine 0.994 → 1.0)."""

@@ -9,6 +9,13 @@ For s3:// every rank writes its DCP files to a local staging directory and uploa
 COMPLETE only after all ranks' uploads are done. Loading downloads the step once per node (local rank 0)
 into a directory all ranks of the node read.
 
+What a run's checkpoint holds is `TrainState`: every source of randomness and order — model,
+optimiser, grad scaler, schedule, task state (EMA / teacher), the data loader's position and the
+torch / numpy / python RNG states of every rank — so a run killed after a checkpoint and restarted
+ends with the same parameters as one that never stopped (bit-exact on CPU). torchtitan keeps the same
+split: what is saved (`ModelWrapper`, `OptimizersContainer`, ...) next to how (`CheckpointManager`,
+torchtitan/components/checkpoint.py).
+
 Tensors (model, optimiser, task state; possibly DTensor shards) go through DCP's structured path.
 Plain Python state is stored as one opaque `bytes` value per key so its nesting need not be known in
 advance to load it: `objects` (same on every rank: step, scaler, scheduler) under `objects`, and
@@ -22,20 +29,27 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from vfm import storage
 from vfm.dist import barrier
 from vfm.errors import UserError
+from vfm.train.optim import Schedules
+from vfm.train.task import StatefulLoader, Task
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +185,56 @@ def _pack(obj: Any) -> bytes:
 def _unpack(blob: bytes) -> Any:
     # our own checkpoint, written by this code: full unpickling is needed for numpy / python RNG states
     return torch.load(io.BytesIO(blob), weights_only=False)
+
+
+# ---- what a run's checkpoint holds ----------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds, saved and restored together (see the module docstring)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    task: Task
+    scaler: torch.amp.GradScaler | None
+    schedules: Schedules
+    loader: StatefulLoader
+
+    def _tensors(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # DCP-ready under DDP and FSDP2
+        return {"model": model_sd, "optim": optim_sd, "task": self.task.state_dict()}
+
+    def save(self, ckpt: Checkpointer, step: int) -> None:
+        objects = {"step": step, "scaler": self.scaler.state_dict() if self.scaler else None,
+                   "schedule": self.schedules.state_dict()}
+        ckpt.save(step, self._tensors(), objects, {"rng": rng_state(), "loader": self.loader.state_dict()})
+
+    def restore(self, ckpt: Checkpointer, step: int) -> int:
+        tensors = self._tensors()
+        objects, mine = ckpt.load(step, tensors)
+        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                       optim_state_dict=tensors["optim"])
+        self.task.load_state_dict(tensors["task"])
+        if self.scaler is not None and objects["scaler"] is not None:
+            self.scaler.load_state_dict(objects["scaler"])
+        self.schedules.load_state_dict(objects["schedule"])
+        try:
+            self.loader.load_state_dict(mine["loader"])
+        except ValueError as exc:  # e.g. another world size / worker count: the position does not transfer
+            raise UserError(f"checkpoint step {step}: cannot restore the data position: {exc}") from None
+        set_rng_state(mine["rng"])
+        return int(objects["step"])

@@ -1,13 +1,10 @@
 """The training loop shared by every task (supervised classification, DINOv2).
 
-`train(task, spec)` runs in each torchrun process: set up → resume if a complete checkpoint exists →
-one optimiser update per iteration (accumulating micro-batches) → checkpoint every N updates →
-export. What is trained and how its loss is computed is the `Task`'s business (vfm.train.task).
-
-Exactness of resume: every source of randomness and order is part of the checkpoint — model,
-optimiser, grad scaler, schedule, task state (EMA / teacher), the data loader's position and the
-torch / numpy / python RNG states of every rank — so a run killed after a checkpoint and restarted
-ends with the same parameters as one that never stopped (bit-exact on CPU).
+`train(task, spec)` runs in each torchrun process: set up (vfm.train.setup) → resume if a complete
+checkpoint exists → one optimiser update per iteration (accumulating micro-batches) → checkpoint
+every N updates → export. What is trained and how its loss is computed is the `Task`'s business
+(vfm.train.task); the stage's numbers (accumulation, lengths, lr, FLOPs) arrive resolved in
+`RunSpec.stage`. What a checkpoint holds, and why resume is bit-exact, is vfm.train.checkpoint's.
 """
 
 from __future__ import annotations
@@ -15,39 +12,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from vfm import dist as vdist
 from vfm.errors import UserError
-from vfm.export import save_export
-from vfm.recipes.datasets import DATASET_SIZES
-from vfm.recipes.schema import Recipe
+from vfm.export import export_trained
+from vfm.recipes.gpus import GPU_SPECS
 from vfm.tracking import TrackedRun, tracked_run
-from vfm.train.checkpoint import Checkpointer
-from vfm.train.optim import Schedules, build_optimizer
-from vfm.train.parallel import apply_speed_switches, set_gradient_sync, shard, wrap
+from vfm.train.checkpoint import Checkpointer, TrainState
+from vfm.train.parallel import set_gradient_sync
+from vfm.train.setup import setup
 from vfm.train.signals import RETRYABLE_EXIT, StopRequest
-from vfm.train.task import StatefulLoader, Task, TaskContext, batch_size_of, move_to
+from vfm.train.task import StatefulLoader, Task, batch_size_of, move_to
+
+if TYPE_CHECKING:  # types only: the engine imports no task registry at run time
+    from vfm.recipes.derive import ResolvedStage
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +49,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class RunSpec:
-    recipe: Recipe
-    stage: str
+    stage: ResolvedStage
+    """The recipe stage with its derived numbers, resolved for this run's world size and data."""
     out: str
     """Local directory or s3:// prefix: checkpoints/ and export/ go under it."""
     seed: int = 0
@@ -74,12 +63,8 @@ class RunSpec:
     deterministic: bool = False
     log_every: int = 10
     peak_flops: float | None = None
-    """Per-device peak for the MFU estimate; None takes the recipe's hardware.gpu from vfm.plan."""
+    """Per-device peak for the MFU estimate; None takes the recipe's hardware.gpu (vfm.recipes.gpus)."""
     options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def stage_config(self):
-        return self.recipe.stages[self.stage]  # type: ignore[index]
 
 
 @dataclass
@@ -88,57 +73,6 @@ class TrainResult:
     export: str | None
     losses: list[float]
     run_id: str | None = None
-
-
-def schedule_lengths(recipe: Recipe, stage: str, dataset_samples: int | None) -> tuple[int, int]:
-    """(total optimiser updates, updates per epoch) from the recipe, as `vfm plan` computes them."""
-    st = recipe.stages[stage]  # type: ignore[index]
-    if recipe.ssl is not None and stage == "pretrain" and recipe.ssl.epoch_length_steps:
-        per_epoch = recipe.ssl.epoch_length_steps
-    else:
-        samples = st.num_samples or dataset_samples or DATASET_SIZES.get(st.data.dataset, 0)
-        if not samples:
-            raise UserError(f"stages.{stage}: cannot tell the epoch size of `{st.data.dataset}`; set "
-                            f"stages.{stage}.num_samples")
-        per_epoch = max(1, math.ceil(samples / st.batch.global_batch))
-    total = st.steps if st.steps is not None else math.ceil((st.epochs or 0) * per_epoch)
-    return total, per_epoch
-
-
-def grad_accum(recipe: Recipe, stage: str, world_size: int) -> int:
-    """Micro-steps per update so that global batch = micro × accumulation × world size."""
-    b = recipe.stages[stage].batch  # type: ignore[index]
-    if b.grad_accum is not None:
-        if b.micro_batch * b.grad_accum * world_size != b.global_batch:
-            raise UserError(f"stages.{stage}.batch: micro {b.micro_batch} × grad_accum {b.grad_accum} × world "
-                            f"{world_size} ≠ global {b.global_batch}; drop grad_accum to derive it")
-        return b.grad_accum
-    if b.global_batch % (b.micro_batch * world_size):
-        raise UserError(f"stages.{stage}.batch.global_batch={b.global_batch} is not a multiple of micro_batch "
-                        f"{b.micro_batch} × {world_size} processes; change the batch or the process count")
-    return b.global_batch // (b.micro_batch * world_size)
-
-
-# ---- randomness ----------------------------------------------------------------------------------
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---- one update ----------------------------------------------------------------------------------
@@ -214,9 +148,10 @@ def train(task: Task, spec: RunSpec) -> TrainResult:
     stop = StopRequest().install()
     try:
         if info.is_main:
-            key = spec.run_key or f"{spec.recipe.id}/{spec.stage}/seed{spec.seed}/{spec.out}"
-            opened = tracked_run(spec.recipe, stage=spec.stage, run_key=key, parent_run_id=spec.parent_run_id,
-                                 uri=spec.tracking_uri, run_name=f"{spec.recipe.id}-{spec.stage}-seed{spec.seed}",
+            recipe, name = spec.stage.recipe, spec.stage.name
+            key = spec.run_key or f"{recipe.id}/{name}/seed{spec.seed}/{spec.out}"
+            opened = tracked_run(recipe, stage=name, run_key=key, parent_run_id=spec.parent_run_id,
+                                 uri=spec.tracking_uri, run_name=f"{recipe.id}-{name}-seed{spec.seed}",
                                  extra_tags={"vfm.seed": str(spec.seed)})
         else:
             opened = contextlib.nullcontext(TrackedRun(client=None, run_id=None))
@@ -227,58 +162,44 @@ def train(task: Task, spec: RunSpec) -> TrainResult:
 
 
 def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run: TrackedRun) -> TrainResult:
-    st, device = spec.stage_config, info.device
+    stage, device = spec.stage, info.device
+    st, recipe, total, accum = stage.config, stage.recipe, stage.total_steps, stage.grad_accum
+    if stage.world_size != info.world_size:
+        raise UserError(f"{stage.where} was resolved for {stage.world_size} processes but this run has "
+                        f"{info.world_size}; resolve it with the run's world size")
     if spec.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    accum = grad_accum(spec.recipe, spec.stage, info.world_size)
-    total, per_epoch = schedule_lengths(spec.recipe, spec.stage, getattr(task, "num_samples", None))
     end = min(total, spec.max_steps) if spec.max_steps else total
-
-    # identical initialisation on every rank (FSDP2 keeps each rank's own shard of it)
-    seed_all(spec.seed)
-    ctx = TaskContext(recipe=spec.recipe, stage=spec.stage, device=device, rank=info.rank,
-                      world_size=info.world_size, seed=spec.seed, total_steps=total, steps_per_epoch=per_epoch,
-                      shard=shard if st.parallelism == "fsdp" else (lambda m: m), init=spec.init,
-                      options=spec.options)
-    task.build(ctx)
-    model = apply_speed_switches(task.trainable(), family=spec.recipe.model.family,
-                                 activation_checkpointing=st.activation_checkpointing, compile=st.compile,
-                                 device=device)
-    model = wrap(model, st.parallelism, device)
-    peak_lr = st.optim.peak_lr(st.batch.global_batch)
-    optimizer = build_optimizer(task.param_groups(model), st.optim, peak_lr, device)
-    schedules = Schedules(optimizer, st.optim, peak_lr=peak_lr, total_steps=total, steps_per_epoch=per_epoch)
-    scaler = _grad_scaler(st.precision, st.parallelism, device)
-    loader = task.make_loader(info.rank, info.world_size, spec.seed)
-    seed_all(spec.seed * 1000 + info.rank)  # per-rank randomness (drop-path, Mixup) differs across ranks
+    t = setup(task, stage, device=device, rank=info.rank, seed=spec.seed, init=spec.init, options=spec.options)
+    model, optimizer, schedules = t.model, t.optimizer, t.schedules
 
     ckpt = Checkpointer(f"{spec.out.rstrip('/')}/checkpoints", keep=st.keep_checkpoints, rank=info.rank,
                         world_size=info.world_size)
-    state = TrainState(model, optimizer, task, scaler, schedules, loader)
+    state = TrainState(model, optimizer, task, t.scaler, schedules, t.loader)
     start = 0
     if (latest := ckpt.latest()) is not None:
         start = state.restore(ckpt, latest)
         log.info("resumed from %s/checkpoints step %d of %d", spec.out, start, total)
     run.log_params({"train.world_size": info.world_size, "train.grad_accum": accum, "train.total_steps": total,
-                    "train.peak_lr": peak_lr, "train.seed": spec.seed})
+                    "train.peak_lr": stage.peak_lr, "train.seed": spec.seed})
 
-    flops_per_sample = task.train_flops_per_sample()
-    peak = spec.peak_flops or _peak_flops(spec.recipe.hardware.gpu, device)
-    batches, losses = Batches(loader), []
+    flops_per_sample = stage.train_flops_per_sample
+    peak = spec.peak_flops or _peak_flops(recipe.hardware.gpu, device)
+    batches, losses = Batches(t.loader), []
     for step in range(start, end):
         t0 = time.perf_counter()
         schedules.apply(step)
         loss, norm, metrics, samples = train_step(model, task, optimizer, batches, step=step, accum=accum,
                                                   device=device, precision=st.precision, clip=st.optim.clip_grad,
-                                                  scaler=scaler)
+                                                  scaler=t.scaler)
         extra = task.after_update(model, step) or {}  # e.g. DINOv2: teacher momentum, periodic k-NN
         # one collective per update: mean loss for the log and the NaN check, and whether any rank got SIGTERM
         mean_loss, stopping = vdist.mean_over_ranks([loss.item(), float(stop.requested)], device)
         done = step + 1
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"loss is {mean_loss} at step {done} (update {done} of {total}) in "
-                                   f"{spec.recipe.id}/{spec.stage}; the last checkpoint under {spec.out}/checkpoints "
+                                   f"{recipe.id}/{stage.name}; the last checkpoint under {spec.out}/checkpoints "
                                    "precedes it — lower the lr, enable clipping or check the data")
         losses.append(mean_loss)
         dt = time.perf_counter() - t0
@@ -296,7 +217,10 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
         if done % st.checkpoint_every_steps == 0 or done == end:
             state.save(ckpt, done)
     step_reached = max(start, end)
-    export = _export(task, spec, info, run, step_reached)
+    module, meta = task.export()
+    meta.step, meta.seed = step_reached, spec.seed
+    # collective: every rank takes part in gathering sharded weights; rank 0 writes them
+    export = export_trained(module, meta, f"{spec.out.rstrip('/')}/export", is_main=info.is_main, run=run)
     vdist.barrier()
     return TrainResult(step=step_reached, export=export, losses=losses, run_id=run.run_id)
 
@@ -312,89 +236,9 @@ def _log_step(run: TrackedRun, done: int, end: int, m: dict[str, float], *, flop
              m["grad_norm"], m["images_per_s"], m["step_time_s"])
 
 
-def _grad_scaler(precision: str, parallelism: str, device: torch.device) -> torch.amp.GradScaler | None:
-    if precision != "fp16":
-        return None
-    if parallelism == "fsdp":
-        # all-reduces the inf check across ranks, since each rank only sees its own gradient shards
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device.type)
-    return torch.amp.GradScaler(device.type)
-
-
-@dataclass
-class TrainState:
-    """Everything a checkpoint holds, saved and restored together (see the module docstring)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    task: Task
-    scaler: torch.amp.GradScaler | None
-    schedules: Schedules
-    loader: StatefulLoader
-
-    def _tensors(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # DCP-ready under DDP and FSDP2
-        return {"model": model_sd, "optim": optim_sd, "task": self.task.state_dict()}
-
-    def save(self, ckpt: Checkpointer, step: int) -> None:
-        objects = {"step": step, "scaler": self.scaler.state_dict() if self.scaler else None,
-                   "schedule": self.schedules.state_dict()}
-        ckpt.save(step, self._tensors(), objects, {"rng": rng_state(), "loader": self.loader.state_dict()})
-
-    def restore(self, ckpt: Checkpointer, step: int) -> int:
-        tensors = self._tensors()
-        objects, mine = ckpt.load(step, tensors)
-        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
-                       optim_state_dict=tensors["optim"])
-        self.task.load_state_dict(tensors["task"])
-        if self.scaler is not None and objects["scaler"] is not None:
-            self.scaler.load_state_dict(objects["scaler"])
-        self.schedules.load_state_dict(objects["schedule"])
-        try:
-            self.loader.load_state_dict(mine["loader"])
-        except ValueError as exc:  # e.g. another world size / worker count: the position does not transfer
-            raise UserError(f"checkpoint step {step}: cannot restore the data position: {exc}") from None
-        set_rng_state(mine["rng"])
-        return int(objects["step"])
-
-
-class _FullState(nn.Module):
-    """Presents an already gathered state dict through `state_dict()` for `save_export`."""
-
-    def __init__(self, state: dict[str, Tensor]):
-        super().__init__()
-        self._full = state
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
-        return self._full
-
-
-def _export(task: Task, spec: RunSpec, info: vdist.DistInfo, run: TrackedRun, step: int) -> str | None:
-    module, meta = task.export()
-    meta.step, meta.seed = step, spec.seed
-    # collective: every rank takes part in gathering sharded (DTensor) weights; only rank 0 receives
-    # them, in CPU memory, so a sharded ViT-g is never materialised on every GPU
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not info.is_main:
-        return None
-    dest = f"{spec.out.rstrip('/')}/export"
-    view = _FullState(full)
-    if run.enabled:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_export(view, meta, Path(tmp))
-            run.log_artifact(tmp, "export")
-    save_export(view, meta, dest)
-    log.info("exported %s (step %d) to %s", meta.timm_name, step, dest)
-    return dest
-
-
 def _peak_flops(gpu: str, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    from vfm.plan import GPU_SPECS
-
     return GPU_SPECS.get(gpu, (None, None))[0]
 
 

@@ -59,19 +59,14 @@ def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig, peak_lr: f
                              weight_decay=optim.weight_decay, fused=fused, foreach=None if fused else True)
 
 
-def warmup_updates(optim: OptimConfig, steps_per_epoch: int) -> int:
-    if optim.warmup_steps is not None:
-        return optim.warmup_steps
-    return round((optim.warmup_epochs or 0.0) * steps_per_epoch)
-
-
 class Schedules:
     """lr (timm cosine with warmup prefix, or constant) and weight decay for optimiser update `step`."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, *, peak_lr: float,
-                 total_steps: int, steps_per_epoch: int):
+                 total_steps: int, warmup_steps: int):
+        """`peak_lr`, `total_steps` and `warmup_steps` as `vfm.recipes.derive.resolve_stage` resolved them."""
         self.optimizer, self.optim, self.total = optimizer, optim, total_steps
-        self.warmup = warmup_updates(optim, steps_per_epoch)
+        self.warmup = warmup_steps
         if self.warmup >= total_steps:
             raise RecipeError(f"warmup of {self.warmup} updates is not shorter than the run's {total_steps} "
                               "updates; shorten optim.warmup_steps / warmup_epochs or train longer")

@@ -8,8 +8,8 @@ SIGTERM handling, the NaN check, MLflow tracking and the final export.
 
 A `Task` owns what differs: which modules exist, which of them are trained, the loss of a batch,
 hooks after each optimiser update (an EMA teacher), its own per-step schedules (teacher temperature,
-momentum) and what evaluation receives. `SupervisedTask` (vfm.train.supervised) and the DINOv2
-`DinoTask` (vfm.ssl) implement it.
+momentum) and what evaluation receives. `SupervisedTask` and the DINOv2 `DinoTask` (vfm.tasks)
+implement it; `vfm.tasks.task_for` picks one. Nothing in vfm.train imports a task.
 
 Call order, per process:
 
@@ -25,8 +25,9 @@ Call order, per process:
         task.after_update(model, step)   # step = the update just done
     module, meta = task.export()         # rank 0 saves it (full state dict gathered by the loop)
 
-Optional attribute `num_samples` (int): samples in one epoch of the task's data; the loop sizes
-epoch-based schedules with it when the stage does not set `num_samples` (SupervisedTask: the manifest's).
+The numbers both sides share (accumulation, steps per epoch, total steps, warmup, peak lr, FLOPs per
+sample) are resolved once, before the loop starts (`vfm.recipes.derive.resolve_stage`), and reach the
+task as `ctx.stage`.
 
 Param-group keys the loop understands (besides `params`, `weight_decay`):
   - `lr_scale` (timm's layer decay convention): group lr = scheduled lr × lr_scale;
@@ -39,13 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from vfm.export import ExportMeta
-from vfm.recipes.schema import Recipe, StageConfig
+
+if TYPE_CHECKING:  # types only: the engine imports no task registry at run time
+    from vfm.recipes.derive import ResolvedStage
+    from vfm.recipes.schema import Recipe, StageConfig
 
 
 @runtime_checkable
@@ -67,15 +71,11 @@ class StatefulLoader(Protocol):
 class TaskContext:
     """What a task may know about the run when it builds its modules."""
 
-    recipe: Recipe
-    stage: str
+    stage: ResolvedStage
+    """The recipe stage with its derived numbers (total steps, steps per epoch, world size, ...)."""
     device: torch.device
     rank: int
-    world_size: int
     seed: int
-    total_steps: int
-    """Optimiser updates in the whole run (for the task's own schedules)."""
-    steps_per_epoch: int
     shard: Callable[[nn.Module], nn.Module] = field(default=lambda m: m)
     """Shard a module the way the trainable one is sharded (FSDP2 `fully_shard` per block; identity
     under DDP). An EMA teacher sharded like its student can be updated shard by shard."""
@@ -85,8 +85,16 @@ class TaskContext:
     """Task-specific command-line options (e.g. `head_from_wnids`)."""
 
     @property
-    def stage_config(self) -> StageConfig:
-        return self.recipe.stages[self.stage]  # type: ignore[index]
+    def recipe(self) -> Recipe:
+        return self.stage.recipe
+
+    @property
+    def config(self) -> StageConfig:
+        return self.stage.config
+
+    @property
+    def world_size(self) -> int:
+        return self.stage.world_size
 
 
 class Task(Protocol):
@@ -124,8 +132,11 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def train_flops_per_sample(self) -> float:
-        """Counted training FLOPs per sample (forward + backward) for the MFU estimate."""
+    @classmethod
+    def train_flops_per_sample(cls, recipe: Recipe, stage: str, num_classes: int | None) -> float:
+        """Counted training FLOPs of one sample (forward + backward and any extra forward), from the
+        recipe alone, on the meta device: the one count `vfm plan` prices and the loop's MFU divides by
+        (through `ResolvedStage.train_flops_per_sample`)."""
         ...
 
     def export(self) -> tuple[nn.Module, ExportMeta]:

@@ -23,6 +23,8 @@ from torch.distributed.tensor import DTensor
 from vfm.errors import UserError
 from vfm.export import ExportMeta, load_export
 from vfm.models import build_model, forward_flops, model_kwargs
+from vfm.recipes.schema import Recipe
+from vfm.tasks.common import ManifestData
 from vfm.train.optim import param_groups
 from vfm.train.parallel import unwrap
 from vfm.train.task import StatefulLoader, TaskContext
@@ -50,37 +52,21 @@ def map_head_rows(src_w: Tensor, src_b: Tensor, src_wnids: list[str], dst_w: Ten
     return mapped
 
 
-class SupervisedTask:
+class SupervisedTask(ManifestData):
     """Image classification on a sharded dataset (`vfm.data` manifest)."""
 
     def __init__(self, data: str, *, num_workers: int = 0, head_from_wnids: bool = False):
         self.data_url, self.num_workers, self.head_from_wnids = data, num_workers, head_from_wnids
-        self._manifest = None
         self.ema: nn.Module | None = None
-
-    @property
-    def manifest(self):
-        if self._manifest is None:
-            from vfm.data.manifest import Manifest
-
-            try:
-                self._manifest = Manifest.load(self.data_url)
-            except FileNotFoundError as exc:
-                raise UserError(str(exc)) from None
-        return self._manifest
-
-    @property
-    def num_samples(self) -> int:
-        return self.manifest.num_samples
 
     # ---- modules -------------------------------------------------------------------------------
     def build(self, ctx: TaskContext) -> None:
         self.ctx = ctx
-        st = ctx.stage_config
+        st = ctx.config
         self.wnids = list(self.manifest.classes)
         if not self.wnids:
             raise UserError(f"{self.data_url}: the manifest has no class map; supervised training needs labels")
-        self.model = build_model(ctx.recipe, ctx.stage, num_classes=len(self.wnids), device=ctx.device)
+        self.model = build_model(ctx.recipe, ctx.stage.name, num_classes=len(self.wnids), device=ctx.device)
         if ctx.init:
             self._init_from(ctx.init)
         elif st.head_init_scale is not None and ctx.recipe.model.family != "convnext":
@@ -119,7 +105,7 @@ class SupervisedTask:
             raise UserError(f"{src}: export ({meta.timm_name} {meta.kwargs}) does not fit this stage's model "
                             f"({self.ctx.recipe.model.timm_name}): missing {sorted(set(missing) - head)[:5]}, "
                             f"unexpected {unexpected[:5]}")
-        st = self.ctx.stage_config
+        st = self.ctx.config
         if st.head_init_scale is not None and self.ctx.recipe.model.family != "convnext":
             self._scale_head(st.head_init_scale)
         if self.head_from_wnids:
@@ -139,14 +125,14 @@ class SupervisedTask:
         return self.model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        return param_groups(model, self.ctx.stage_config.optim)
+        return param_groups(model, self.ctx.config.optim)
 
     # ---- data ----------------------------------------------------------------------------------
     def make_loader(self, rank: int, world_size: int, seed: int) -> StatefulLoader:
         from vfm.data.loader import build_loader
         from vfm.data.transforms import build_transform
 
-        st = self.ctx.stage_config
+        st = self.ctx.config
         return build_loader(self.manifest, transform=build_transform(st.data, is_training=True),
                             batch_size=st.batch.micro_batch, rank=rank, world_size=world_size, seed=seed,
                             shuffle=True, epoch_length=st.num_samples, num_workers=self.num_workers,
@@ -171,7 +157,7 @@ class SupervisedTask:
     def after_update(self, model: nn.Module, step: int) -> None:
         if self.ema is None:
             return
-        decay = self.ctx.stage_config.ema
+        decay = self.ctx.config.ema
         with torch.no_grad():
             ema = [_local(t) for t in self.ema.state_dict().values()]
             live = [_local(t) for t in unwrap(model).state_dict().values()]
@@ -185,17 +171,19 @@ class SupervisedTask:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
-    def train_flops_per_sample(self) -> float:
-        meta = build_model(self.ctx.recipe, self.ctx.stage, num_classes=len(self.wnids), device="meta")
-        return 3.0 * forward_flops(meta, self.ctx.stage_config.data.resolution)
+    @classmethod
+    def train_flops_per_sample(cls, recipe: Recipe, stage: str, num_classes: int | None) -> float:
+        """3 × forward (backward ≈ 2 × forward) of the classifier at the stage's resolution."""
+        meta = build_model(recipe, stage, num_classes=num_classes, device="meta")
+        return 3.0 * forward_flops(meta, recipe.stages[stage].data.resolution)  # type: ignore[index]
 
     def export(self) -> tuple[nn.Module, ExportMeta]:
-        st, recipe = self.ctx.stage_config, self.ctx.recipe
-        kwargs = model_kwargs(recipe, self.ctx.stage, num_classes=len(self.wnids))
+        st, recipe = self.ctx.config, self.ctx.recipe
+        kwargs = model_kwargs(recipe, self.ctx.stage.name, num_classes=len(self.wnids))
         kwargs.pop("num_classes")
         kwargs.pop("drop_path_rate", None)
         meta = ExportMeta(timm_name=recipe.model.timm_name, kwargs=kwargs, num_classes=len(self.wnids),
-                          recipe_id=recipe.id, stage=self.ctx.stage, resolution=st.data.resolution,
+                          recipe_id=recipe.id, stage=self.ctx.stage.name, resolution=st.data.resolution,
                           crop_pct=st.data.crop_pct, mean=tuple(st.data.mean), std=tuple(st.data.std),
                           wnids=self.wnids, extra={"ema": self.ema is not None, "data": self.data_url})
         return (self.ema if self.ema is not None else self.model), meta

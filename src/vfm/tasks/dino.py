@@ -26,11 +26,14 @@ from vfm.errors import UserError
 from vfm.export import ExportMeta
 from vfm.models import build_model, forward_flops, model_kwargs
 from vfm.recipes.errors import RecipeError
+from vfm.recipes.schema import Recipe
 from vfm.ssl import schedules
 from vfm.ssl.heads import LAST_LAYER
 from vfm.ssl.losses import DINOLoss, IBOTPatchLoss, koleo_loss
 from vfm.ssl.model import SSLModel, ema_update, reshard, uniform_drop_path
 from vfm.ssl.multicrop import MultiCropTransform, make_collate
+from vfm.tasks import DINOV2
+from vfm.tasks.common import ManifestData, load_manifest
 from vfm.train.parallel import unwrap
 from vfm.train.task import StatefulLoader, TaskContext
 
@@ -40,16 +43,7 @@ log = logging.getLogger(__name__)
 _EMBED_NAMES = ("pos_embed", "patch_embed", "mask_token", "cls_token", "reg_token")
 
 
-def _load_manifest(url: str):
-    from vfm.data.manifest import Manifest
-
-    try:
-        return Manifest.load(url)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from None
-
-
-class DinoTask:
+class DinoTask(ManifestData):
     """Self-distillation with an EMA teacher on multi-crop views of a sharded dataset."""
 
     def __init__(self, data: str, *, num_workers: int = 0, knn_train: str | None = None,
@@ -58,29 +52,18 @@ class DinoTask:
             raise UserError("k-NN during pretraining needs both --knn-train and --knn-val (labelled manifests)")
         self.data_url, self.num_workers = data, num_workers
         self.knn_train, self.knn_val = knn_train, knn_val
-        self._manifest = None
         self.knn_history: list[dict[str, float]] = []
-
-    @property
-    def manifest(self):
-        if self._manifest is None:
-            self._manifest = _load_manifest(self.data_url)
-        return self._manifest
-
-    @property
-    def num_samples(self) -> int:
-        return self.manifest.num_samples
 
     # ---- modules -------------------------------------------------------------------------------
     def build(self, ctx: TaskContext) -> None:
         recipe = ctx.recipe
-        if recipe.ssl is None or ctx.stage != "pretrain":
-            raise RecipeError(f"{recipe.id}/{ctx.stage}: DINOv2 training needs a recipe with `ssl` and the "
+        if recipe.ssl is None or ctx.stage.name != "pretrain":
+            raise RecipeError(f"{recipe.id}/{ctx.stage.name}: DINOv2 training needs a recipe with `ssl` and the "
                               "pretrain stage")
         if recipe.model.family != "vit":
             raise RecipeError(f"{recipe.id}: DINOv2 training needs a ViT backbone, got family {recipe.model.family}")
         self.ctx, self.ssl = ctx, recipe.ssl
-        st = ctx.stage_config
+        st = ctx.config
         self.crops = st.data.multicrop
         assert self.crops is not None  # the schema requires multicrop with ssl
         if st.batch.micro_batch < 2 and self.ssl.koleo:
@@ -88,7 +71,7 @@ class DinoTask:
                               f"{st.batch.micro_batch}); raise micro_batch or set ssl.koleo=false")
         if self.ssl.ibot and self.ssl.ibot_separate_head is False and self.ssl.ibot_prototypes != self.ssl.head_prototypes:
             log.info("iBOT shares the DINO head: using its %d prototypes", self.ssl.head_prototypes)
-        backbone = build_model(recipe, ctx.stage, device=ctx.device)
+        backbone = build_model(recipe, ctx.stage.name, device=ctx.device, **DINOV2.model_overrides)
         uniform_drop_path(backbone, st.drop_path)
         self.student = SSLModel(backbone, self.ssl).to(ctx.device)
         # the teacher starts as the student (upstream `prepare_for_distributed_training`); never dropped-path
@@ -101,7 +84,7 @@ class DinoTask:
                                   self.ssl.center_momentum).to(ctx.device)
         self.ibot_loss = IBOTPatchLoss(ibot_k, self.ssl.student_temp, self.ssl.centering,
                                        self.ssl.center_momentum).to(ctx.device)
-        self.epoch_len = schedules.epoch_length(self.ssl, ctx.steps_per_epoch)
+        self.epoch_len = ctx.stage.steps_per_epoch  # DINOv2's fixed 1,250-iteration epoch (resolve_stage)
         self.patch_size = self.student.patch_size
 
     def trainable(self) -> nn.Module:
@@ -110,7 +93,7 @@ class DinoTask:
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """DINOv2's groups: no wd on biases / norms / layer-scale / tokens, patch-embed lr × mult,
         layer-wise lr decay when set, and the prototype layer frozen for `freeze_last_layer_epochs`."""
-        optim = self.ctx.stage_config.optim
+        optim = self.ctx.config.optim
         bare = unwrap(model)
         no_wd = bare.no_weight_decay()
         depth = len(bare.blocks)
@@ -137,7 +120,7 @@ class DinoTask:
     def make_loader(self, rank: int, world_size: int, seed: int) -> StatefulLoader:
         from vfm.data.loader import build_loader
 
-        st = self.ctx.stage_config
+        st = self.ctx.config
         transform = MultiCropTransform(self.crops, st.data.mean, st.data.std)
         collate = make_collate(self.ssl, self.crops, self.patch_size)
         return build_loader(self.manifest, transform=transform, batch_size=st.batch.micro_batch, rank=rank,
@@ -146,7 +129,7 @@ class DinoTask:
 
     # ---- step ----------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, float]]:
-        ssl, total = self.ssl, self.ctx.total_steps
+        ssl, total = self.ssl, self.ctx.stage.total_steps
         n_global = self.crops.global_crops_count
         glob, local, masks = batch["global"], batch["local"], batch["masks"]
         temp = schedules.teacher_temperature(ssl, step, total, self.epoch_len)
@@ -173,7 +156,7 @@ class DinoTask:
         return loss, metrics
 
     def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
-        momentum = schedules.teacher_momentum(self.ssl, step, self.ctx.total_steps)
+        momentum = schedules.teacher_momentum(self.ssl, step, self.ctx.stage.total_steps)
         ema_update(self.teacher, unwrap(model), momentum)
         metrics = {"train/teacher_momentum": momentum}
         every = self.ctx.recipe.eval.knn_every_steps
@@ -191,10 +174,10 @@ class DinoTask:
 
         if not (self.knn_train and self.knn_val):
             raise UserError("k-NN needs --knn-train and --knn-val manifests")
-        ctx, st = self.ctx, self.ctx.stage_config
+        ctx, st = self.ctx, self.ctx.config
         data = st.data.model_copy(update={"resolution": self.crops.global_crops_size})
         transform = build_transform(data, is_training=False)
-        train_m, val_m = _load_manifest(self.knn_train), _load_manifest(self.knn_val)
+        train_m, val_m = load_manifest(self.knn_train), load_manifest(self.knn_val)
         feats = []
         for m in (train_m, val_m):
             loader = build_loader(m, transform=transform, batch_size=st.batch.micro_batch, rank=ctx.rank,
@@ -224,29 +207,31 @@ class DinoTask:
         self.ibot_loss.load_state_dict(state["ibot_loss"])
 
     # ---- accounting / export -----------------------------------------------------------------------
-    def train_flops_per_sample(self) -> float:
+    @classmethod
+    def train_flops_per_sample(cls, recipe: Recipe, stage: str, num_classes: int | None = None) -> float:
         """Per image: teacher forward on the globals (1×), student forward + backward on globals and
         locals (3×), plus the heads on every CLS token (3× student, 1× teacher) and masked patches."""
-        recipe, ssl, c = self.ctx.recipe, self.ssl, self.crops
-        meta = build_model(recipe, self.ctx.stage, device="meta")
+        ssl, c = recipe.ssl, recipe.stages[stage].data.multicrop  # type: ignore[index]
+        assert ssl is not None and c is not None  # the schema requires multicrop with ssl
+        meta = build_model(recipe, stage, device="meta", **DINOV2.model_overrides)
         f_global = forward_flops(meta, c.global_crops_size)
         f_local = forward_flops(meta, c.local_crops_size) if c.local_crops_count else 0
         dim = meta.embed_dim
         head = 2 * (dim * ssl.head_hidden + (ssl.head_layers - 2) * ssl.head_hidden ** 2
                     + ssl.head_hidden * ssl.head_bottleneck + ssl.head_bottleneck * ssl.head_prototypes)
-        n_patches = (c.global_crops_size // self.patch_size) ** 2
+        n_patches = (c.global_crops_size // int(meta.patch_embed.patch_size[0])) ** 2
         masked = ssl.mask_sample_probability * sum(ssl.mask_ratio) / 2 * n_patches if ssl.ibot else 0.0
         backbone = 4 * c.global_crops_count * f_global + 3 * c.local_crops_count * f_local
         heads = head * (4 * c.global_crops_count + 3 * c.local_crops_count + 4 * c.global_crops_count * masked)
         return float(backbone + heads)
 
     def export(self) -> tuple[nn.Module, ExportMeta]:
-        st, recipe = self.ctx.stage_config, self.ctx.recipe
-        kwargs = model_kwargs(recipe, self.ctx.stage, num_classes=0)
+        st, recipe = self.ctx.config, self.ctx.recipe
+        kwargs = model_kwargs(recipe, self.ctx.stage.name, **DINOV2.model_overrides)
         kwargs.pop("num_classes")
         kwargs.pop("drop_path_rate", None)
         meta = ExportMeta(timm_name=recipe.model.timm_name, kwargs=kwargs, num_classes=0, recipe_id=recipe.id,
-                          stage=self.ctx.stage, resolution=self.crops.global_crops_size, crop_pct=st.data.crop_pct,
+                          stage=self.ctx.stage.name, resolution=self.crops.global_crops_size, crop_pct=st.data.crop_pct,
                           mean=tuple(st.data.mean), std=tuple(st.data.std),
                           extra={"ssl": "dinov2-teacher", "data": self.data_url,
                                  "knn": self.knn_history[-1] if self.knn_history else None})

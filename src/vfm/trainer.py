@@ -1,5 +1,8 @@
-"""`vfm train RECIPE --stage pretrain|finetune --data MANIFEST --out DIR|s3://...` (also `python -m vfm.train`).
+"""The trainer process: `vfm train RECIPE --stage pretrain|finetune --data MANIFEST --out DIR|s3://...`,
+also `python -m vfm.trainer` (what `vfm.train.torchrun` starts on every rank of a PyTorchJob).
 
+It picks the stage's task (`vfm.tasks.task_for`), resolves the stage's numbers for this world size and
+data once (`vfm.recipes.derive.resolve_stage`) and hands both to the loop (`vfm.train.loop.train`).
 Started once per process by torchrun (or directly, as a world of one). Exit codes: 0 done; 143 stopped
 by SIGTERM after saving a checkpoint (retryable: the restarted pod resumes); 2 user-fixable input
 error; 1 anything else, including a NaN/inf loss (not retryable).
@@ -11,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-# defined here, not imported from vfm.cli: `python -m vfm.train` must not import the whole CLI (which
+# defined here, not imported from vfm.cli: `python -m vfm.trainer` must not import the whole CLI (which
 # imports this module back while registering areas)
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
 ProfileOpt = Annotated[str, typer.Option("--profile", help="Scale profile: paper or smoke.")]
@@ -43,32 +46,35 @@ def train_command(
 ) -> None:
     """Train a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow): supervised, or DINOv2 self-supervised
     pretraining for recipes with `ssl` (same loop; the teacher backbone is exported)."""
-    from vfm.dist import shutdown
+    from vfm.dist import init_distributed, shutdown
     from vfm.errors import UserError
     from vfm.recipes import load_recipe
+    from vfm.recipes.derive import resolve_stage
+    from vfm.tasks import task_for
     from vfm.train.loop import RunSpec, train
-    from vfm.train.supervised import SupervisedTask
 
     recipe = load_recipe(recipe_id, overrides, profile)
     if stage not in recipe.stages:
         raise UserError(f"recipe {recipe_id} has no stage `{stage}`; it has: {', '.join(recipe.stages)}")
-    st = recipe.stages[stage]  # type: ignore[index]
-    spec = RunSpec(recipe=recipe, stage=stage, out=out, seed=st.seeds[0] if seed is None else seed, init=init,
-                   max_steps=max_steps, run_key=run_key, parent_run_id=parent_run_id, deterministic=deterministic,
-                   log_every=log_every, peak_flops=peak_tflops * 1e12 if peak_tflops else None)
-    if recipe.is_ssl and stage == "pretrain":
-        from vfm.ssl.task import DinoTask
-
-        task = DinoTask(data, num_workers=workers, knn_train=knn_train, knn_val=knn_val)
+    spec = task_for(recipe, stage)
+    if spec.name == "dinov2":
+        task = spec.task_class()(data, num_workers=workers, knn_train=knn_train, knn_val=knn_val)
     else:
         if knn_train or knn_val:
             raise UserError("--knn-train/--knn-val apply to DINOv2 pretraining only (recipes with `ssl`)")
-        task = SupervisedTask(data, num_workers=workers, head_from_wnids=head_from_wnids)
+        task = spec.task_class()(data, num_workers=workers, head_from_wnids=head_from_wnids)
         # a missing or empty manifest fails here, before any rank joins the process group
         if not task.manifest.shards:
             raise UserError(f"{data}: the manifest lists no shards; reshard the dataset with `vfm shard`")
     try:
-        train(task, spec)
+        info = init_distributed()
+        classes = len(task.manifest.classes) if spec.name == "supervised" else None
+        resolved = resolve_stage(recipe, stage, info.world_size, task.num_samples, num_classes=classes)
+        st = resolved.config
+        train(task, RunSpec(stage=resolved, out=out, seed=st.seeds[0] if seed is None else seed, init=init,
+                            max_steps=max_steps, run_key=run_key, parent_run_id=parent_run_id,
+                            deterministic=deterministic, log_every=log_every,
+                            peak_flops=peak_tflops * 1e12 if peak_tflops else None))
     finally:
         shutdown()  # a clean exit of the process group (also after SIGTERM's SystemExit)
 
@@ -78,7 +84,7 @@ def register(app: typer.Typer) -> None:
 
 
 def main() -> None:
-    """`python -m vfm.train ...`: the same command and error policy as `vfm train`, without the other areas."""
+    """`python -m vfm.trainer ...`: the same command and error policy as `vfm train`, without the other areas."""
     import sys
 
     from vfm.errors import USER_ERRORS
@@ -101,3 +107,7 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+if __name__ == "__main__":
+    main()

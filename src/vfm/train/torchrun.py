@@ -1,4 +1,4 @@
-"""`python -m vfm.train.launch [torchrun flags] -m vfm.train ...`: torchrun with exit codes a PyTorchJob can act on.
+"""`python -m vfm.train.torchrun [torchrun flags] -m vfm.trainer ...`: torchrun with exit codes a PyTorchJob acts on.
 
 torchrun exits 1 whatever happened: when the pod is sent SIGTERM (preemption) its workers save a
 checkpoint and exit 143, but torchrun itself raises and exits 1, which an `ExitCode` restart policy
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         _, first = exc.get_first_failure()
-        print(f"vfm.train.launch: worker {first.local_rank} (pid {first.pid}) failed first with exit code "
+        print(f"vfm.train.torchrun: worker {first.local_rank} (pid {first.pid}) failed first with exit code "
               f"{first.exitcode}", file=sys.stderr)
         return exit_code(first.exitcode)
     return 0

@@ -2,12 +2,13 @@
 
 Both sides train the same model on the same device-resident synthetic batch, so the comparison is
 the step itself (data loading is measured by benchmarks/data_loader_throughput.py). Ours is the
-real thing: the recipe's Task (SupervisedTask or DinoTask) built through the same calls as
-`vfm.train.loop` (speed switches, DDP/FSDP2 wrap, param groups, fused AdamW, schedules,
-`train_step`), on a world of one.
+real thing: the recipe stage's task (`vfm.tasks.task_for`) built by the trainer's own `setup`
+(speed switches, DDP/FSDP2 wrap, param groups, fused AdamW, schedules) and stepped by its
+`train_step`, on a world of one.
 
-MFU = images/s × counted training FLOPs per image / peak, against both the GPU's dense bf16
-spec peak (vfm.plan.GPU_SPECS) and a matmul peak measured in the same run.
+MFU = images/s × counted training FLOPs per image (`ResolvedStage.train_flops_per_sample`, the count
+`vfm plan` and the loop use) / peak, against both the GPU's dense bf16 spec peak
+(vfm.recipes.gpus) and a matmul peak measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from torch import nn
 from vfm import dist as vdist
 from vfm.models import model_kwargs
 from vfm.recipes import Recipe
+from vfm.recipes.derive import resolve_stage
+from vfm.recipes.gpus import GPU_SPECS
+from vfm.tasks import task_for
 from vfm.train.loop import AUTOCAST, Batches, train_step
-from vfm.train.optim import Schedules, build_optimizer
-from vfm.train.parallel import apply_speed_switches, wrap
-from vfm.train.task import TaskContext
+from vfm.train.setup import setup
 
 
 @dataclass
@@ -62,38 +64,34 @@ class _RepeatBatch:
 
 
 def _synthetic_task(recipe: Recipe, stage: str, num_classes: int, device: torch.device):
-    """The recipe's real task, fed one synthetic batch instead of a manifest."""
+    """The recipe stage's real task, fed one synthetic device-resident batch instead of a manifest."""
+    spec = task_for(recipe, stage)
     st = recipe.stages[stage]  # type: ignore[index]
-    manifest = SimpleNamespace(classes=[f"n{i:08d}" for i in range(num_classes)], num_samples=10**6)
     g = torch.Generator().manual_seed(0)
-    if recipe.is_ssl and stage == "pretrain":
+
+    def multicrop_batch(task, rank, world_size, seed):
         from vfm.ssl.multicrop import make_collate
-        from vfm.ssl.task import DinoTask
 
-        class SyntheticDino(DinoTask):
-            def make_loader(self, rank, world_size, seed):
-                mc = self.crops
-                samples = [({"global": [torch.randn(3, mc.global_crops_size, mc.global_crops_size, generator=g)
-                                        for _ in range(mc.global_crops_count)],
-                             "local": [torch.randn(3, mc.local_crops_size, mc.local_crops_size, generator=g)
-                                       for _ in range(mc.local_crops_count)]}, -1)
-                           for _ in range(st.batch.micro_batch)]
-                batch = make_collate(self.ssl, mc, self.patch_size)(samples)
-                return _RepeatBatch({k: v.to(device) if v is not None else None for k, v in batch.items()})
+        mc = task.crops
+        samples = [({"global": [torch.randn(3, mc.global_crops_size, mc.global_crops_size, generator=g)
+                                for _ in range(mc.global_crops_count)],
+                     "local": [torch.randn(3, mc.local_crops_size, mc.local_crops_size, generator=g)
+                               for _ in range(mc.local_crops_count)]}, -1)
+                   for _ in range(st.batch.micro_batch)]
+        batch = make_collate(task.ssl, mc, task.patch_size)(samples)
+        return _RepeatBatch({k: v.to(device) if v is not None else None for k, v in batch.items()})
 
-        task = SyntheticDino("synthetic://")
-    else:
-        from vfm.train.supervised import SupervisedTask
+    def image_batch(task, rank, world_size, seed):
+        res = st.data.resolution
+        x = torch.randn(st.batch.micro_batch, 3, res, res, generator=g).to(device)
+        y = torch.randint(0, num_classes, (st.batch.micro_batch,), generator=g).to(device)
+        return _RepeatBatch((x, y))
 
-        class SyntheticSupervised(SupervisedTask):
-            def make_loader(self, rank, world_size, seed):
-                res = st.data.resolution
-                x = torch.randn(st.batch.micro_batch, 3, res, res, generator=g).to(device)
-                y = torch.randint(0, num_classes, (st.batch.micro_batch,), generator=g).to(device)
-                return _RepeatBatch((x, y))
-
-        task = SyntheticSupervised("synthetic://")
-    task._manifest = manifest
+    cls = spec.task_class()
+    synthetic = type(f"Synthetic{cls.__name__}", (cls,),
+                     {"make_loader": multicrop_batch if spec.name == "dinov2" else image_batch})
+    task = synthetic("synthetic://")
+    task._manifest = SimpleNamespace(classes=[f"n{i:08d}" for i in range(num_classes)], num_samples=10**6)
     return task
 
 
@@ -154,42 +152,29 @@ def measure_vfm(recipe: Recipe, stage: str, *, steps: int, warmup: int, num_clas
                 spec_peak: float | None, measured_peak: float | None) -> tuple[Measurement, float]:
     """vfm's step: the recipe's task through the loop's own pieces. Returns (measurement, FLOPs/image)."""
     info = vdist.init_distributed()
-    device, st = info.device, recipe.stages[stage]  # type: ignore[index]
+    device = info.device
     _reset_memory(device)
     task = _synthetic_task(recipe, stage, num_classes, device)
-    ctx = TaskContext(recipe=recipe, stage=stage, device=device, rank=0, world_size=1, seed=0,
-                      total_steps=10**6, steps_per_epoch=10**4,
-                      shard=(lambda m: m) if st.parallelism == "ddp" else _shard())
-    task.build(ctx)
-    model = apply_speed_switches(task.trainable(), family=recipe.model.family,
-                                 activation_checkpointing=st.activation_checkpointing, compile=st.compile,
-                                 device=device)
-    model = wrap(model, st.parallelism, device)
-    peak_lr = st.optim.peak_lr(st.batch.global_batch)
-    optimizer = build_optimizer(task.param_groups(model), st.optim, peak_lr, device)
-    schedules = Schedules(optimizer, st.optim, peak_lr=peak_lr, total_steps=10**6, steps_per_epoch=10**4)
-    batches = Batches(task.make_loader(0, 1, 0))
+    resolved = resolve_stage(recipe, stage, 1, task.num_samples,
+                             num_classes=None if task_for(recipe, stage).headless else num_classes)
+    st = resolved.config
+    t = setup(task, resolved, device=device, rank=0, seed=0)
+    batches = Batches(t.loader)
     counter = iter(range(10**9))
 
     def step() -> None:
         i = next(counter)
-        schedules.apply(i)
-        train_step(model, task, optimizer, batches, step=i, accum=1, device=device, precision=st.precision,
+        t.schedules.apply(i)
+        train_step(t.model, task, t.optimizer, batches, step=i, accum=1, device=device, precision=st.precision,
                    clip=st.optim.clip_grad, scaler=None)
-        task.after_update(model, i)
+        task.after_update(t.model, i)
 
-    flops = task.train_flops_per_sample()
+    flops = resolved.train_flops_per_sample
     times = _time(step, steps, warmup, device)
     m = _measurement(f"vfm ({st.parallelism}, {st.precision}{', compile' if st.compile else ''}"
                      f"{', act-ckpt' if st.activation_checkpointing else ''})", st.batch.micro_batch, times,
                      flops, spec_peak, measured_peak, device)
     return m, flops
-
-
-def _shard():
-    from vfm.train.parallel import shard
-
-    return shard
 
 
 def measure_plain(recipe: Recipe, stage: str, *, steps: int, warmup: int, num_classes: int, flops: float,
@@ -226,8 +211,6 @@ def measure_plain(recipe: Recipe, stage: str, *, steps: int, warmup: int, num_cl
 def compare(recipe: Recipe, stage: str = "pretrain", *, steps: int = 20, warmup: int = 5,
             num_classes: int = 1000, matmul_n: int = 8192) -> dict[str, Any]:
     """Both measurements on this device, same model and batch, plus the peaks they are read against."""
-    from vfm.plan import GPU_SPECS
-
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     st = recipe.stages[stage]  # type: ignore[index]
     dtype = AUTOCAST[st.precision] or torch.float32
@@ -236,7 +219,7 @@ def compare(recipe: Recipe, stage: str = "pretrain", *, steps: int = 20, warmup:
     ours, flops = measure_vfm(recipe, stage, steps=steps, warmup=warmup, num_classes=num_classes,
                               spec_peak=spec, measured_peak=measured)
     rows = [ours]
-    if not (recipe.is_ssl and stage == "pretrain"):  # the plain loop is a classifier; DINOv2 has no such baseline
+    if not task_for(recipe, stage).headless:  # the plain loop is a classifier; a headless backbone has none
         rows.append(measure_plain(recipe, stage, steps=steps, warmup=warmup, num_classes=num_classes, flops=flops,
                                   spec_peak=spec, measured_peak=measured))
     speedup = rows[0].images_per_s / rows[1].images_per_s if len(rows) == 2 else None

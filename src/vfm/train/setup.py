@@ -1,0 +1,80 @@
+"""Everything a run builds before its first update, in the order that makes it reproducible: the
+task's modules (identical on every rank), the speed switches, DDP / FSDP2, the optimiser and its
+schedules, the fp16 grad scaler, and the rank's data loader.
+
+`vfm.train.loop` trains what `setup` returns; the throughput harness (vfm.throughput) times the same
+pieces, so what it measures is the trainer's step and not a copy of it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vfm.train.optim import Schedules, build_optimizer
+from vfm.train.parallel import apply_speed_switches, shard, wrap
+from vfm.train.task import StatefulLoader, Task, TaskContext
+
+if TYPE_CHECKING:  # types only: the engine imports no task registry at run time
+    from vfm.recipes.derive import ResolvedStage
+
+
+@dataclass
+class Trainee:
+    """The wrapped model and what steps it, as `setup` built them."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    scaler: torch.amp.GradScaler | None
+    loader: StatefulLoader
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(task: Task, stage: ResolvedStage, *, device: torch.device, rank: int, seed: int,
+          init: str | None = None, options: dict[str, Any] | None = None) -> Trainee:
+    """Build `task` for `stage` on this rank and wrap it for training."""
+    st = stage.config
+    # identical initialisation on every rank (FSDP2 keeps each rank's own shard of it)
+    seed_all(seed)
+    ctx = TaskContext(stage=stage, device=device, rank=rank, seed=seed,
+                      shard=shard if st.parallelism == "fsdp" else _identity, init=init,
+                      options=dict(options or {}))
+    task.build(ctx)
+    model = apply_speed_switches(task.trainable(), family=stage.recipe.model.family,
+                                 activation_checkpointing=st.activation_checkpointing, compile=st.compile,
+                                 device=device)
+    model = wrap(model, st.parallelism, device)
+    optimizer = build_optimizer(task.param_groups(model), st.optim, stage.peak_lr, device)
+    schedules = Schedules(optimizer, st.optim, peak_lr=stage.peak_lr, total_steps=stage.total_steps,
+                          warmup_steps=stage.warmup_steps)
+    scaler = grad_scaler(st.precision, st.parallelism, device)
+    loader = task.make_loader(rank, stage.world_size, seed)
+    seed_all(seed * 1000 + rank)  # per-rank randomness (drop-path, Mixup) differs across ranks
+    return Trainee(model=model, optimizer=optimizer, schedules=schedules, scaler=scaler, loader=loader)
+
+
+def _identity(module: nn.Module) -> nn.Module:
+    return module
+
+
+def grad_scaler(precision: str, parallelism: str, device: torch.device) -> torch.amp.GradScaler | None:
+    if precision != "fp16":
+        return None
+    if parallelism == "fsdp":
+        # all-reduces the inf check across ranks, since each rank only sees its own gradient shards
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
