@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from vfm.deploy.policy import hygiene_violations, restricted_violations
+from vfm.deploy.validate import validation_errors
 from vfm.errors import UserError
-from vfm.k8s_policy import hygiene_violations, restricted_violations
-from vfm.k8s_validate import validation_errors
 from vfm.launch import Elastic, Gang, JobOptions, build_job, job_name, to_manifest, trainer_args
 from vfm.recipes import load_recipe
 

@@ -8,8 +8,8 @@ import importlib
 import pytest
 from kubernetes.client import models as k8s
 
-from vfm.k8s_policy import hygiene_violations, pod_specs, restricted_violations
-from vfm.k8s_validate import validation_errors
+from vfm.deploy.policy import hygiene_violations, pod_specs, restricted_violations
+from vfm.deploy.validate import validation_errors
 
 K8S_VERSION = "1.32"
 GOOD_SPEC = {

@@ -7,7 +7,7 @@ OpenAPI schemas. `kubernetes-validate` has no custom-resource schemas, so:
   pyproject (1.9.4, generated from the training-operator v1.9 CRD), with the enums the v1.9 CRD declares;
   its replica `template` is checked against the real core/v1 PodTemplateSpec schema of that version.
 * The other custom resources our manifests render (Argo CD Application, Kueue queues) are checked against
-  the hand-written subsets in `vfm.k8s_crd_schemas`, which reject unknown fields.
+  the hand-written subsets in `vfm.deploy.crd_schemas`, which reject unknown fields.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-from vfm.k8s_crd_schemas import CRD_SCHEMAS
-from vfm.k8s_policy import as_plain_dict, object_name
+from vfm.deploy.crd_schemas import CRD_SCHEMAS
+from vfm.deploy.policy import as_plain_dict, object_name
 
 DEFAULT_K8S_VERSION = "1.32"
 _DEFS_ID = "/api/_definitions.json"
@@ -136,7 +136,7 @@ def validation_errors(obj: Any, k8s_version: str = DEFAULT_K8S_VERSION) -> list[
             utils.validate(data, k8s_version, strict=True)
             errors = []
         except utils.SchemaNotFoundError as exc:
-            errors = [f"no schema: {exc.message}; add one to vfm.k8s_crd_schemas if it is a custom resource"]
+            errors = [f"no schema: {exc.message}; add one to vfm.deploy.crd_schemas if it is a custom resource"]
         except utils.ValidationError as exc:
             errors = [f"{'.'.join(str(p) for p in exc.absolute_path) or '<root>'}: {exc.message}"]
     return [f"{name}: {e}" for e in errors]

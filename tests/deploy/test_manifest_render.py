@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vfm.k8s_manifests import is_component, offline_kustomizations
-from vfm.k8s_policy import hygiene_violations, pod_specs, restricted_violations
-from vfm.k8s_validate import validation_errors
+from vfm.deploy.policy import hygiene_violations, pod_specs, restricted_violations
+from vfm.deploy.render import is_component, offline_kustomizations
+from vfm.deploy.validate import validation_errors
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vfm.k8s_manifests import find_kubectl, offline_kustomizations, render
+from vfm.deploy.render import find_kubectl, offline_kustomizations, render
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 
