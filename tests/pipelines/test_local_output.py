@@ -40,6 +40,20 @@ def test_task_lines_on_the_console_everything_in_the_log():
     assert all(sec >= 0 for _, _, sec in tasks.finished)
 
 
+def test_tasks_are_listed_by_their_display_names_in_the_compiled_dag():
+    from vfm.pipeline.dag import build_pipeline
+    from vfm.pipeline.local import display_names
+
+    names = display_names(build_pipeline("vit-huge"))
+    # one `train` component: its two uses are told apart by the stage the DAG names them after
+    assert (names["train"], names["train-2"]) == ("pretrain", "finetune")
+    assert names["shard-dataset-3"] == "shard in1k-val" and names["evaluate-4"] == "evaluate knn"
+    log, console = io.StringIO(), io.StringIO()
+    TaskLog(log, console, names=names).write(KFP_LINES.replace("'finetune'", "'train-2'"))
+    assert [line.split()[:2] for line in console.getvalue().splitlines()][1:3] == [["SUCCESS", "finetune"],
+                                                                                  ["FAILURE", "finetune"]]
+
+
 def test_verbose_streams_everything_too():
     log, console = io.StringIO(), io.StringIO()
     TaskLog(log, console, echo=True).write(KFP_LINES)

@@ -43,7 +43,8 @@ def test_retries_caching_and_gpu_placement(recipe_id):
         caching = (task.get("cachingOptions") or {}).get("enableCache", False)
         if kind in ("shard-dataset", "make-imagenet-c"):
             assert caching and task["retryPolicy"]["maxRetryCount"] == 3, name  # idempotent I/O
-        elif kind in ("pretrain", "finetune"):
+        elif kind == "train":
+            assert task["taskInfo"]["name"] in ("pretrain", "finetune"), name  # one component, named per stage
             assert not caching, name  # side effects: a job and an MLflow run (content-keyed reuse instead)
             assert task["retryPolicy"]["maxRetryCount"] == 1, name
             container = executors[f"exec-{name}"]["container"]
@@ -68,7 +69,9 @@ def test_last_stage_fans_out_over_seeds_and_every_suite_is_evaluated(recipe_id):
     plan = plan_dag(recipe_id)
     loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
     names = {t["componentRef"]["name"] for t in loop["dag"]["tasks"].values()}
-    assert f"comp-{plan.last}" in names
+    stage_args = [t["inputs"]["parameters"]["stage"] for t in loop["dag"]["tasks"].values()
+                  if t["componentRef"]["name"].startswith("comp-train")]
+    assert [a["runtimeValue"]["constant"] for a in stage_args] == [plan.last]
     assert sum(n.startswith("comp-evaluate") for n in names) == len(plan.suites)
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["seeds"]["defaultValue"] == plan.seeds

@@ -17,17 +17,14 @@ environment and parameters instead.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types
-import importlib.util
+import importlib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from vfm.errors import UserError
 from vfm.pipeline import config
 
-COMPONENTS_DIR = Path(__file__).resolve().parents[3] / "components"
 SUITE_ORDER = ("in1k", "in_c", "in_r", "knn")
 SHARD_LAYOUTS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
 # where the raw archives are expected on the raw-data volume (recipes.md §6 file names)
@@ -104,15 +101,8 @@ def plan_dag(recipe_id: str) -> DagPlan:
 
 @cache
 def component(name: str) -> Any:
-    """`components/<name>/component.py`'s component (the repository's, found next to this package)."""
-    path = COMPONENTS_DIR / name / "component.py"
-    if not path.is_file():
-        raise UserError(f"{path} not found: compile pipelines from a vfm source checkout (pip install -e .)")
-    spec = importlib.util.spec_from_file_location(f"vfm_components.{name}", path)
-    assert spec is not None and spec.loader is not None
-    module: ModuleType = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
+    """The KFP component `components/<name>/component.py` defines (the `components` package)."""
+    return getattr(importlib.import_module(f"components.{name}.component"), name)
 
 
 def _io_task(task: Any, retries: int = 3) -> Any:
@@ -134,8 +124,8 @@ def build_pipeline(recipe_id: str) -> Any:
     from kfp import dsl, kubernetes
 
     plan = plan_dag(recipe_id)
-    c = {n: component(n) for n in ("start_run", "shard_dataset", "make_imagenet_c", "pretrain", "finetune",
-                                   "fan_out_seeds", "evaluate", "aggregate_seeds", "report", "on_exit")}
+    c = {n: component(n) for n in ("start_run", "shard_dataset", "make_imagenet_c", "train", "fan_out_seeds",
+                                   "evaluate", "aggregate_seeds", "report", "on_exit")}
     desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), evaluate {', '.join(plan.suites)}"
             + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items()))
     src = {role: d.default_source for role, d in plan.data.items()}
@@ -210,7 +200,7 @@ def build_pipeline(recipe_id: str) -> Any:
                          mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint)
 
             def launch(stage: str, **kw: Any) -> Any:
-                t = c[stage](**train, **kw)
+                t = c["train"](**train, stage=stage, **kw).set_display_name(stage)
                 # a retried launcher adopts the job its previous attempt created (same name); the job itself
                 # restarts pods (ExitCode policy), so one step retry covers a lost launcher pod
                 t.set_retry(num_retries=1, backoff_duration="60s").set_caching_options(False)

@@ -82,15 +82,19 @@ def default_sources(recipe_id: str, data_dir: Path) -> tuple[dict[str, tuple[str
 class TaskLog(io.TextIOBase):
     """What kfp.local prints during a run: all of it into `log`, and a line per finished task to `console`
     from kfp.local's own "Executing task 'x'" / "Task 'x' finished with status S" records
-    (kfp/local/task_dispatcher.py). With `echo`, every line also goes to the console as before."""
+    (kfp/local/task_dispatcher.py). With `echo`, every line also goes to the console as before.
+
+    kfp.local names a task by its key in the DAG (`train-2`); `names` maps those keys to the display
+    names the DAG gives them (`finetune`, `shard in1k-val`), so the list says which stage ran."""
 
     _ANSI = re.compile(r"\x1b\[[0-9;]*m")
     _START = re.compile(r"Executing task '([^']+)'")
     _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
     _PIPELINE = re.compile(r"Pipeline '([^']+)' finished with status (\w+)")
 
-    def __init__(self, log: io.TextIOBase, console: io.TextIOBase, echo: bool = False):
-        self.log, self.console, self.echo = log, console, echo
+    def __init__(self, log: io.TextIOBase, console: io.TextIOBase, echo: bool = False,
+                 names: dict[str, str] | None = None):
+        self.log, self.console, self.echo, self.names = log, console, echo, dict(names or {})
         self.started: dict[str, list[float]] = {}  # a ParallelFor runs iterations of one task name at once
         self._lock = threading.Lock()  # ...in threads that all print here: a text file is not thread-safe
         self.finished: list[tuple[str, str, float]] = []
@@ -121,9 +125,10 @@ class TaskLog(io.TextIOBase):
             self.started.setdefault(m[1], []).append(now)
             return
         if m := self._END.search(line):
-            name, state = m[1], m[2]
-            starts = self.started.get(name) or [now]
+            key, state = m[1], m[2]
+            starts = self.started.get(key) or [now]
             seconds = now - starts.pop(0)
+            name = self.names.get(key, key)
             self.finished.append((name, state, seconds))
             self._say(f"  {state:<8} {name:<44} {seconds:7.1f} s\n")
         elif m := self._PIPELINE.search(line):
@@ -174,15 +179,23 @@ def thread_safe_kfp_logging() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def captured_output(log_path: Path, verbose: bool) -> Iterator[TaskLog]:
+def captured_output(log_path: Path, verbose: bool, names: dict[str, str] | None = None) -> Iterator[TaskLog]:
     """stdout and stderr of this process (kfp.local's handler and its subprocesses' streamed output) into
-    `log_path`; the terminal keeps a line per task."""
+    `log_path`; the terminal keeps a line per task (named by `names`, see `TaskLog`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     console = sys.stdout
     with open(log_path, "w", buffering=1) as log:
-        tasks = TaskLog(log, console, echo=verbose)
+        tasks = TaskLog(log, console, echo=verbose, names=names)
         with contextlib.redirect_stdout(tasks), contextlib.redirect_stderr(tasks):
             yield tasks
+
+
+def display_names(pipeline: Any) -> dict[str, str]:
+    """DAG task key → display name (`taskInfo.name`) of every task of a compiled `@dsl.pipeline`."""
+    spec = pipeline.pipeline_spec
+    dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]
+    return {key: task.task_info.name for dag in dags for key, task in dag.tasks.items()
+            if task.task_info.name and task.task_info.name != key}
 
 
 @contextlib.contextmanager
@@ -252,7 +265,7 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
                    raise_on_error=False, enable_caching=not embedded)
         pipeline = build_pipeline(recipe_id)
         print(f"{recipe_id} ({profile}): running the pipeline; KFP and trainer logs: {log_path}", flush=True)
-        with captured_output(log_path, verbose) as tasks, thread_safe_kfp_logging():
+        with captured_output(log_path, verbose, display_names(pipeline)) as tasks, thread_safe_kfp_logging():
             pipeline(**pipeline_arguments(recipe_id, sources=sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
                                           s3_endpoint=s3_endpoint, profile=profile, overrides=list(overrides or []),
                                           seeds=seeds, val_labels=val_labels))
