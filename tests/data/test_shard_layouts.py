@@ -6,7 +6,8 @@ import collections
 import json
 
 import pytest
-from data_archives import (
+
+from tests.helpers.archives import (
     BAD_MEMBERS,
     bad_member,
     class_images,
@@ -15,9 +16,9 @@ from data_archives import (
     write_tar_of_tars,
     write_tree_tar,
 )
-
 from vfm import storage
 from vfm.data import classes as class_lists
+from vfm.data.archives import tar_bytes
 from vfm.data.loader import slot_stream
 from vfm.data.manifest import Manifest
 from vfm.data.shard import write_dataset
@@ -182,7 +183,7 @@ def test_truncated_outer_archive_names_file_offset_and_resume(tmp_path, cut):
     content = {w: class_images(w, 3, k) for k, w in enumerate(["n00004475", "n01440764", "n15102894"])}
     full = write_tar_of_tars(tmp_path / "fall11_whole.tar", content).read_bytes()
     # the second class tar starts after one 512-byte header + the first class tar (padded)
-    first = len(__import__("data_archives").tar_bytes(content["n00004475"]))
+    first = len(tar_bytes(content["n00004475"]))
     cut_at = 512 + first + 700 if cut == "mid_member" else 512 + first
     trunc = tmp_path / "fall11_whole.tar.part"
     trunc.write_bytes(full[:cut_at])

@@ -8,8 +8,7 @@ import signal
 import subprocess
 import sys
 
-from data_archives import BAD_MEMBERS, bad_member, class_images, write_tar_of_tars
-
+from tests.helpers.archives import BAD_MEMBERS, bad_member, class_images, write_tar_of_tars
 from vfm import storage
 from vfm.data.manifest import Manifest
 from vfm.data.shard import FAULT_KILL_ENV

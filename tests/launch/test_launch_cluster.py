@@ -8,9 +8,9 @@ import signal
 import threading
 
 import pytest
-from conftest import cond
 from kubernetes import client as k8s
 
+from tests.helpers.fake_k8s import cond
 from vfm.launch import JobFailed, JobOptions, JobTimeout, build_job, job_name, to_manifest, trainer_args
 from vfm.launch.cluster import ClusterBackend, kube_configuration
 from vfm.recipes import load_recipe

@@ -1,11 +1,14 @@
-"""Re-export the fake Kubernetes API fixture of tests/launch for the exit-handler tests."""
+"""The exit-handler tests talk to the fake Kubernetes API of tests.helpers.fake_k8s."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import pytest
 
-_spec = importlib.util.spec_from_file_location("launch_fake_k8s", Path(__file__).parents[1] / "launch" / "conftest.py")
-_fake = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fake)
-fake_k8s = _fake.fake_k8s
+from tests.helpers.fake_k8s import fake_k8s_server
+
+
+@pytest.fixture
+def fake_k8s():
+    """The fake Kubernetes API of tests.helpers.fake_k8s, one per test."""
+    with fake_k8s_server() as fake:
+        yield fake

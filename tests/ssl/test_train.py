@@ -20,8 +20,9 @@ are uniform for the whole short run: measured I = 0.000 for 30 updates).
 from __future__ import annotations
 
 import torch
-from ssl_fixtures import make_shards, train
 
+from tests.helpers.shards import make_shards
+from tests.helpers.training import ssl_pretrain
 from vfm.export import load_export
 
 
@@ -39,7 +40,7 @@ def test_smoke_pretraining_learns_without_collapse(tmp_path, mlflow_uri):
     knn_train = make_shards(tmp_path / "knn_train", num_classes=4, per_class=16, seed=1)
     knn_val = make_shards(tmp_path / "knn_val", num_classes=4, per_class=8, seed=2)
     recipe = "meta-dinov2-giant"  # FSDP2, 10 global + 2 local crops, Sinkhorn-Knopp, linear momentum
-    train(recipe, data, tmp_path / "run", "--knn-train", knn_train, "--knn-val", knn_val,
+    ssl_pretrain(recipe, data, tmp_path / "run", "--knn-train", knn_train, "--knn-val", knn_val,
           "--set", "stages.pretrain.steps=24", "--set", "ssl.momentum_start=0.9",
           "--set", "model.kwargs.init_values=0.1", env={"MLFLOW_TRACKING_URI": mlflow_uri})
 
@@ -69,9 +70,9 @@ def test_resume_is_exact_ddp_centering(tmp_path):
     data = make_shards(tmp_path / "train", num_classes=4, per_class=16, seed=0)
     sets = ["--set", "stages.pretrain.steps=4", "--set", "stages.pretrain.checkpoint_every_steps=2",
             "--set", "stages.pretrain.parallelism=ddp", "--set", "ssl.centering=centering", "--deterministic"]
-    train("dinov2-giant", data, tmp_path / "full", *sets)
-    train("dinov2-giant", data, tmp_path / "cut", *sets, "--max-steps", "2")
-    resumed = train("dinov2-giant", data, tmp_path / "cut", *sets)
+    ssl_pretrain("dinov2-giant", data, tmp_path / "full", *sets)
+    ssl_pretrain("dinov2-giant", data, tmp_path / "cut", *sets, "--max-steps", "2")
+    resumed = ssl_pretrain("dinov2-giant", data, tmp_path / "cut", *sets)
     assert "resumed from" in resumed.stderr + resumed.stdout
     full = torch.load(tmp_path / "full" / "export" / "weights.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "export" / "weights.pt", weights_only=True)

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from train_fixtures import make_shards
+
+from tests.helpers.shards import make_shards
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import EASY, losses, run, stage_sets, train_cmd
 
+from tests.helpers.training import EASY, losses, run, stage_sets, train_cmd
 from vfm.export import load_export
 from vfm.train.checkpoint import MARKER
 

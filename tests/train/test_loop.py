@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from train_fixtures import MemoryTask, learnable_set
 
+from tests.helpers.training import MemoryTask, learnable_set
 from vfm.models import build_model
 from vfm.recipes import load_recipe
 from vfm.recipes.derive import resolve_stage

@@ -1,6 +1,6 @@
-"""Helpers of the trainer tests: tiny learnable shard sets made with vfm.data (synthetic JPEG folder →
-sharded → manifest), an in-memory `Task` that drives the loop through the protocol alone, and the
-torchrun command line of the real entry point."""
+"""Helpers of the trainer tests: an in-memory `Task` that drives the loop through the protocol alone,
+and the 2-rank command lines of the real entry point (supervised through vfm.train.torchrun, DINOv2
+pretraining through torchrun)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,6 @@ from torch import nn
 from vfm.export import ExportMeta
 from vfm.models import build_model, model_kwargs
 from vfm.train.optim import param_groups
-
-
-def make_shards(root: Path, *, num_classes: int = 4, per_class: int = 16, size: int = 32, seed: int = 0,
-                samples_per_shard: int = 16) -> str:
-    """Write a synthetic folder tree and shard it; returns the manifest path."""
-    from vfm.data.shard import write_dataset
-    from vfm.data.sources import index_source
-    from vfm.data.synthetic import make_synthetic_folder
-
-    folder = make_synthetic_folder(root / "folder", num_classes=num_classes, per_class=per_class, size=size, seed=seed)
-    index = index_source("folder", str(folder))
-    dest = root / "shards"
-    report = write_dataset(index, str(dest), split="train", seed=seed, max_samples_per_shard=samples_per_shard)
-    assert report.manifest is not None
-    return report.manifest.location
-
 
 # ---- an in-memory task: exercises the loop through the Task protocol alone -----------------------
 
@@ -138,3 +122,17 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 240)
 def losses(log: str) -> list[float]:
     """Per-update losses that rank 0 logged (`step N/M loss X`)."""
     return [float(x) for x in re.findall(r"step \d+/\d+ loss (\S+)", log)]
+
+
+def ssl_pretrain(recipe: str, data: str, out: Path, *extra: str, env: dict[str, str] | None = None,
+                 timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m vfm.trainer RECIPE --stage pretrain` on the smoke profile (gloo, CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "-m", "vfm.trainer", recipe, "--stage", "pretrain", "--data", data, "--out", str(out),
+           "--profile", "smoke", "--log-every", "1", *extra]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full_env.pop("MLFLOW_TRACKING_URI", None)  # tracking only where a test asks for it
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    assert proc.returncode == 0, f"vfm train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc

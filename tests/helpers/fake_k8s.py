@@ -1,0 +1,140 @@
+"""A small fake Kubernetes API on loopback: the endpoints the launcher uses, scripted job timelines.
+
+Each GET of a PyTorchJob advances its scripted timeline by one step (the last step repeats); when a
+step's conditions include Running, the master pod appears with its log. Every request is recorded so
+tests can assert what the launcher did (created, polled, deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+JOBS = "/apis/kubeflow.org/v1/namespaces/"
+PODS = "/api/v1/namespaces/"
+
+
+def cond(kind: str, status: str = "True", reason: str = "", message: str = "", t: str = "2026-01-01T00:00:00Z"):
+    return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": t}
+
+
+class FakeK8s:
+    def __init__(self):
+        self.jobs: dict[tuple[str, str], dict] = {}
+        self.timelines: dict[str, list[list[dict]]] = {}
+        self.default_timeline: list[list[dict]] = [[cond("Created")]]
+        self.pods: dict[tuple[str, str], dict] = {}
+        self.logs: dict[str, str] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.created: list[dict] = []
+        self.deleted: list[str] = []
+        self._gets: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def status_of(self, ns: str, name: str) -> dict:
+        timeline = self.timelines.get(name, self.default_timeline)
+        i = min(self._gets.get(name, 0), len(timeline) - 1)
+        self._gets[name] = self._gets.get(name, 0) + 1
+        conditions = timeline[i]
+        if any(c["type"] in ("Running", "Succeeded", "Failed") for c in conditions):
+            pod = f"{name}-master-0"
+            phase = "Running" if conditions[-1]["type"] == "Running" else "Succeeded"
+            self.pods.setdefault((ns, pod), {
+                "metadata": {"name": pod, "namespace": ns, "uid": str(uuid.uuid4()), "labels": {
+                    "training.kubeflow.org/job-name": name, "training.kubeflow.org/job-role": "master",
+                    "training.kubeflow.org/replica-type": "master", "training.kubeflow.org/replica-index": "0"}},
+                "status": {"phase": phase}})
+        return {"conditions": conditions}
+
+
+def _matches(labels: dict, selector: str) -> bool:
+    for part in filter(None, selector.split(",")):
+        key, _, value = part.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
+def make_handler(fake: FakeK8s):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest output clean
+            return None
+
+        def _send(self, code: int, body, content_type: str = "application/json"):
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _route(self):
+            url = urlparse(self.path)
+            parts = url.path.strip("/").split("/")
+            return url, parts, parse_qs(url.query)
+
+        def do_POST(self):
+            url, parts, _ = self._route()
+            with fake.lock:
+                fake.requests.append(("POST", url.path))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                ns, name = parts[4], body["metadata"]["name"]
+                if (ns, name) in fake.jobs:
+                    return self._send(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409})
+                fake.jobs[(ns, name)] = body
+                fake.created.append(body)
+                return self._send(201, body)
+
+        def do_GET(self):
+            url, parts, query = self._route()
+            with fake.lock:
+                fake.requests.append(("GET", url.path))
+                if url.path.startswith(JOBS) and len(parts) == 7:
+                    job = fake.jobs.get((parts[4], parts[6]))
+                    if job is None:
+                        return self._send(404, {"kind": "Status", "reason": "NotFound", "code": 404})
+                    return self._send(200, {**job, "status": fake.status_of(parts[4], parts[6])})
+                if url.path.startswith(JOBS) and len(parts) == 6:
+                    sel = query.get("labelSelector", [""])[0]
+                    items = [j for (ns, _), j in fake.jobs.items()
+                             if ns == parts[4] and _matches(j["metadata"].get("labels", {}), sel)]
+                    return self._send(200, {"kind": "PyTorchJobList", "items": items, "metadata": {}})
+                if url.path.startswith(PODS) and parts[-1] == "log":
+                    return self._send(200, fake.logs.get(parts[5], ""), "text/plain")
+                if url.path.startswith(PODS) and parts[-1] == "pods":
+                    sel = query.get("labelSelector", [""])[0]
+                    items = [p for (ns, _), p in fake.pods.items()
+                             if ns == parts[3] and _matches(p["metadata"]["labels"], sel)]
+                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "items": items, "metadata": {}})
+            return self._send(404, {"kind": "Status", "code": 404})
+
+        def do_DELETE(self):
+            url, parts, _ = self._route()
+            with fake.lock:
+                fake.requests.append(("DELETE", url.path))
+                if fake.jobs.pop((parts[4], parts[6]), None) is None:
+                    return self._send(404, {"kind": "Status", "reason": "NotFound", "code": 404})
+                fake.deleted.append(parts[6])
+                return self._send(200, {"kind": "Status", "status": "Success"})
+
+    return Handler
+
+
+@contextlib.contextmanager
+def fake_k8s_server() -> Iterator[FakeK8s]:
+    """A `FakeK8s` serving on 127.0.0.1 (its `url`) while the context lasts."""
+    fake = FakeK8s()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
