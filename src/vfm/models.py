@@ -1,7 +1,8 @@
 """timm model construction from a recipe, and parameter / FLOP counting on the meta device.
 
-timm's data config ignores size overrides (recipes.md §1.3 gotcha 2), so the data side never asks the
-model for its input size: resolution comes from the recipe stage and is passed to the model here.
+timm's data config ignores size overrides (timm/data/config.py `resolve_data_config` reads the model's
+unchanged `pretrained_cfg`), so the data side never asks the model for its input size: resolution comes
+from the recipe stage and is passed to the model here.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def forward_flops(model: nn.Module, resolution: int, batch: int = 1) -> int:
     """Real floating-point ops (2 × MACs) of one forward pass, counted by torch's FlopCounterMode.
 
     Works on meta-device models (nothing is allocated), so ViT-g/14 is counted on a laptop.
-    Training cost is taken as 3 × forward (perf.md §2: verified for ViTs; the counter over-counts
-    ConvNeXt's depthwise backward, so we never count backward directly).
+    Training cost is taken as 3 × forward (for ViTs the counter's forward+backward is 2.99 × forward; for
+    ConvNeXt it reports ≈ 9 ×, over-counting the depthwise-conv backward, so backward is never counted).
     """
     from torch.utils.flop_counter import FlopCounterMode
 

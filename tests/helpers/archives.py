@@ -1,4 +1,4 @@
-"""Fabricate tiny archives in the official ImageNet layouts (recipes.md §4–6), including the known bad members."""
+"""Fabricate tiny archives in the official layouts read by `vfm.data.sources`, with the known bad members."""
 
 from __future__ import annotations
 

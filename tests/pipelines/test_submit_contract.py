@@ -1,5 +1,6 @@
 """Submitting a committed pipeline to a KFP API: `vfm pipeline submit` and the README's `kfp run create`,
-both against a small stub of /apis/v2beta1 on loopback (the requests kubeflow.md §2 lists)."""
+both against a small stub of /apis/v2beta1 on loopback (the requests kfp 2.17's client makes: healthz,
+experiments list/create, runs create/get)."""
 
 from __future__ import annotations
 

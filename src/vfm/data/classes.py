@@ -1,5 +1,7 @@
 """Class lists. Label = position in the dataset's sorted wnid list, the convention of torchvision
-ImageFolder, timm and DINOv2 (recipes.md §6.3). The official lists ship with timm (`timm/data/_info`)."""
+ImageFolder (torchvision/datasets/folder.py), timm (timm/data/readers/reader_image_in_tar.py, natural_key
+sort) and DINOv2 (dinov2/data/datasets/image_net_22k.py `_find_class_ids`). The official lists ship with
+timm (`timm/data/_info`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Regenerate ImageNet-C from IN-1K val when the official Zenodo tarballs are absent.
 
-The official procedure (hendrycks/robustness `make_imagenet_c.py`, recipes.md §4.1): Resize(256) ->
+The official procedure (hendrycks/robustness@8190fe3 ImageNet-C/create_c/make_imagenet_c.py): Resize(256) ->
 CenterCrop(224) -> corruption at severity s -> JPEG quality 85, for the 15 benchmark corruptions plus
 the 4 extra ones, severities 1..5. Corruptions come from `imagecorruptions-imaug` (19/19 work with
 current numpy, numerically matching the original code). Each image's RNG is seeded from (seed,

@@ -1,6 +1,7 @@
 """Read a sharded dataset (a Manifest) for training and evaluation, with an exactly restorable position.
 
-The stream is planned, not sampled (style_reliability.md B3, contract (b)):
+The stream is planned, not sampled: exact resumption from a (seed, epoch) plan over global shard indices,
+not WebDataset's statistical `resampled=True` restart:
 
 * A *unit* is a shard, or a 1/k slice of one (samples j with j % k == part) when there are fewer shards
   than readers (k = ceil(readers / shards)), so small datasets still give every reader work.

@@ -6,7 +6,8 @@ its original name. The index is a few compact arrays (~40 bytes + the name per s
 the 14 M images of fall11), which is what lets `vfm shard` shuffle the *whole* dataset with bounded
 memory and then read each shard's samples by offset (`os.pread`) in parallel workers.
 
-Layouts (recipes.md §4–6):
+Layouts (as published: pytorch/vision torchvision/datasets/imagenet.py, hendrycks/imagenet-r eval.py,
+google-research/augmix imagenet.py `test_c` for ImageNet-C):
   in22k-fall11 / in21k-winter21 / in1k   tar of per-wnid tars (`n01440764.tar` ...); `.tar.gz` outer
                                          archives are decompressed once into a spool file (gzip is
                                          not seekable)

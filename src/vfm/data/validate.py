@@ -1,7 +1,9 @@
 """Check every image before it goes into a shard.
 
-Known bad inputs in the ImageNet archives (recipes.md §6.1): zero-byte files, gzip-compressed members
-named .JPEG (fall11), a PNG named .JPEG and 22 CMYK JPEGs (IN-1K train), undecodable/truncated files.
+Known bad inputs in the ImageNet archives: zero-byte files, gzip-compressed members named .JPEG (fall11;
+facebookresearch/dinov2 dinov2/data/datasets/image_net_22k.py `_GZIPPED_INDICES`), a PNG named .JPEG and
+22 CMYK JPEGs (IN-1K train; tensorflow/models research/inception/inception/data/build_imagenet_data.py
+`_is_png`, `_is_cmyk`), undecodable/truncated files.
 Each is classified; by default it is skipped and reported. With `repair=True` the fixable ones are kept:
 gzip is unwrapped, a PNG/other format is stored under its true extension (bytes untouched) and a CMYK
 JPEG is converted to RGB and re-encoded (the only re-encode vfm ever does). Everything is reported.

@@ -1,4 +1,4 @@
-"""k-NN classification on frozen features (the DINOv2 protocol, recipes.md §3.3).
+"""k-NN classification on frozen features (the DINOv2 protocol, facebookresearch/dinov2 dinov2/eval/knn.py).
 
 Features are L2-normalised, so cosine similarity is a matmul. The T-weighted vote follows
 `dinov2/eval/knn.py`: weights = softmax(top-k similarities / T) over the `max(ks)` neighbours, and the

@@ -1,4 +1,5 @@
-"""ImageNet-C corruption errors (mCE, relative mCE) and the ImageNet-R class mask (recipes.md §4, §5)."""
+"""ImageNet-C corruption errors (mCE, relative mCE; google-research/augmix `imagenet.py` `compute_mce`) and
+the ImageNet-R class mask (hendrycks/imagenet-r `eval.py` `imagenet_r_mask`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
 # AlexNet top-1 error averaged over the 5 severities, per corruption. Source: google-research/augmix
 # `imagenet.py` ALEXNET_ERR ("Raw AlexNet errors taken from https://github.com/hendrycks/robustness");
-# hendrycks/robustness itself only links a spreadsheet (recipes.md §4.1).
+# hendrycks/robustness itself only links a spreadsheet (README.md, "mean Corruption Error"; @8190fe3).
 ALEXNET_ERR: dict[str, float] = {
     "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
     "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,

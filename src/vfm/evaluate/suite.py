@@ -8,7 +8,8 @@ Data: `data` maps a suite to the manifest it reads —
 
 Every suite uses the export's eval transform (resize to resolution / crop_pct, centre-crop resolution,
 the recipe's mean/std), including ImageNet-C, whose 224-px JPEGs are therefore resized like val
-images (the AugMix convention, recipes.md §4.1; recorded in the results' `protocol`).
+images (the AugMix convention: Resize(256) + CenterCrop(224), google-research/augmix@9b9824c
+`imagenet.py` `test_c`; recorded in the results' `protocol`).
 """
 
 from __future__ import annotations

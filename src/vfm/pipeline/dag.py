@@ -11,7 +11,8 @@ are left out for a headless SSL backbone (they need a linear probe, which `vfm e
 `DagPlan.skipped` says so and the pipeline description carries it.
 
 kfp.local 2.17 runs all of this with SubprocessRunner (ParallelFor, Collected, ExitHandler with
-PipelineTaskFinalStatus, retries; kubeflow.md §1) but ignores every kfp-kubernetes setting (Secret env,
+PipelineTaskFinalStatus, retries: kubeflow/pipelines tag sdk-2.17.0-1, sdk/python/kfp/local/orchestrator/
+enhanced_dag_orchestrator.py and task_executor.py) but ignores every kfp-kubernetes setting (Secret env,
 PVC mounts) and resource requests, so the local runner supplies credentials and data paths through the
 environment and parameters instead.
 """
@@ -27,7 +28,9 @@ from vfm.pipeline import config
 
 SUITE_ORDER = ("in1k", "in_c", "in_r", "knn")
 SHARD_LAYOUTS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
-# where the raw archives are expected on the raw-data volume (recipes.md §6 file names)
+# where the raw archives are expected on the raw-data volume, under their official names (ILSVRC2012_*:
+# pytorch/vision torchvision/datasets/imagenet.py ARCHIVE_META; fall11_whole.tar, winter21_whole.tar.gz:
+# Alibaba-MIIL/ImageNet21K dataset_preprocessing/processing_instructions.md)
 RAW_SOURCES = {
     "in22k-fall11": "imagenet/fall11_whole.tar",
     "in21k-winter21": "imagenet/winter21_whole.tar.gz",

@@ -1,7 +1,8 @@
 """`vfm pipeline submit ID --host URL`: a run of the committed compiled pipeline via `kfp.Client`.
 
 The Python client rather than `kfp run create` because only the client exposes the service account
-(and the client accepts the compiled .yaml directly; kubeflow.md §2).
+(and the client accepts the compiled .yaml directly). See kubeflow/pipelines tag sdk-2.17.0-1:
+sdk/python/kfp/cli/run.py (`create` has no service-account option) and sdk/python/kfp/client/client.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ cosine similarities between the bottleneck feature and each prototype; this boun
 [-1, 1] (before the temperature) and is what keeps the teacher softmax from saturating early.
 
 torch's parametrizations `weight_norm` replaces the deprecated `torch.nn.utils.weight_norm` upstream
-uses (recipes.md §3.2 porting hazards); its `original0` is the gain g, `original1` the direction v.
+uses (torch 2.14 warns FutureWarning on it); its `original0` is the gain g, `original1` the direction v.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """DINOv2 pretraining as a `Task` (vfm.train.task) run by the shared loop (`vfm train RECIPE --stage pretrain`).
 
-Per update (recipes.md §3.2): the EMA teacher (eval mode, no drop-path, no grad) embeds the clean
-global crops → DINO targets (centering or Sinkhorn-Knopp at the scheduled teacher temperature) and
+Per update (after facebookresearch/dinov2 `dinov2/train/ssl_meta_arch.py::forward_backward`): the EMA
+teacher (eval mode, no drop-path, no grad) embeds the clean global crops → DINO targets (centering or
+Sinkhorn-Knopp at the scheduled teacher temperature) and
 iBOT targets at the masked patches; the student embeds the masked global crops and the local crops;
 loss = DINO + w_ibot · iBOT + w_koleo · KoLeo(student global CLS, per crop). After the optimiser step
 the teacher follows the student with the scheduled momentum, shard by shard under FSDP2.

@@ -5,7 +5,8 @@ Fine-tuning from an export (`init`): the backbone is copied, position embeddings
 resampled when the resolution or patch size changed (timm's ViT `checkpoint_filter_fn`), and the head is
 new for the new classes — fresh (× `head_init_scale` where the recipe sets it) by default, or with the
 rows of classes the pretraining head also had copied by wnid (`head_from_wnids`; classes missing there,
-e.g. teddy bear in fall11, keep their fresh rows; recipes.md §7).
+e.g. teddy bear n04399382, absent from fall11's timm/data/_info/imagenet22k_synsets.txt, keep their
+fresh rows).
 """
 
 from __future__ import annotations

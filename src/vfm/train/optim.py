@@ -3,8 +3,9 @@
 Groups come from timm: `param_groups_weight_decay` (no decay on norms, biases, tokens, pos-embed) or
 `param_groups_layer_decay` for fine-tuning (one group per depth with an `lr_scale`). The lr schedule is
 timm's `CosineLRScheduler` with `warmup_prefix=True, t_in_epochs=False`, stepped once per optimiser
-update so a warmup of exactly N updates is exact (recipes.md §1.4); weight decay optionally follows a
-cosine too (DINOv2).
+update so a warmup of exactly N updates is exact (with `warmup_prefix` the cosine starts after `warmup_t`:
+huggingface/pytorch-image-models timm/scheduler/cosine_lr.py `_get_lr`); weight decay optionally follows
+a cosine too (DINOv2).
 """
 
 from __future__ import annotations
