@@ -2,10 +2,10 @@
 
 Per update (after facebookresearch/dinov2 `dinov2/train/ssl_meta_arch.py::forward_backward`): the EMA
 teacher (eval mode, no drop-path, no grad) embeds the clean global crops → DINO targets (centering or
-Sinkhorn-Knopp at the scheduled teacher temperature) and
-iBOT targets at the masked patches; the student embeds the masked global crops and the local crops;
-loss = DINO + w_ibot · iBOT + w_koleo · KoLeo(student global CLS, per crop). After the optimiser step
-the teacher follows the student with the scheduled momentum, shard by shard under FSDP2.
+Sinkhorn-Knopp at the scheduled teacher temperature) and iBOT targets at the masked patches; the
+student embeds the masked global crops and the local crops; loss = DINO + w_ibot · iBOT + w_koleo ·
+KoLeo(student global CLS, per crop). After the optimiser step the teacher follows the student with the
+scheduled momentum, shard by shard under FSDP2.
 
 The loop owns lr (base × batch scaling rule, warmup, cosine), the cosine weight-decay schedule,
 clipping, precision, DDP/FSDP2, checkpoints and resume; this task adds the teacher, the loss centres
