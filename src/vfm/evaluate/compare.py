@@ -124,10 +124,7 @@ def render_png(rows: Sequence[RunRow], path: str | Path) -> Path:
         ax_curve.plot(steps, values, label=f"{r.recipe}/{r.stage} {r.name}: {name}")
     ax_curve.set_title("training curves")
     ax_curve.set_xlabel("step")
-    if curves:
-        ax_curve.legend(fontsize=7)
-    else:
-        ax_curve.text(0.5, 0.5, "no loss metrics logged", ha="center", va="center", transform=ax_curve.transAxes)
+    _legend_or_say(ax_curve, bool(curves), "no loss metrics logged")
 
     evaluated = [r for r in rows if any(m in r.metrics for m, _ in KEY_METRICS)]
     # a pipeline run carries its seeds' mean ± std: one bar per pipeline run, not one per child run
@@ -150,11 +147,16 @@ def render_png(rows: Sequence[RunRow], path: str | Path) -> Path:
                       [label for _, label in metrics])
     ax_bar.set_title("evaluation (dashed: the paper's claim, at full scale)")
     ax_bar.set_ylabel("%")
-    if evaluated:
-        ax_bar.legend(fontsize=7)
-    else:
-        ax_bar.text(0.5, 0.5, "no eval.* metrics logged", ha="center", va="center", transform=ax_bar.transAxes)
+    _legend_or_say(ax_bar, bool(evaluated), "no eval.* metrics logged")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _legend_or_say(ax, drawn: bool, empty: str) -> None:
+    """The panel's legend, or a note in its middle saying why it is empty."""
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
