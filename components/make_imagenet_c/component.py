@@ -9,11 +9,12 @@ from vfm.pipeline.config import COMPONENTS_IMAGE
 
 @dsl.component(base_image=COMPONENTS_IMAGE)
 def make_imagenet_c(val_manifest: str, data_prefix: str, name: str, corruptions: str, severities: str,
-                    s3_endpoint: str) -> NamedTuple("Outputs", [("manifest", str), ("sha256", str)]):
-    """Args: the val manifest, where to write, optional comma lists to restrict corruptions/severities."""
+                    workers: int, s3_endpoint: str) -> NamedTuple("Outputs", [("manifest", str), ("sha256", str)]):
+    """Args: the val manifest, where to write, optional comma lists to restrict corruptions/severities,
+    the corruption worker processes (one per CPU the step requests)."""
     from vfm.pipeline import steps
 
     manifest, sha256 = steps.make_imagenet_c(val_manifest=val_manifest, data_prefix=data_prefix, name=name,
                                              corruptions=corruptions,
-                                             severities=severities, s3_endpoint=s3_endpoint)
+                                             severities=severities, workers=workers, s3_endpoint=s3_endpoint)
     return (manifest, sha256)

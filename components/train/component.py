@@ -14,13 +14,15 @@ from vfm.pipeline.config import COMPONENTS_IMAGE
     dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR])
 def train(stage: str, recipe_id: str, profile: str, overrides: list, data: str, data_digest: str, recipe_sha: str,
           image: str, run_id: str, parent_run_id: str, runs_prefix: str, init: str, seed: int, namespace: str,
-          backend: str, timeout_hours: float, secret: str, mlflow_uri: str, s3_endpoint: str,
-          task_config: dsl.TaskConfig) -> str:
-    """Returns the export URL the job wrote (or the existing one for the same data, image and recipe)."""
+          backend: str, timeout_hours: float, secret: str, mlflow_uri: str, s3_endpoint: str, knn_train: str,
+          knn_val: str, task_config: dsl.TaskConfig) -> str:
+    """Returns the export URL the job wrote (or the existing one for the same data, image and recipe).
+    `knn_train` / `knn_val`: labelled manifests for the k-NN during DINOv2 pretraining ("" for none)."""
     from vfm.pipeline import steps
 
     return steps.train(recipe_id=recipe_id, stage=stage, profile=profile, overrides=overrides, data=data,
                        data_digest=data_digest, recipe_sha=recipe_sha, image=image, run_id=run_id,
                        parent_run_id=parent_run_id, runs_prefix=runs_prefix, init=init, seed=seed,
                        namespace=namespace, backend=backend, timeout_hours=timeout_hours, secret=secret,
-                       mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, task_config=task_config)
+                       mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, knn_train=knn_train, knn_val=knn_val,
+                       task_config=task_config)

@@ -33,7 +33,8 @@ def train_command(
     parent_run_id: Annotated[str | None, typer.Option("--parent-run-id", help="MLflow parent run.")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1,
                                                   help="Stop after N updates (schedule unchanged).")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader worker processes per rank.")] = 0,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Data loader worker processes per rank "
+                                                "(default: the stage's data.workers, else 0).")] = None,
     head_from_wnids: Annotated[bool, typer.Option("--head-from-wnids",
                                                   help="Copy head rows by wnid from the --init export.")] = False,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels.")] = False,
@@ -57,6 +58,8 @@ def train_command(
     if stage not in recipe.stages:
         raise UserError(f"recipe {recipe_id} has no stage `{stage}`; it has: {', '.join(recipe.stages)}")
     spec = task_for(recipe, stage)
+    if workers is None:
+        workers = recipe.stages[stage].data.workers or 0  # type: ignore[index]
     if spec.name == "dinov2":
         task = spec.task_class()(data, num_workers=workers, knn_train=knn_train, knn_val=knn_val)
     else:

@@ -85,3 +85,69 @@ def test_headless_ssl_backbones_are_only_knn_evaluated_and_say_why():
     assert "knn_train" in plan.data and plan.data["pretrain"].layout == "folder"  # uncurated-142m is a folder of images
     vit = plan_dag("vit-huge")
     assert vit.stages == ["pretrain", "finetune"] and vit.suites == ["in1k", "in_c", "in_r", "knn"] and vit.seeds == [0, 1, 2]
+
+
+def test_jobs_go_to_the_namespace_rbac_lets_the_runner_create_them_in():
+    import yaml as _yaml
+
+    rbac = list(_yaml.safe_load_all((PIPELINES.parent / "manifests/base/rbac.yaml").read_text()))
+    binding = next(o for o in rbac if o["kind"] == "RoleBinding" and o["roleRef"]["name"] == "vfm-pytorchjob-launcher")
+    role = next(o for o in rbac if o["kind"] == "Role" and o["metadata"]["name"] == "vfm-pytorchjob-launcher")
+    assert any("pytorchjobs" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+    runner = binding["subjects"][0]["name"]
+    for recipe_id in list_recipes():
+        spec, _ = compiled(recipe_id)
+        defaults = spec["root"]["inputDefinitions"]["parameters"]
+        assert defaults["namespace"]["defaultValue"] == binding["metadata"]["namespace"], recipe_id
+    from vfm.pipeline import config
+
+    assert config.PIPELINE_RUNNER_SERVICE_ACCOUNT == runner
+
+
+@pytest.mark.parametrize("recipe_id", list_recipes())
+def test_mlflow_auth_keys_are_optional_the_s3_keys_are_not(recipe_id):
+    _, platform = compiled(recipe_id)
+    for name, executor in platform.items():
+        by_key = {k["secretKey"]: bool(s.get("optional")) for s in executor.get("secretAsEnv", [])
+                  for k in s["keyToEnv"]}
+        if not by_key:
+            continue
+        assert by_key == {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False,
+                          "MLFLOW_TRACKING_USERNAME": True, "MLFLOW_TRACKING_PASSWORD": True}, name
+
+
+def test_imagenet_c_workers_match_its_cpu_request():
+    spec, _ = compiled("vit-huge")
+    cpu = spec["deploymentSpec"]["executors"]["exec-make-imagenet-c"]["container"]["resources"]["cpuRequest"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["imagenet_c_workers"]["defaultValue"] == cpu == 8
+
+
+@pytest.mark.parametrize("recipe_id", ["dinov2-giant", "meta-dinov2-giant", "vit-huge"])
+def test_dinov2_pretraining_is_given_the_knn_sets_and_supervised_stages_are_not(recipe_id):
+    spec, _ = compiled(recipe_id)
+    loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
+    train = next(t for t in loop["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-train"))
+    params = train["inputs"]["parameters"]
+    if plan_dag(recipe_id).knn_during_training:
+        # the loop item's labelled sets (fan_out_seeds): the k-NN reference set and the val queries
+        assert params["knn_train"]["parameterExpressionSelector"] == 'parseJson(string_value)["knn_train"]'
+        assert params["knn_val"]["parameterExpressionSelector"] == 'parseJson(string_value)["val"]'
+    else:
+        assert params["knn_train"]["runtimeValue"]["constant"] == "" and recipe_id == "vit-huge"
+
+
+def test_compile_takes_anyones_registry(tmp_path):
+    from vfm.errors import UserError
+    from vfm.pipeline.dag import compile_pipeline
+
+    out = compile_pipeline("vit-huge", tmp_path / "v.yaml", components_image="registry.example.com/c:7",
+                           trainer_image="registry.example.com/t:7")
+    spec = next(yaml.safe_load_all(out.read_text()))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example.com/c:7"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == "registry.example.com/t:7"
+    committed, _ = compiled("vit-huge")  # the committed YAML keeps the documented defaults
+    assert {e["container"]["image"] for e in committed["deploymentSpec"]["executors"].values()} == {
+        "ghcr.io/vfm-project/vfm-components:0.1.0"}
+    with pytest.raises(UserError, match="pin a tag"):
+        compile_pipeline("vit-huge", tmp_path / "w.yaml", components_image="registry.example.com/c:latest")

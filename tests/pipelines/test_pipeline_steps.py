@@ -92,3 +92,51 @@ def test_submit_parameters_parse_as_yaml_values():
         "profile": "smoke", "seeds": [0, 1], "train_timeout_hours": 12.5}
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_params(["seeds"])
+
+
+def _job_of_train(monkeypatch, tmp_path, recipe_id: str, **kw) -> dict:
+    """The PyTorchJob `steps.train` hands the launcher (captured before anything is created)."""
+    import vfm.launch as launch
+
+    seen: dict = {}
+
+    def capture(manifest, **_):
+        seen["job"] = manifest
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(launch, "run_job", capture)
+    recipe = steps._recipe(recipe_id, "paper", [])
+    with pytest.raises(RuntimeError, match="captured"):
+        steps.train(recipe_id=recipe_id, stage="pretrain", profile="paper", overrides=[], data="s3://d/m.json",
+                    data_digest="0" * 64, recipe_sha=steps.recipe_digest(recipe), image="ghcr.io/x/t:1", run_id="r",
+                    parent_run_id="", runs_prefix=str(tmp_path / "runs"), backend="cluster", namespace="vfm", **kw)
+    return seen["job"]
+
+
+def _trainer_args(job: dict) -> list[str]:
+    spec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    return spec["containers"][0]["args"]
+
+
+def test_training_jobs_get_loader_workers_from_the_cpu_request(monkeypatch, tmp_path):
+    # 96 cores for the node's 8 GPUs (the pipeline task's TaskConfig): 12 a rank, 2 kept for the rank itself
+    job = _job_of_train(monkeypatch, tmp_path, "vit-huge", task_config={"resources": {"requests": {"cpu": "96"}}})
+    args = _trainer_args(job)
+    assert args[args.index("--workers") + 1] == "10"
+    # without a passthrough the job's own request (10 cores a GPU) decides: 8 workers
+    args = _trainer_args(_job_of_train(monkeypatch, tmp_path, "vit-huge"))
+    assert args[args.index("--workers") + 1] == "8"
+
+
+def test_dinov2_pretraining_gets_its_knn_sets(monkeypatch, tmp_path):
+    args = _trainer_args(_job_of_train(monkeypatch, tmp_path, "dinov2-giant", knn_train="s3://d/in1k",
+                                       knn_val="s3://d/in1k-val"))
+    assert args[args.index("--knn-train") + 1] == "s3://d/in1k" and args[args.index("--knn-val") + 1] == "s3://d/in1k-val"
+    assert "--knn-train" not in _trainer_args(_job_of_train(monkeypatch, tmp_path, "vit-huge"))
+
+
+def test_imagenet_c_runs_its_workers(monkeypatch):
+    cmds = []
+    monkeypatch.setattr(steps, "_run_vfm", lambda cmd, dest, endpoint: cmds.append(cmd) or ("m", "d"))
+    steps.make_imagenet_c(val_manifest="s3://d/val/manifest.json", data_prefix="s3://d", workers=8)
+    assert cmds[0][cmds[0].index("--workers") + 1] == "8"

@@ -94,3 +94,16 @@ def test_readme_kfp_run_create_submits_the_committed_yaml(kfp_api):
     run = _created_run(seen)
     assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "vfm-vit-huge"
     assert run["runtime_config"]["parameters"] == {"profile": "smoke"}
+
+
+def test_the_cli_submits_as_the_runner_service_account_by_default(kfp_api, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vfm.cli import app
+
+    host, seen = kfp_api
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(app, ["pipeline", "submit", "vit-huge", "--host", host])
+    assert result.exit_code == 0, result.output
+    # the account manifests/base/rbac.yaml binds to PyTorchJob creation in `vfm`
+    assert _created_run(seen)["service_account"] == "vfm-pipeline-runner"

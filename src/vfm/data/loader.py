@@ -233,7 +233,9 @@ class ShardLoader:
         ds = _RankStream(self, self.batches_yielded)
         # own generator: creating the iterator draws a base seed, which from the global RNG would shift the
         # trainer's random stream (drop-path) whenever a resumed run opens a new iterator mid-epoch
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+        # pinned host memory makes the trainer's non_blocking host-to-device copy asynchronous. Workers are
+        # not persistent: this loader is made once per epoch (or resume), each with its own start position
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
                         generator=torch.Generator().manual_seed(self.seed))
         it = iter(dl)

@@ -136,13 +136,17 @@ def trainer_args(
     seed: int | None = None,
     run_key: str | None = None,
     parent_run_id: str | None = None,
+    knn_train: str | None = None,
+    knn_val: str | None = None,
+    workers: int | None = None,
 ) -> list[str]:
     """The `python -m vfm.trainer` command line (the trainer's documented interface)."""
     args = [recipe_id, "--stage", stage, "--data", data, "--out", out, "--profile", profile]
     for item in overrides or []:
         args += ["--set", item]
     for flag, value in (("--init", init), ("--seed", seed), ("--run-key", run_key),
-                        ("--parent-run-id", parent_run_id)):
+                        ("--parent-run-id", parent_run_id), ("--knn-train", knn_train), ("--knn-val", knn_val),
+                        ("--workers", workers)):
         if value is not None and value != "":
             args += [flag, str(value)]
     return args
@@ -167,6 +171,31 @@ def _resources(recipe: Recipe, opts: JobOptions) -> dict[str, dict[str, str]]:
         (requests if key == "requests" else limits).update(
             {k: str(v) for k, v in ((opts.resources or {}).get(key) or {}).items()})
     return {"requests": requests, "limits": limits}
+
+
+def cpu_request(quantity: str) -> float:
+    """A Kubernetes CPU quantity ("12", "12.5", "500m") in cores."""
+    q = str(quantity).strip()
+    try:
+        return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+    except ValueError:
+        raise UserError(f"CPU request {quantity!r} is not a Kubernetes quantity such as 96 or 500m") from None
+
+
+# per rank, cores kept free of loader workers: the rank's own process (the step, NCCL) and its
+# pin-memory thread
+RANK_CORES = 2
+
+
+def loader_workers(recipe: Recipe, stage: str, opts: JobOptions) -> int:
+    """Loader workers per rank: the stage's `data.workers` when the recipe sets it, else the pod's CPU
+    request shared out over its ranks, less `RANK_CORES` each (e.g. 96 cores / 8 GPUs → 10 workers)."""
+    set_ = recipe.stages[stage].data.workers  # type: ignore[index]
+    if set_ is not None:
+        return set_
+    procs = recipe.hardware.procs_per_node
+    cores = cpu_request(_resources(recipe, opts)["requests"]["cpu"])
+    return max(1, int(cores // procs) - RANK_CORES)
 
 
 def uses_gpus(recipe: Recipe) -> bool:

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from vfm.pipeline import config
+
 pipeline_app = typer.Typer(help="KFP pipelines: compile, run locally (kfp.local), submit to a cluster.",
                            no_args_is_help=True)
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
@@ -28,13 +30,20 @@ def _ids(recipe_ids: list[str] | None) -> list[str]:
 def compile_cmd(
     recipe_ids: Annotated[list[str] | None, typer.Argument(help="Recipe ids (default: all five).")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where <id>.yaml goes.")] = PIPELINES_DIR,
+    components_image: Annotated[str | None, typer.Option(
+        "--components-image", help="Image every step runs in, e.g. <registry>/vfm-components:<tag> "
+        "(default: the committed YAML's).")] = None,
+    trainer_image: Annotated[str | None, typer.Option(
+        "--trainer-image", help="Default of the `image` parameter the training jobs run, e.g. "
+        "<registry>/vfm-trainer:<tag>.")] = None,
 ) -> None:
     """Compile each recipe's pipeline to <out-dir>/<id>.yaml (what `kfp run create -f` takes)."""
     from vfm.pipeline.dag import compile_pipeline
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for rid in _ids(recipe_ids):
-        print(compile_pipeline(rid, out_dir / f"{rid}.yaml"))
+        print(compile_pipeline(rid, out_dir / f"{rid}.yaml", components_image=components_image,
+                               trainer_image=trainer_image))
 
 
 @pipeline_app.command("run")
@@ -99,7 +108,9 @@ def submit_cmd(
     param: Annotated[list[str] | None, typer.Option("--param", help="Pipeline parameter key=value (repeatable).")] = None,
     package: Annotated[Path | None, typer.Option("--package", help="Compiled YAML (default: pipelines/<id>.yaml).")] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", help="KFP namespace (multi-user).")] = None,
-    service_account: Annotated[str | None, typer.Option("--service-account")] = None,
+    service_account: Annotated[str, typer.Option(
+        "--service-account", help="The run's service account: the one manifests/base/rbac.yaml lets create "
+        "PyTorchJobs in `vfm`.")] = config.PIPELINE_RUNNER_SERVICE_ACCOUNT,
 ) -> None:
     """Create a run of the compiled pipeline on a KFP server (kfp.Client)."""
     from vfm.pipeline.submit import submit

@@ -24,9 +24,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from vfm.errors import UserError
 from vfm.pipeline import config
 
 SUITE_ORDER = ("in1k", "in_c", "in_r", "knn")
+IMAGENET_C_CPUS = 8  # the ImageNet-C step's CPU request, and by default one corruption worker per CPU
 SHARD_LAYOUTS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
 # where the raw archives are expected on the raw-data volume, under their official names (ILSVRC2012_*:
 # pytorch/vision torchvision/datasets/imagenet.py ARCHIVE_META; fall11_whole.tar, winter21_whole.tar.gz:
@@ -65,6 +67,8 @@ class DagPlan:
     data: dict[str, DataRole]
     skipped: dict[str, str] = field(default_factory=dict)
     gpus_per_node: int = 8
+    knn_during_training: bool = False
+    """The last stage evaluates k-NN of its backbone every `eval.knn_every_steps` (DINOv2 pretraining)."""
 
     @property
     def last(self) -> str:
@@ -98,8 +102,10 @@ def plan_dag(recipe_id: str) -> DagPlan:
         data["imagenet_r"] = DataRole("imagenet_r", "imagenet-r", "imagenet-r")
     if "knn" in suites and "finetune" not in data:
         data["knn_train"] = DataRole("knn_train", "in1k", "in1k")
+    knn_during = bool(task_for(recipe, last).headless and recipe.eval.knn_every_steps and "knn" in suites)
     return DagPlan(recipe_id=recipe.id, stages=stages, seeds=list(recipe.stages[last].seeds), suites=suites,
-                   data=data, skipped=skipped, gpus_per_node=recipe.hardware.procs_per_node)
+                   data=data, skipped=skipped, gpus_per_node=recipe.hardware.procs_per_node,
+                   knn_during_training=knn_during)
 
 
 @cache
@@ -116,19 +122,36 @@ def _io_task(task: Any, retries: int = 3) -> Any:
 def _credentials(task: Any, secret: Any) -> Any:
     from kfp import kubernetes
 
-    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={
-        k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
-                       "MLFLOW_TRACKING_PASSWORD")})
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in config.REQUIRED_SECRET_KEYS})
+    # a pod whose mandatory secret key is missing never starts (CreateContainerConfigError): MLflow's
+    # basic-auth keys are only there when the server has auth
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in config.OPTIONAL_SECRET_KEYS},
+                                 optional=True)
     return task
 
 
-def build_pipeline(recipe_id: str) -> Any:
-    """The `@dsl.pipeline` function of `recipe_id` (compile it, call it under kfp.local, or submit it)."""
+def _with_image(comp: Any, image: str | None) -> Any:
+    """A copy of the component that runs in `image` (KFP fixes a component's image at compile time)."""
+    if image is None:
+        return comp
+    import copy
+
+    comp = copy.deepcopy(comp)
+    comp.component_spec.implementation.container.image = image
+    return comp
+
+
+def build_pipeline(recipe_id: str, *, components_image: str | None = None, trainer_image: str | None = None) -> Any:
+    """The `@dsl.pipeline` function of `recipe_id` (compile it, call it under kfp.local, or submit it).
+
+    `components_image` replaces the image every step runs in; `trainer_image` the default of the
+    `image` parameter (what the training jobs run), so a build → compile → submit works for any registry."""
     from kfp import dsl, kubernetes
 
     plan = plan_dag(recipe_id)
-    c = {n: component(n) for n in ("start_run", "shard_dataset", "make_imagenet_c", "train", "fan_out_seeds",
-                                   "evaluate", "aggregate_seeds", "report", "on_exit")}
+    c = {n: _with_image(component(n), components_image)
+         for n in ("start_run", "shard_dataset", "make_imagenet_c", "train", "fan_out_seeds", "evaluate",
+                   "aggregate_seeds", "report", "on_exit")}
     desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), evaluate {', '.join(plan.suites)}"
             + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items()))
     src = {role: d.default_source for role, d in plan.data.items()}
@@ -151,13 +174,14 @@ def build_pipeline(recipe_id: str) -> Any:
         knn_train_layout: str = lay.get("knn_train", ""),
         imagenet_c_corruptions: str = "",
         imagenet_c_severities: str = "",
+        imagenet_c_workers: int = IMAGENET_C_CPUS,
         raw_data_pvc: str = config.RAW_DATA_PVC,
         shard_size: str = "1GB",
         shard_workers: int = 8,
         mlflow_uri: str = config.MLFLOW_URI,
         s3_endpoint: str = "",
-        image: str = config.TRAINER_IMAGE,
-        namespace: str = "",
+        image: str = trainer_image or config.TRAINER_IMAGE,
+        namespace: str = config.JOB_NAMESPACE,
         credentials_secret: str = config.CREDENTIALS_SECRET,
         profile: str = "paper",
         overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
@@ -194,9 +218,9 @@ def build_pipeline(recipe_id: str) -> Any:
                 imagenet_c = c["make_imagenet_c"](val_manifest=shards["val"].outputs["manifest"], data_prefix=data_prefix,
                                                   name="imagenet-c",
                                                   corruptions=imagenet_c_corruptions, severities=imagenet_c_severities,
-                                                  s3_endpoint=s3_endpoint)
+                                                  workers=imagenet_c_workers, s3_endpoint=s3_endpoint)
                 _credentials(_io_task(imagenet_c), credentials_secret).set_caching_options(True)
-                imagenet_c.set_cpu_request("8").set_memory_request("16G").set_memory_limit("16G")
+                imagenet_c.set_cpu_request(str(IMAGENET_C_CPUS)).set_memory_request("16G").set_memory_limit("16G")
 
             train = dict(**common, image=image, run_id=run_id, runs_prefix=runs_prefix, namespace=namespace,
                          backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
@@ -215,7 +239,7 @@ def build_pipeline(recipe_id: str) -> Any:
                 pre = shards["pretrain"]
                 init = launch("pretrain", data=pre.outputs["manifest"], data_digest=pre.outputs["sha256"],
                               recipe_sha=start.outputs["recipe_sha"], parent_run_id=start.outputs["parent_run_id"],
-                              init="", seed=-1).output
+                              init="", seed=-1, knn_train="", knn_val="").output
             last_data = shards[plan.last]
             knn_train = shards.get("finetune") or shards.get("knn_train")
             fan = c["fan_out_seeds"](
@@ -227,8 +251,11 @@ def build_pipeline(recipe_id: str) -> Any:
                 knn_train=knn_train.outputs["manifest"] if "knn" in plan.suites and knn_train is not None else "")
             fan.set_caching_options(False)
             with dsl.ParallelFor(fan.output, name="seeds") as item:
+                # the k-NN curve during DINOv2 pretraining (eval.knn_every_steps; paper 004 reports it)
+                knn = plan.knn_during_training
                 last = launch(plan.last, data=item.data, data_digest=item.data_digest, recipe_sha=item.recipe_sha,
-                              parent_run_id=item.parent_run_id, init=item.init, seed=item.seed)
+                              parent_run_id=item.parent_run_id, init=item.init, seed=item.seed,
+                              knn_train=item.knn_train if knn else "", knn_val=item.val if knn else "")
                 evals = {}
                 for suite in plan.suites:
                     e = c["evaluate"](**common, export=last.output, suite=suite, val=item.val,
@@ -249,9 +276,15 @@ def build_pipeline(recipe_id: str) -> Any:
     return pipeline
 
 
-def compile_pipeline(recipe_id: str, out: str | Path) -> Path:
+def compile_pipeline(recipe_id: str, out: str | Path, *, components_image: str | None = None,
+                     trainer_image: str | None = None) -> Path:
     from kfp import compiler
 
+    for flag, image in (("--components-image", components_image), ("--trainer-image", trainer_image)):
+        if image is not None and (":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
+            raise UserError(f"{flag} {image!r}: pin a tag or digest (not latest), e.g. registry.example.com/vfm-"
+                            f"{'components' if 'comp' in flag else 'trainer'}:0.1.0")
     out = Path(out)
-    compiler.Compiler().compile(build_pipeline(recipe_id), str(out))
+    compiler.Compiler().compile(build_pipeline(recipe_id, components_image=components_image,
+                                               trainer_image=trainer_image), str(out))
     return out

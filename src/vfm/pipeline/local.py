@@ -225,7 +225,7 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
     args: dict[str, Any] = dict(
         runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
         s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile, overrides=list(overrides),
-        backend="local", shard_size="8MB", shard_workers=1, train_timeout_hours=1.0,
+        backend="local", shard_size="8MB", shard_workers=1, imagenet_c_workers=1, train_timeout_hours=1.0,
         val_labels=val_labels if "val" in plan.data else "",
         imagenet_c_corruptions=LOCAL_IMAGENET_C[0], imagenet_c_severities=LOCAL_IMAGENET_C[1])
     for role in plan.data:

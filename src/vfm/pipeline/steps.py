@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 from vfm.errors import UserError
@@ -117,12 +118,12 @@ def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int =
 
 
 def make_imagenet_c(*, val_manifest: str, data_prefix: str, name: str = "imagenet-c", corruptions: str = "", severities: str = "",
-                    s3_endpoint: str = "") -> tuple[str, str]:
+                    workers: int = 1, s3_endpoint: str = "") -> tuple[str, str]:
     """`vfm make-imagenet-c` from the sharded IN-1K val set to `<data_prefix>/<name>`; returns (manifest URL, sha256)."""
     from vfm import storage
 
     dest = storage.join(data_prefix, name)
-    cmd = ["make-imagenet-c", "--source", val_manifest, "--dest", dest]
+    cmd = ["make-imagenet-c", "--source", val_manifest, "--dest", dest, "--workers", str(workers)]
     if corruptions:
         cmd += ["--corruptions", corruptions]
     if severities:
@@ -149,13 +150,13 @@ def _run_vfm(cmd: list[str], dest: str, s3_endpoint: str) -> tuple[str, str]:
 def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], data: str, data_digest: str,
           recipe_sha: str, image: str, run_id: str, parent_run_id: str, runs_prefix: str, init: str = "",
           seed: int = -1, namespace: str = "", backend: str = "cluster", timeout_hours: float = 24.0,
-          secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "",
-          task_config: Any = None) -> str:
+          secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "", knn_train: str = "",
+          knn_val: str = "", task_config: Any = None) -> str:
     """Run one training stage as a PyTorchJob (cluster or local backend); returns its export URL."""
     from vfm import storage
     from vfm.export import META
     from vfm.launch import JobFailed, JobOptions, build_job, job_name, run_job, to_manifest, trainer_args
-    from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value
+    from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value, loader_workers
 
     env = use_endpoints(mlflow_uri, s3_endpoint)
     recipe = _recipe(recipe_id, profile, overrides)
@@ -172,16 +173,19 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
         print(f"{export} already holds this stage's export (same data, image and recipe): reusing it")
         return export
     run_key = f"{key}/{stage}"
-    args = trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides, init=init or None,
-                        seed=seed_arg, run_key=run_key, parent_run_id=parent_run_id or None)
     # a KFP dsl.TaskConfig (K8s-JSON fragments of the pipeline task's settings) or a plain dict
     tc = task_config if isinstance(task_config, dict) else vars(task_config) if task_config is not None else {}
     opts = JobOptions(
         name=job_name(recipe_id, stage, run_id, seed_arg), namespace=namespace or _namespace(backend), image=image,
-        args=args, secret=secret or None, env=env, active_deadline_seconds=int(timeout_hours * 3600),
+        args=[], secret=secret or None, env=env, active_deadline_seconds=int(timeout_hours * 3600),
         labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": stage},
         annotations={RUN_KEY_ANNOTATION: run_key, "vfm.io/data-sha256": data_digest, "vfm.io/recipe-sha256": recipe_sha},
         resources=tc.get("resources"), node_selector=tc.get("node_selector"), tolerations=tc.get("tolerations"))
+    args = trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides, init=init or None,
+                        seed=seed_arg, run_key=run_key, parent_run_id=parent_run_id or None,
+                        knn_train=knn_train or None, knn_val=knn_val or None,
+                        workers=loader_workers(recipe, stage, opts))
+    opts = replace(opts, args=args)
     manifest = to_manifest(build_job(recipe, opts))
     result = run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts, env=env)
     if not storage.exists(storage.join(export, META)):

@@ -69,6 +69,7 @@ def _smoke(d: dict[str, Any]) -> dict[str, Any]:
         data = stage["data"]
         higher = name == "finetune" and data.get("resolution", 224) > pre_res
         data["resolution"] = SMOKE_RES_HIGH if higher else SMOKE_RES
+        data["workers"] = 0  # 32 px images on a few CPU cores: the rank decodes them itself
         if data.get("multicrop"):
             data["multicrop"].update(global_crops_size=SMOKE_RES, local_crops_size=SMOKE_LOCAL_RES)
         stage.pop("epochs", None)

@@ -71,6 +71,9 @@ class DataConfig(_Strict):
     std: tuple[float, float, float] = IMAGENET_STD
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     multicrop: MultiCropConfig | None = None
+    workers: int | None = Field(None, ge=0)
+    """Loader worker processes per rank (JPEG decode + augmentation); None derives them from the job's CPU
+    request per GPU (`vfm.launch.job.loader_workers`)."""
 
 
 class OptimConfig(_Strict):
