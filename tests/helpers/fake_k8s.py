@@ -33,6 +33,9 @@ class FakeK8s:
         self.requests: list[tuple[str, str]] = []
         self.created: list[dict] = []
         self.deleted: list[str] = []
+        self.pod_templates: dict[tuple[str, str], dict] = {}
+        self.forbidden: set[str] = set()
+        """Request paths answered 403 Forbidden (RBAC refuses the caller)."""
         self._gets: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -94,6 +97,18 @@ def make_handler(fake: FakeK8s):
             url, parts, query = self._route()
             with fake.lock:
                 fake.requests.append(("GET", url.path))
+                if url.path in fake.forbidden:
+                    return self._send(403, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                            "reason": "Forbidden", "code": 403,
+                                            "message": f"forbidden: cannot get {url.path}"})
+                if url.path.startswith(PODS) and len(parts) == 6 and parts[4] == "podtemplates":
+                    found = fake.pod_templates.get((parts[3], parts[5]))
+                    if found is None:
+                        return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                "reason": "NotFound", "code": 404,
+                                                "message": f'podtemplates "{parts[5]}" not found'})
+                    return self._send(200, {"apiVersion": "v1", "kind": "PodTemplate",
+                                            "metadata": {"name": parts[5], "namespace": parts[3]}, "template": found})
                 if url.path.startswith(JOBS) and len(parts) == 7:
                     job = fake.jobs.get((parts[4], parts[6]))
                     if job is None:

@@ -120,3 +120,18 @@ def test_exit_handler_cleanup_deletes_every_job_of_the_run(fake_k8s):
         be.create(job(run))
     assert be.delete_run_jobs("run-1", "vision") == [job("run-1")["metadata"]["name"]]
     assert [n for (_, n) in fake_k8s.jobs] == [job("run-2")["metadata"]["name"]]
+
+
+def test_the_pod_template_is_read_from_the_jobs_namespace_with_clear_404_and_403(fake_k8s):
+    from vfm.errors import UserError
+
+    template = {"spec": {"containers": [{"name": "pytorch", "image": "vfm-trainer"}], "priorityClassName": "p"}}
+    fake_k8s.pod_templates[("vfm", "vfm-trainer")] = template
+    b = backend(fake_k8s, [])
+    assert b.pod_template("vfm") == template
+    assert ("GET", "/api/v1/namespaces/vfm/podtemplates/vfm-trainer") in fake_k8s.requests
+    with pytest.raises(UserError, match="no PodTemplate other/vfm-trainer: .*apply the overlay"):
+        b.pod_template("other")
+    fake_k8s.forbidden.add("/api/v1/namespaces/vfm/podtemplates/vfm-trainer")
+    with pytest.raises(UserError, match="may not read PodTemplate vfm/vfm-trainer: apply manifests/base/rbac.yaml"):
+        b.pod_template("vfm")

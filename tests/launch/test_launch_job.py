@@ -71,8 +71,9 @@ def test_gang_elastic_and_deadline_options():
     assert spec["elasticPolicy"] == {"minReplicas": 8, "maxReplicas": 16, "maxRestarts": 3, "rdzvBackend": "c10d"}
     assert list(spec["pytorchReplicaSpecs"]) == ["Worker"] and spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 128 // 8  # paper 004: 128 accelerators
     kueue = manifest("dinov2-giant", gang=Gang(scheduler="kueue", queue="team-a"))
-    labels = kueue["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
-    assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and "schedulingPolicy" not in kueue["spec"]["runPolicy"]
+    # Kueue reads the queue from the job's own metadata (its jobframework), not from the pods
+    assert kueue["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "schedulingPolicy" not in kueue["spec"]["runPolicy"]
 
 
 def test_task_config_passthrough_overrides_resources_and_placement():

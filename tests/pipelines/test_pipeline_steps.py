@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -94,8 +96,9 @@ def test_submit_parameters_parse_as_yaml_values():
         parse_params(["seeds"])
 
 
-def _job_of_train(monkeypatch, tmp_path, recipe_id: str, **kw) -> dict:
-    """The PyTorchJob `steps.train` hands the launcher (captured before anything is created)."""
+def _job_of_train(monkeypatch, tmp_path, recipe_id: str, template: dict | None = None, **kw) -> dict:
+    """The PyTorchJob `steps.train` hands the launcher (captured before anything is created), with
+    `template` as the namespace's vfm-trainer PodTemplate (None: none, as on the local backend)."""
     import vfm.launch as launch
 
     seen: dict = {}
@@ -105,6 +108,7 @@ def _job_of_train(monkeypatch, tmp_path, recipe_id: str, **kw) -> dict:
         raise RuntimeError("captured")
 
     monkeypatch.setattr(launch, "run_job", capture)
+    monkeypatch.setattr(launch, "read_pod_template", lambda namespace, backend: template)
     recipe = steps._recipe(recipe_id, "paper", [])
     with pytest.raises(RuntimeError, match="captured"):
         steps.train(recipe_id=recipe_id, stage="pretrain", profile="paper", overrides=[], data="s3://d/m.json",
@@ -140,3 +144,47 @@ def test_imagenet_c_runs_its_workers(monkeypatch):
     monkeypatch.setattr(steps, "_run_vfm", lambda cmd, dest, endpoint: cmds.append(cmd) or ("m", "d"))
     steps.make_imagenet_c(val_manifest="s3://d/val/manifest.json", data_prefix="s3://d", workers=8)
     assert cmds[0][cmds[0].index("--workers") + 1] == "8"
+
+
+def _h100_trainer_template() -> dict:
+    """The `vfm-trainer` PodTemplate as the h100 overlay renders it (kubectl kustomize, offline)."""
+    from vfm.deploy.render import render
+
+    objs = render(Path(__file__).resolve().parents[2] / "manifests/overlays/h100")
+    return next(o for o in objs if o["kind"] == "PodTemplate" and o["metadata"]["name"] == "vfm-trainer")["template"]
+
+
+def test_every_replica_is_built_from_the_overlays_pod_template(monkeypatch, tmp_path):
+    from vfm.launch.job import POD_TEMPLATE  # noqa: F401  (the name the launcher reads)
+
+    template = _h100_trainer_template()
+    job = _job_of_train(monkeypatch, tmp_path, "vit-huge", template=template)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    for spec in (r["template"]["spec"] for r in replicas.values()):
+        c = spec["containers"][0]
+        # what GitOps owns reaches every pod: resources, placement, /dev/shm, identity, priority, RDMA
+        assert c["resources"]["requests"]["cpu"] == "96" and c["resources"]["limits"]["memory"] == "1000Gi"
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "128Gi"
+        assert spec["serviceAccountName"] == "vfm-trainer" and spec["priorityClassName"] == "vfm-training"
+        assert "IPC_LOCK" in c["securityContext"]["capabilities"].get("add", []), "rdma-exemption's capability"
+        # what the run adds: its image, the trainer command, its args and env, the GPU count
+        assert c["image"] == "ghcr.io/x/t:1" and c["command"][:3] == ["python", "-m", "vfm.train.torchrun"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert any(e["name"] == "VFM_MAX_RESTARTS" for e in c["env"])
+        assert "restartPolicy" not in spec and spec["terminationGracePeriodSeconds"] > 300
+        args = c["args"]
+        assert args[args.index("--workers") + 1] == "10"  # the template's 96 cores over 8 ranks, 2 kept each
+
+
+def test_kueue_reads_the_queue_name_from_the_jobs_own_metadata():
+    from vfm.launch import Gang, JobOptions, build_job, to_manifest
+    from vfm.recipes import load_recipe
+
+    job = to_manifest(build_job(load_recipe("vit-huge"), JobOptions(
+        name="j", namespace="vfm", image="ghcr.io/x/t:1", args=[], gang=Gang(scheduler="kueue", queue="vfm-h100"))))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "vfm-h100"
+    pod_labels = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    assert "kueue.x-k8s.io/queue-name" not in pod_labels

@@ -10,9 +10,19 @@ from vfm.launch.job import Elastic, Gang, JobOptions, build_job, job_name, to_ma
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
 
 __all__ = ["Elastic", "Gang", "JobOptions", "JobFailed", "JobResult", "JobTimeout", "build_job", "job_name",
-           "run_job", "to_manifest", "trainer_args"]
+           "read_pod_template", "run_job", "to_manifest", "trainer_args"]
 
 Backend = Literal["cluster", "local"]
+
+
+def read_pod_template(namespace: str, *, backend: Backend) -> dict[str, Any] | None:
+    """The namespace's `vfm-trainer` PodTemplate on a cluster; None for the local backend, which has no
+    API server and builds its pods from the recipe (vfm.launch.job)."""
+    if backend == "cluster":
+        from vfm.launch.cluster import ClusterBackend
+
+        return ClusterBackend.from_environment().pod_template(namespace)
+    return None
 
 
 def run_job(manifest: dict[str, Any], *, backend: Backend, timeout_s: float, max_restarts: int,

@@ -26,7 +26,8 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from vfm.launch.job import CONTAINER, GROUP, PLURAL, RUN_LABEL, VERSION
+from vfm.errors import UserError
+from vfm.launch.job import CONTAINER, GROUP, PLURAL, POD_TEMPLATE, RUN_LABEL, VERSION
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
 
 SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -77,6 +78,22 @@ class ClusterBackend:
     @property
     def _core(self) -> k8s.CoreV1Api:
         return k8s.CoreV1Api(self.api)
+
+    # --- the namespace's pod template --------------------------------------------------------------
+    def pod_template(self, namespace: str, name: str = POD_TEMPLATE) -> dict[str, Any]:
+        """The `template` of PodTemplate `namespace/name` as K8s JSON (what every replica is built from)."""
+        try:
+            obj = self._core.read_namespaced_pod_template(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise UserError(f"no PodTemplate {namespace}/{name}: the training pods are built from it; apply "
+                                "the overlay (kubectl apply -k manifests/overlays/<overlay>) or let Argo CD sync "
+                                "it") from None
+            if exc.status == 403:
+                raise UserError(f"this step's service account may not read PodTemplate {namespace}/{name}: apply "
+                                "manifests/base/rbac.yaml and run the pipeline as vfm-pipeline-runner") from None
+            raise
+        return self.api.sanitize_for_serialization(obj)["template"]
 
     # --- job CRUD -------------------------------------------------------------------------------
     def get(self, name: str, namespace: str) -> dict[str, Any] | None:

@@ -8,6 +8,12 @@ What the recipe decides: nodes = gpus / gpus_per_node (Master + nodes-1 Workers)
 per pod, the node selector and toleration of the GPU product. What the run decides (`JobOptions`):
 name, image, trainer arguments, credentials Secret, deadlines, restart cap, elastic / gang scheduling.
 
+On a cluster every replica is built from the `vfm-trainer` PodTemplate of the job's namespace
+(manifests/base/trainer-podtemplate.yaml, patched per overlay and owned by GitOps): its resources, node
+selection, tolerations, `/dev/shm`, service account, priority class, RDMA devices and capabilities reach
+every pod; the launcher adds only the image the run names, command, args, env and the GPU count.
+Without a template (the local backend, tests) the launcher builds the pod itself, as follows.
+
 Every pod template satisfies the Pod Security `restricted` level (non-root, RuntimeDefault seccomp, no
 privilege escalation, all capabilities dropped); `/dev/shm` is a memory-backed emptyDir because the
 container runtime's 64 MiB default starves DataLoader workers and NCCL.
@@ -15,6 +21,7 @@ container runtime's 64 MiB default starves DataLoader workers and NCCL.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
@@ -35,6 +42,8 @@ PORT_NAME, PORT = "pytorchjob-port", 23456
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA GPU feature discovery
 RUN_LABEL = "vfm.io/run"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue reads it from the job's own metadata
+POD_TEMPLATE = "vfm-trainer"  # the PodTemplate every replica is built from (manifests/base/trainer-podtemplate.yaml)
 RUN_KEY_ANNOTATION = "vfm.io/run-key"
 MAX_NAME = 48  # services are `<job>-worker-<i>` and must stay DNS labels (≤ 63 characters)
 NON_ROOT_UID = 10001  # the images' numeric user (images/*/Dockerfile)
@@ -187,14 +196,16 @@ def cpu_request(quantity: str) -> float:
 RANK_CORES = 2
 
 
-def loader_workers(recipe: Recipe, stage: str, opts: JobOptions) -> int:
+def loader_workers(recipe: Recipe, stage: str, opts: JobOptions, pod_template: dict[str, Any] | None = None) -> int:
     """Loader workers per rank: the stage's `data.workers` when the recipe sets it, else the pod's CPU
-    request shared out over its ranks, less `RANK_CORES` each (e.g. 96 cores / 8 GPUs → 10 workers)."""
+    request (the PodTemplate's when there is one) shared out over its ranks, less `RANK_CORES` each
+    (e.g. 96 cores / 8 GPUs → 10 workers)."""
     set_ = recipe.stages[stage].data.workers  # type: ignore[index]
     if set_ is not None:
         return set_
     procs = recipe.hardware.procs_per_node
-    cores = cpu_request(_resources(recipe, opts)["requests"]["cpu"])
+    cpu = template_cpu(pod_template) if pod_template is not None else None
+    cores = cpu_request(cpu or _resources(recipe, opts)["requests"]["cpu"])
     return max(1, int(cores // procs) - RANK_CORES)
 
 
@@ -230,8 +241,6 @@ def _pod_template(recipe: Recipe, opts: JobOptions, role: str) -> k8s.V1PodTempl
     node_selector.update(opts.node_selector or {})
     tolerations += [k8s.V1Toleration(**_snake(t)) for t in opts.tolerations or []]
     labels = {**opts.labels, "vfm.io/role": role}
-    if opts.gang and opts.gang.scheduler == "kueue" and opts.gang.queue:
-        labels["kueue.x-k8s.io/queue-name"] = opts.gang.queue
     return k8s.V1PodTemplateSpec(
         # an Istio sidecar keeps a finished pod Running and blocks the job's completion (kubeflow/trainer#1180)
         metadata=k8s.V1ObjectMeta(labels=labels, annotations={"sidecar.istio.io/inject": "false"}),
@@ -249,13 +258,51 @@ def _pod_template(recipe: Recipe, opts: JobOptions, role: str) -> k8s.V1PodTempl
     )
 
 
+def pod_from_template(template: dict[str, Any], recipe: Recipe, opts: JobOptions, role: str) -> dict[str, Any]:
+    """One replica's pod template from the namespace's `vfm-trainer` PodTemplate (K8s JSON): everything
+    the template says is kept; added are the run's image, command, args and env, the GPU count per pod,
+    the role label and the SIGTERM grace the checkpoint needs."""
+    t = copy.deepcopy(template)
+    spec = t.setdefault("spec", {})
+    container = next((c for c in spec.get("containers") or [] if c.get("name") == CONTAINER), None)
+    if container is None:
+        raise UserError(f"PodTemplate {opts.namespace}/{POD_TEMPLATE}: no container named `{CONTAINER}` (the "
+                        "training operator only runs that one); fix manifests/base/trainer-podtemplate.yaml")
+    container.update(image=opts.image, command=list(TRAINER_COMMAND), args=list(opts.args))
+    ours = {k: v for k, v in sorted(opts.env.items())} | {"VFM_MAX_RESTARTS": str(opts.max_restarts)}
+    env = [e for e in container.get("env") or [] if e.get("name") not in ours]
+    container["env"] = env + [{"name": k, "value": v} for k, v in ours.items()] + list(opts.extra_env or [])
+    if not any(p.get("name") == PORT_NAME for p in container.get("ports") or []):
+        container.setdefault("ports", []).append({"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"})
+    if uses_gpus(recipe):
+        res = container.setdefault("resources", {})
+        for key in ("requests", "limits"):
+            res.setdefault(key, {})[GPU_RESOURCE] = str(recipe.hardware.procs_per_node)
+    meta = t.setdefault("metadata", {})
+    meta["labels"] = {**(meta.get("labels") or {}), **opts.labels, "vfm.io/role": role}
+    meta["annotations"] = {**(meta.get("annotations") or {}), "sidecar.istio.io/inject": "false"}
+    spec.pop("restartPolicy", None)  # the replica's ExitCode policy decides (the operator sets Never)
+    spec["terminationGracePeriodSeconds"] = max(int(spec.get("terminationGracePeriodSeconds") or 0),
+                                                SHUTDOWN_TIMEOUT_S + 60)
+    return t
+
+
+def template_cpu(template: dict[str, Any]) -> str | None:
+    """The CPU request of a pod template's trainer container, if it states one."""
+    for c in (template.get("spec") or {}).get("containers") or []:
+        if c.get("name") == CONTAINER:
+            return ((c.get("resources") or {}).get("requests") or {}).get("cpu")
+    return None
+
+
 def _snake(obj: dict[str, Any]) -> dict[str, Any]:
     """K8s JSON keys (camelCase, from a KFP TaskConfig) → the Python client's keyword names."""
     return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in obj.items()}
 
 
-def build_job(recipe: Recipe, opts: JobOptions) -> kt.KubeflowOrgV1PyTorchJob:
-    """The PyTorchJob for `recipe` under `opts` (validated: name, image, node arithmetic)."""
+def build_job(recipe: Recipe, opts: JobOptions, pod_template: dict[str, Any] | None = None) -> kt.KubeflowOrgV1PyTorchJob:
+    """The PyTorchJob for `recipe` under `opts` (validated: name, image, node arithmetic). With
+    `pod_template` (a PodTemplate's `template`, K8s JSON) every replica is built from it."""
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", opts.name) or len(opts.name) > MAX_NAME:
         raise UserError(f"job name {opts.name!r}: use ≤ {MAX_NAME} lowercase letters, digits and '-'")
     if not opts.image or opts.image.endswith(":latest") or ":" not in opts.image.rsplit("/", 1)[-1]:
@@ -267,6 +314,15 @@ def build_job(recipe: Recipe, opts: JobOptions) -> kt.KubeflowOrgV1PyTorchJob:
     procs = recipe.hardware.procs_per_node
     labels = {**opts.labels, "vfm.io/recipe": label_value(recipe.id)}
     opts = replace(opts, labels=labels)
+    job_labels = dict(labels)
+    if opts.gang and opts.gang.scheduler == "kueue" and opts.gang.queue:
+        job_labels[QUEUE_LABEL] = opts.gang.queue
+
+    def template(role: str) -> Any:
+        if pod_template is not None:
+            return pod_from_template(pod_template, recipe, opts, role)
+        return _pod_template(recipe, opts, role)
+
     replicas: dict[str, kt.KubeflowOrgV1ReplicaSpec] = {}
     elastic = None
     if opts.elastic is not None:
@@ -276,15 +332,15 @@ def build_job(recipe: Recipe, opts: JobOptions) -> kt.KubeflowOrgV1PyTorchJob:
                             f"max_nodes ({e.max_nodes})")
         # elastic jobs rendezvous through worker-0 (c10d); the operator rejects elastic without Workers
         replicas["Worker"] = kt.KubeflowOrgV1ReplicaSpec(
-            replicas=nodes, restart_policy="ExitCode", template=_pod_template(recipe, opts, "worker"))
+            replicas=nodes, restart_policy="ExitCode", template=template("worker"))
         elastic = kt.KubeflowOrgV1ElasticPolicy(min_replicas=e.min_nodes, max_replicas=e.max_nodes,
                                                 max_restarts=e.max_restarts, rdzv_backend="c10d")
     else:
         replicas["Master"] = kt.KubeflowOrgV1ReplicaSpec(
-            replicas=1, restart_policy="ExitCode", template=_pod_template(recipe, opts, "master"))
+            replicas=1, restart_policy="ExitCode", template=template("master"))
         if nodes > 1:  # a single-node job is Master only (the old launcher forced a Worker)
             replicas["Worker"] = kt.KubeflowOrgV1ReplicaSpec(
-                replicas=nodes - 1, restart_policy="ExitCode", template=_pod_template(recipe, opts, "worker"))
+                replicas=nodes - 1, restart_policy="ExitCode", template=template("worker"))
     scheduling = None
     if opts.gang is not None and opts.gang.scheduler != "kueue":
         g = opts.gang
@@ -301,7 +357,7 @@ def build_job(recipe: Recipe, opts: JobOptions) -> kt.KubeflowOrgV1PyTorchJob:
     return kt.KubeflowOrgV1PyTorchJob(
         api_version=API_VERSION,
         kind=KIND,
-        metadata=k8s.V1ObjectMeta(name=opts.name, namespace=opts.namespace, labels=labels,
+        metadata=k8s.V1ObjectMeta(name=opts.name, namespace=opts.namespace, labels=job_labels,
                                   annotations=dict(opts.annotations) or None),
         spec=kt.KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(procs), pytorch_replica_specs=replicas, run_policy=run_policy,

@@ -153,9 +153,9 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
           secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "", knn_train: str = "",
           knn_val: str = "", task_config: Any = None) -> str:
     """Run one training stage as a PyTorchJob (cluster or local backend); returns its export URL."""
-    from vfm import storage
+    from vfm import launch, storage
     from vfm.export import META
-    from vfm.launch import JobFailed, JobOptions, build_job, job_name, run_job, to_manifest, trainer_args
+    from vfm.launch import JobFailed, JobOptions, build_job, job_name, to_manifest, trainer_args
     from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value, loader_workers
 
     env = use_endpoints(mlflow_uri, s3_endpoint)
@@ -181,13 +181,14 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
         labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": stage},
         annotations={RUN_KEY_ANNOTATION: run_key, "vfm.io/data-sha256": data_digest, "vfm.io/recipe-sha256": recipe_sha},
         resources=tc.get("resources"), node_selector=tc.get("node_selector"), tolerations=tc.get("tolerations"))
+    template = launch.read_pod_template(opts.namespace, backend=backend)  # GitOps owns the pods (overlays)
     args = trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides, init=init or None,
                         seed=seed_arg, run_key=run_key, parent_run_id=parent_run_id or None,
                         knn_train=knn_train or None, knn_val=knn_val or None,
-                        workers=loader_workers(recipe, stage, opts))
+                        workers=loader_workers(recipe, stage, opts, template))
     opts = replace(opts, args=args)
-    manifest = to_manifest(build_job(recipe, opts))
-    result = run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts, env=env)
+    manifest = to_manifest(build_job(recipe, opts, template))
+    result = launch.run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts, env=env)
     if not storage.exists(storage.join(export, META)):
         raise JobFailed(result.name, "NoExport", f"the job succeeded but wrote no export at {export}")
     print(f"{stage} done in {result.seconds:.0f} s ({result.restarts} restarts): {export}")
