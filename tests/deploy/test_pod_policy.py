@@ -181,7 +181,7 @@ def test_launcher_jobs_are_restricted_and_valid():
             for extra in (
                 {},
                 {"gang": job_mod.Gang(scheduler="kueue", queue="vfm-h100")},
-                {"elastic": job_mod.Elastic(min_nodes=1, max_nodes=max(2, recipe.hardware.nodes))},
+                {"elastic": job_mod.Elastic(min_nodes=recipe.hardware.nodes, max_nodes=recipe.hardware.nodes)},
             ):
                 opts = job_mod.JobOptions(
                     name=job_mod.job_name(recipe.id, "pretrain", "run-1"),

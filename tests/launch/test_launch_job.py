@@ -64,11 +64,14 @@ def test_single_node_smoke_job_is_master_only_without_gpus():
 
 def test_gang_elastic_and_deadline_options():
     m = manifest("dinov2-giant", gang=Gang(queue="h100", min_available=12, priority_class="train"),
-                 active_deadline_seconds=7200, elastic=Elastic(min_nodes=8, max_nodes=16))
+                 active_deadline_seconds=7200, elastic=Elastic(min_nodes=16, max_nodes=16))
     spec = m["spec"]
     assert spec["runPolicy"]["schedulingPolicy"] == {"minAvailable": 12, "queue": "h100", "priorityClass": "train"}
     assert spec["runPolicy"]["activeDeadlineSeconds"] == 7200
-    assert spec["elasticPolicy"] == {"minReplicas": 8, "maxReplicas": 16, "maxRestarts": 3, "rdzvBackend": "c10d"}
+    assert spec["elasticPolicy"] == {"minReplicas": 16, "maxReplicas": 16, "maxRestarts": 3, "rdzvBackend": "c10d"}
+    # a node count that may change would resume at a world size no checkpoint fits
+    with pytest.raises(UserError, match="resumes only at the world size it checkpointed at"):
+        manifest("dinov2-giant", elastic=Elastic(min_nodes=8, max_nodes=16))
     assert list(spec["pytorchReplicaSpecs"]) == ["Worker"] and spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 128 // 8  # paper 004: 128 accelerators
     kueue = manifest("dinov2-giant", gang=Gang(scheduler="kueue", queue="team-a"))
     # Kueue reads the queue from the job's own metadata (its jobframework), not from the pods

@@ -61,7 +61,12 @@ TRAINER_COMMAND = ["python", "-m", "vfm.train.torchrun", "-m", "vfm.trainer"]
 
 @dataclass(frozen=True)
 class Elastic:
-    """torchrun elastic rendezvous (c10d) between `min_nodes` and `max_nodes` worker pods."""
+    """torchrun elastic rendezvous (c10d) of worker pods: a failed node is replaced and the job goes on
+    from its last checkpoint, without a full job restart.
+
+    The node count stays the recipe's (`min_nodes == max_nodes`): a resumed run continues from per-rank
+    state (each rank's data-loader position and RNG, vfm.train.checkpoint) and from the accumulation that
+    makes the paper's global batch at that world size, so it must restart at the size it checkpointed."""
 
     min_nodes: int
     max_nodes: int
@@ -327,9 +332,10 @@ def build_job(recipe: Recipe, opts: JobOptions, pod_template: dict[str, Any] | N
     elastic = None
     if opts.elastic is not None:
         e = opts.elastic
-        if not 1 <= e.min_nodes <= nodes <= e.max_nodes:
-            raise UserError(f"elastic: need 1 ≤ min_nodes ({e.min_nodes}) ≤ recipe nodes ({nodes}) ≤ "
-                            f"max_nodes ({e.max_nodes})")
+        if not e.min_nodes == nodes == e.max_nodes:
+            raise UserError(f"elastic: min_nodes ({e.min_nodes}) and max_nodes ({e.max_nodes}) must both be the "
+                            f"recipe's {nodes} nodes: a run resumes only at the world size it checkpointed at "
+                            "(per-rank loader positions and RNG, accumulation for the global batch)")
         # elastic jobs rendezvous through worker-0 (c10d); the operator rejects elastic without Workers
         replicas["Worker"] = kt.KubeflowOrgV1ReplicaSpec(
             replicas=nodes, restart_policy="ExitCode", template=template("worker"))
