@@ -194,3 +194,20 @@ def test_every_referenced_secret_has_a_valid_example(rendered):
             assert (ns, name) in defined, (
                 f"{where}: {obj['kind']} uses Secret {ns}/{name} missing from *.example"
             )
+
+
+@pytest.mark.parametrize("overlay", ["overlays/h100", "overlays/local"])
+def test_the_raw_data_claim_the_pipelines_mount_exists_where_their_pods_run(rendered, overlay):
+    from vfm.pipeline import config
+
+    spec, platform = yaml.safe_load_all((MANIFESTS.parent / "pipelines/vit-huge.yaml").read_text())
+    mounts = [m for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+              for m in e.get("pvcMount", [])]
+    assert mounts and all(m["mountPath"] == config.RAW_DATA_MOUNT for m in mounts)
+    assert spec["root"]["inputDefinitions"]["parameters"]["raw_data_pvc"]["defaultValue"] == config.RAW_DATA_PVC
+    # KFP runs pipeline pods in `kubeflow`, the namespace of the runner's service account
+    (runner,) = [o for o in rendered[overlay] if o["kind"] == "ServiceAccount"
+                 and o["metadata"]["name"] == config.PIPELINE_RUNNER_SERVICE_ACCOUNT]
+    claims = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in rendered[overlay]
+              if o["kind"] == "PersistentVolumeClaim"}
+    assert (runner["metadata"]["namespace"], config.RAW_DATA_PVC) in claims
