@@ -93,3 +93,37 @@ def test_parallel_tasks_keep_their_log_records():
             t.join()
     assert sorted(n for n, _, _ in tasks.finished) == ["finetune-0", "finetune-1"], log.getvalue()
     assert logging_utils.local_logger_context.__name__ == "local_logger_context"  # restored afterwards
+
+
+def test_a_local_run_takes_the_users_own_sources(tmp_path):
+    import pytest
+
+    from vfm.errors import UserError
+    from vfm.pipeline.local import parse_sources
+
+    fall11, val, labels, folder = (tmp_path / n for n in ("fall11_whole.tar", "val.tar", "LOC_val_solution.csv", "imgs"))
+    for f in (fall11, val, labels):
+        f.write_bytes(b"")
+    folder.mkdir()
+    given, val_labels = parse_sources("vit-huge", [f"pretrain={fall11}", f"finetune=folder:{folder}", f"val={val}",
+                                                   f"val_labels={labels}"])
+    # a role keeps the layout it has on a cluster unless LAYOUT: names another
+    assert given == {"pretrain": (str(fall11), "in22k-fall11"), "finetune": (str(folder), "folder"),
+                     "val": (str(val), "in1k-val")}
+    assert val_labels == str(labels)
+    for bad, why in ((f"val={val}", "val_labels"), ("detection=/x", "reads the roles"),
+                     ("pretrain=s3://b/fall11_whole.tar", "copy the archive here"),
+                     (f"pretrain={tmp_path / 'absent.tar'}", "does not exist"), ("pretrain", "ROLE=PATH")):
+        with pytest.raises(UserError, match=why):
+            parse_sources("vit-huge", [bad])
+
+
+def test_a_local_run_on_cuda_runs_a_rank_per_visible_gpu(monkeypatch):
+    import torch
+
+    from vfm.pipeline.local import local_world_overrides
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local_world_overrides([]) == ["hardware.gpus=2", "hardware.gpus_per_node=2"]
+    assert local_world_overrides(["hardware.gpus=1"]) == []

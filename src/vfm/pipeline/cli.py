@@ -55,6 +55,10 @@ def run_cmd(
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma list: the last stage's seeds (default: the recipe's).")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="KFP outputs, logs, embedded servers' state, local data.")] = Path(".vfm-local"),
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Reuse/make the local digits archives here.")] = None,
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="Your data for a role: ROLE=PATH or ROLE=LAYOUT:PATH (a folder or an official archive), "
+        "e.g. pretrain=/data/fall11_whole.tar, val=/data/ILSVRC2012_img_val.tar with "
+        "val_labels=/data/LOC_val_solution.csv; roles you leave out get the digits.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Stream every KFP and trainer log line too "
                                           "(they always go to the log file).")] = False,
     serve: Annotated[bool, typer.Option("--serve", help="Keep the embedded MLflow/S3 up after the run "
@@ -89,7 +93,7 @@ def run_cmd(
 
     result = run_local(recipe_id, workdir=workdir.resolve(), profile=profile, overrides=list(overrides or []),
                        seeds=seed_list, data_dir=data_dir.resolve() if data_dir else None, while_serving=show,
-                       verbose=verbose)
+                       verbose=verbose, sources=list(source or []))
     if result.embedded_store is not None and not serve:
         # the embedded servers stopped with the run; runs, params and metrics stay in their SQLite store
         print(f"The embedded MLflow has stopped. Browse the runs with: mlflow ui --backend-store-uri "

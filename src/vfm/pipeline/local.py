@@ -79,6 +79,53 @@ def default_sources(recipe_id: str, data_dir: Path) -> tuple[dict[str, tuple[str
     return sources, str(digits.val_labels)
 
 
+def parse_sources(recipe_id: str, items: list[str]) -> tuple[dict[str, tuple[str, str]], str]:
+    """`--source ROLE=PATH` / `ROLE=LAYOUT:PATH` → (role → (source, layout), val labels path): a user's own
+    data for a role of the recipe's pipeline (`DagPlan.data`), in the layout that role has on a cluster
+    unless LAYOUT names another (`folder`, an official archive layout); `val_labels=PATH` is the IN-1K
+    val ground truth (LOC_val_solution.csv or the devkit) that a `val` source needs."""
+    from vfm.pipeline.dag import SHARD_LAYOUTS, plan_dag
+
+    roles = plan_dag(recipe_id).data
+    out: dict[str, tuple[str, str]] = {}
+    labels = ""
+    for item in items:
+        role, sep, rest = item.partition("=")
+        role = role.strip()
+        if not sep or not rest:
+            raise UserError(f"--source {item!r}: expected ROLE=PATH or ROLE=LAYOUT:PATH, e.g. pretrain=/data/fall11_whole.tar")
+        if role == "val_labels":
+            labels = rest
+            continue
+        if role not in roles:
+            raise UserError(f"--source {item!r}: {recipe_id}'s pipeline reads the roles {', '.join(roles)} "
+                            "(and val_labels); name one of them")
+        layout, colon, path = rest.partition(":")
+        if not colon or layout not in SHARD_LAYOUTS:
+            layout, path = roles[role].layout, rest
+        if path.startswith("s3://"):
+            raise UserError(f"--source {item!r}: a local run shards files on this machine; copy the archive here "
+                            "first (e.g. `aws s3 cp`), since `vfm shard` reads archives by byte offset")
+        if not Path(path).exists():
+            raise UserError(f"--source {item!r}: {path} does not exist")
+        out[role] = (str(Path(path).resolve()), layout)
+    if "val" in out and not labels:
+        raise UserError("--source val=...: also pass --source val_labels=PATH (LOC_val_solution.csv or the "
+                        "ILSVRC2012 devkit), the ground truth of the val images")
+    return out, str(Path(labels).resolve()) if labels else ""
+
+
+def local_world_overrides(overrides: list[str]) -> list[str]:
+    """On a CUDA machine the local job runs one rank per visible GPU (`nprocPerNode`), unless `--set`
+    already says how many."""
+    import torch
+
+    if not torch.cuda.is_available() or any(o.startswith("hardware.gpus") for o in overrides):
+        return []
+    n = torch.cuda.device_count()
+    return [f"hardware.gpus={n}", f"hardware.gpus_per_node={n}"]
+
+
 class TaskLog(io.TextIOBase):
     """What kfp.local prints during a run: all of it into `log`, and a line per finished task to `console`
     from kfp.local's own "Executing task 'x'" / "Task 'x' finished with status S" records
@@ -238,7 +285,7 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
 def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", overrides: list[str] | None = None,
               seeds: list[int] | None = None, data_dir: Path | None = None,
               while_serving: Callable[[LocalRun], None] | None = None, verbose: bool = False,
-              log_path: Path | None = None) -> LocalRun:
+              log_path: Path | None = None, sources: list[str] | None = None) -> LocalRun:
     """Run the pipeline; `while_serving(result)` is called before embedded services stop (e.g. to keep
     the MLflow UI up for browsing, artifacts included). The KFP and trainer output goes to `log_path`
     (default `<workdir>/logs/<id>-<time>.log`, `LocalRun.log_path`) with a line per task on stdout."""
@@ -247,7 +294,10 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
     from vfm.pipeline.dag import build_pipeline
     from vfm.recipes import load_recipe
 
+    overrides = list(overrides or [])
+    overrides += local_world_overrides(overrides) if profile != "smoke" else []  # smoke ranks are CPU ranks
     load_recipe(recipe_id, overrides, profile)  # fail fast on a bad id/override, before starting servers
+    given, given_labels = parse_sources(recipe_id, list(sources or []))
     # the embedded servers log every request at INFO; the run's own output is what matters here
     for name in ("werkzeug", "moto", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -260,13 +310,20 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
         client = s3_client(s3_endpoint)
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
             client.create_bucket(Bucket=LOCAL_BUCKET)
-        sources, val_labels = default_sources(recipe_id, data_dir or workdir / "data")
+        from vfm.pipeline.dag import plan_dag
+
+        if set(plan_dag(recipe_id).data) <= set(given):  # the user's data for every role: no digits needed
+            role_sources, val_labels = dict(given), given_labels
+        else:
+            role_sources, val_labels = default_sources(recipe_id, data_dir or workdir / "data")
+            role_sources.update(given)
+            val_labels = given_labels or val_labels
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
                    raise_on_error=False, enable_caching=not embedded)
         pipeline = build_pipeline(recipe_id)
         print(f"{recipe_id} ({profile}): running the pipeline; KFP and trainer logs: {log_path}", flush=True)
         with captured_output(log_path, verbose, display_names(pipeline)) as tasks, thread_safe_kfp_logging():
-            pipeline(**pipeline_arguments(recipe_id, sources=sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
+            pipeline(**pipeline_arguments(recipe_id, sources=role_sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
                                           s3_endpoint=s3_endpoint, profile=profile, overrides=list(overrides or []),
                                           seeds=seeds, val_labels=val_labels))
             result = _collect(recipe_id, mlflow_uri, time.monotonic() - start)  # its download bar goes to the log
