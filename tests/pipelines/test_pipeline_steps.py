@@ -188,3 +188,31 @@ def test_kueue_reads_the_queue_name_from_the_jobs_own_metadata():
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "vfm-h100"
     pod_labels = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
     assert "kueue.x-k8s.io/queue-name" not in pod_labels
+
+
+def test_evaluation_runs_as_a_gpu_job_in_the_trainer_image(monkeypatch, tmp_path):
+    import vfm.launch as launch
+    from vfm.launch.job import EVALUATOR_COMMAND
+
+    seen: dict = {}
+
+    def capture(manifest, **_):
+        seen["job"] = manifest
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(launch, "run_job", capture)
+    monkeypatch.setattr(launch, "read_pod_template", lambda namespace, backend: _h100_trainer_template())
+    with pytest.raises(RuntimeError, match="captured"):
+        steps.evaluate(recipe_id="vit-huge", profile="paper", overrides=[], export="s3://b/runs/k/finetune/seed-1/export",
+                       suite="in_c", imagenet_c="s3://d/imagenet-c", seed=1, parent_run_id="p", image="ghcr.io/x/t:1",
+                       run_id="r", namespace="vfm", backend="cluster")
+    job = seen["job"]
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"] and job["spec"]["nprocPerNode"] == "8"  # one node
+    c = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "ghcr.io/x/t:1" and c["command"] == EVALUATOR_COMMAND
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    args = c["args"]
+    assert "--bf16" in args and args[args.index("--workers") + 1] == "10" and args[args.index("--batch-size") + 1] == "256"
+    assert args[args.index("--out") + 1] == "s3://b/runs/k/finetune/seed-1/eval/in_c/results.json"
+    assert "in_c=s3://d/imagenet-c" in args and "vfm.suite=in_c" in args
+    assert job["metadata"]["labels"]["vfm.io/stage"] == "eval"

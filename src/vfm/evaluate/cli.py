@@ -48,10 +48,16 @@ def register(app: typer.Typer) -> None:
         bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast.")] = False,
         knn_k: Annotated[str, typer.Option("--knn-k", help="Comma list of k.")] = "10,20,100,200",
         knn_t: Annotated[float, typer.Option("--knn-temperature")] = 0.07,
-        out: Annotated[Path, typer.Option("--out", help="Results JSON.")] = Path("eval-results.json"),
+        out: Annotated[str, typer.Option("--out", help="Results JSON: a path or s3:// URL.")] = "eval-results.json",
         tracking_uri: UriOpt = None,
         run_key: Annotated[str | None, typer.Option("--run-key", help="MLflow run key (re-opens that run).")] = None,
         parent_run_id: Annotated[str | None, typer.Option("--parent-run-id")] = None,
+        run_name: Annotated[str | None, typer.Option("--run-name", help="MLflow run name.")] = None,
+        tag: Annotated[list[str] | None, typer.Option("--tag", help="MLflow tag KEY=VALUE (repeatable).")] = None,
+        profile: Annotated[str | None, typer.Option("--profile", help="The recipe profile the export was trained "
+                                                    "with (default: the one its model.json records).")] = None,
+        overrides: Annotated[list[str] | None, typer.Option("--set", help="The recipe overrides it was trained "
+                                                            "with (for the run's params).")] = None,
     ) -> None:
         """Top-1/5, ImageNet-C mCE, ImageNet-R and k-NN of an export; mean ± std over several seeds."""
         import torch
@@ -71,7 +77,13 @@ def register(app: typer.Typer) -> None:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        recipe, claims = _recipe_of(checkpoints[0])
+        tags = {}
+        for item in tag or []:
+            k, sep, v = item.partition("=")
+            if not sep or not k:
+                raise UserError(f"--tag {item!r}: expected KEY=VALUE, e.g. vfm.suite=in1k")
+            tags[k] = v
+        recipe, claims = _recipe_of(checkpoints[0], profile, list(overrides or []))
         kwargs = dict(batch_size=batch_size, num_workers=workers, device=dev, knn_ks=ks, knn_temperature=knn_t,
                       autocast_dtype=torch.bfloat16 if bf16 else None)
         rank, _ = rank_and_world()
@@ -80,7 +92,7 @@ def register(app: typer.Typer) -> None:
 
             key = run_key or "eval:" + hashlib.sha256(json.dumps([checkpoints, suites, data_map]).encode()).hexdigest()[:16]
             with tracked_run(recipe, stage="eval", run_key=key, parent_run_id=parent_run_id, uri=tracking_uri,
-                             run_name=f"{recipe.id}-eval") as run:
+                             run_name=run_name or f"{recipe.id}-eval", extra_tags=tags) as run:
                 results = evaluate_seeds(checkpoints, suites, data_map, claims=claims, run=run, out_json=out, **kwargs)
         else:
             results = evaluate_seeds(checkpoints, suites, data_map, claims=claims, out_json=out, **kwargs)
@@ -119,7 +131,7 @@ def register(app: typer.Typer) -> None:
         print(f"plot: {render_png(rows, out)}")
 
 
-def _recipe_of(export: str):
+def _recipe_of(export: str, profile: str | None = None, overrides: list[str] | None = None):
     """The recipe an export came from (for MLflow and claims); None for an export of an unknown recipe.
     Reads only `model.json`: the weights (GBs for ViT-g) are loaded once, by the evaluation."""
     from vfm import storage
@@ -131,7 +143,7 @@ def _recipe_of(export: str):
         raise UserError(f"{export}: not a vfm export (no {META}); pass the `export/` directory a training run wrote")
     meta = ExportMeta(**json.loads(storage.read_bytes(url)))
     try:
-        recipe = load_recipe(meta.recipe_id, profile=meta.extra.get("profile", "paper"))
+        recipe = load_recipe(meta.recipe_id, overrides, profile or meta.extra.get("profile", "paper"))
     except RecipeError:
         return None, {}
     return recipe, recipe.claims.model_dump()

@@ -82,17 +82,18 @@ class EvalResults:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)  # a reader never sees half a file
-        return path
+    def write_json(self, url: str | Path) -> str:
+        """To a local path or s3:// URL; a reader never sees half a file (vfm.storage.write_bytes)."""
+        from vfm import storage
+
+        storage.write_bytes(str(url), json.dumps(self.to_dict(), indent=2, sort_keys=True).encode())
+        return str(url)
 
     @classmethod
-    def read_json(cls, path: str | Path) -> EvalResults:
-        return cls(**json.loads(Path(path).read_text()))
+    def read_json(cls, url: str | Path) -> EvalResults:
+        from vfm import storage
+
+        return cls(**json.loads(storage.read_bytes(str(url))))
 
     def log_to(self, run: Any, artifact_name: str = "eval/results.json") -> None:
         """Metrics under their stable names, the JSON as an artifact, and `achieved.*` tags for claims."""

@@ -6,10 +6,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from vfm.launch.job import Elastic, Gang, JobOptions, build_job, job_name, to_manifest, trainer_args
+from vfm.launch.job import (
+    Elastic,
+    Gang,
+    JobOptions,
+    build_job,
+    evaluator_args,
+    job_name,
+    one_node,
+    to_manifest,
+    trainer_args,
+)
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
 
-__all__ = ["Elastic", "Gang", "JobOptions", "JobFailed", "JobResult", "JobTimeout", "build_job", "job_name",
+__all__ = ["Elastic", "Gang", "JobOptions", "JobFailed", "JobResult", "JobTimeout", "build_job", "evaluator_args",
+           "job_name", "one_node",
            "read_pod_template", "run_job", "to_manifest", "trainer_args"]
 
 Backend = Literal["cluster", "local"]

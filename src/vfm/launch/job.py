@@ -57,6 +57,10 @@ GPU_PRODUCTS = {
 }
 # the trainer exits ≥ 128 for retryable failures (SIGTERM → 143); vfm.train.torchrun (torchrun) keeps that code
 TRAINER_COMMAND = ["python", "-m", "vfm.train.torchrun", "-m", "vfm.trainer"]
+# evaluation runs as a job too, in the trainer image on the job's GPUs: `vfm evaluate` under the same torchrun
+EVALUATOR_COMMAND = ["python", "-m", "vfm.train.torchrun", "-m", "vfm", "evaluate"]
+# ...and as one plain process where the job has one rank (a CPU node): no rendezvous to hold
+SINGLE_EVALUATOR_COMMAND = ["python", "-m", "vfm", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,9 @@ class JobOptions:
     namespace: str
     image: str
     args: list[str]
-    """Trainer arguments after `torchrun -m vfm.trainer` (see `trainer_args`)."""
+    """Arguments after `command` (`trainer_args`, `evaluator_args`)."""
+    command: tuple[str, ...] = tuple(TRAINER_COMMAND)
+    """TRAINER_COMMAND or EVALUATOR_COMMAND."""
     secret: str | None = "vfm-credentials"
     """Secret whose keys become env vars (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, ...)."""
     env: dict[str, str] = field(default_factory=dict)
@@ -166,6 +172,30 @@ def trainer_args(
     return args
 
 
+def evaluator_args(export: str, suite: str, data: dict[str, str], *, out: str, run_key: str, parent_run_id: str,
+                   run_name: str, tags: dict[str, str], profile: str, overrides: list[str] | None, workers: int,
+                   gpu: bool) -> list[str]:
+    """The `vfm evaluate` command line of one suite on one export (after EVALUATOR_COMMAND): bf16 autocast
+    and a larger batch on GPUs, the results JSON written to `out` (local or s3://)."""
+    args = [export, "--suite", suite, "--out", out, "--run-key", run_key, "--parent-run-id", parent_run_id,
+            "--run-name", run_name, "--profile", profile, "--workers", str(workers),
+            "--batch-size", "256" if gpu else "64"]
+    for key, url in sorted(data.items()):
+        args += ["--data", f"{key}={url}"]
+    for key, value in sorted(tags.items()):
+        args += ["--tag", f"{key}={value}"]
+    for item in overrides or []:
+        args += ["--set", item]
+    return args + (["--bf16"] if gpu else [])
+
+
+def one_node(recipe: Recipe) -> Recipe:
+    """The recipe on one node (its GPUs per node; one process on CPU): the shape of an evaluation job."""
+    procs = recipe.hardware.procs_per_node if uses_gpus(recipe) else 1
+    return recipe.model_copy(update={"hardware": recipe.hardware.model_copy(
+        update={"gpus": procs, "gpus_per_node": procs})})
+
+
 def _security() -> tuple[k8s.V1PodSecurityContext, k8s.V1SecurityContext]:
     seccomp = k8s.V1SeccompProfile(type="RuntimeDefault")
     pod = k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=NON_ROOT_UID, run_as_group=NON_ROOT_UID,
@@ -229,7 +259,7 @@ def _pod_template(recipe: Recipe, opts: JobOptions, role: str) -> k8s.V1PodTempl
         name=CONTAINER,
         image=opts.image,
         image_pull_policy="IfNotPresent",
-        command=list(TRAINER_COMMAND),
+        command=list(opts.command),
         args=list(opts.args),
         env=env,
         env_from=env_from,
@@ -273,7 +303,7 @@ def pod_from_template(template: dict[str, Any], recipe: Recipe, opts: JobOptions
     if container is None:
         raise UserError(f"PodTemplate {opts.namespace}/{POD_TEMPLATE}: no container named `{CONTAINER}` (the "
                         "training operator only runs that one); fix manifests/base/trainer-podtemplate.yaml")
-    container.update(image=opts.image, command=list(TRAINER_COMMAND), args=list(opts.args))
+    container.update(image=opts.image, command=list(opts.command), args=list(opts.args))
     ours = {k: v for k, v in sorted(opts.env.items())} | {"VFM_MAX_RESTARTS": str(opts.max_restarts)}
     env = [e for e in container.get("env") or [] if e.get("name") not in ours]
     container["env"] = env + [{"name": k, "value": v} for k, v in ours.items()] + list(opts.extra_env or [])

@@ -261,11 +261,12 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                     e = c["evaluate"](**common, export=last.output, suite=suite, val=item.val,
                                       imagenet_c=item.imagenet_c, imagenet_r=item.imagenet_r, knn_train=item.knn_train,
                                       seed=item.seed, parent_run_id=item.parent_run_id, mlflow_uri=mlflow_uri,
-                                      s3_endpoint=s3_endpoint)
+                                      s3_endpoint=s3_endpoint, image=image, run_id=run_id, namespace=namespace,
+                                      backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret)
                     e.set_display_name(f"evaluate {suite}")
+                    # the launcher of the evaluation job: no GPU here, the job's pods hold them
                     _credentials(_io_task(e, retries=2), credentials_secret).set_caching_options(False)
-                    e.set_cpu_request("8").set_memory_request("32G").set_memory_limit("32G")
-                    e.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+                    e.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
                     evals[suite] = e
             agg = c["aggregate_seeds"](**{s: dsl.Collected(evals[s].output) if s in evals else [] for s in SUITE_ORDER})
             _io_task(agg).set_caching_options(False)

@@ -225,22 +225,43 @@ def suite_data(suite: str, *, val: str, imagenet_c: str = "", imagenet_r: str = 
 
 
 def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str, suite: str, val: str = "",
-             imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "", seed: int, parent_run_id: str, mlflow_uri: str = "", s3_endpoint: str = "") -> dict[str, Any]:
-    """One suite on one export, logged to its own MLflow child run; returns {seed, suite, metrics}."""
-    import torch
+             imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "", seed: int, parent_run_id: str,
+             mlflow_uri: str = "", s3_endpoint: str = "", image: str = "", run_id: str = "", namespace: str = "",
+             backend: str = "cluster", timeout_hours: float = 24.0, secret: str = "vfm-credentials") -> dict[str, Any]:
+    """One suite on one export as a job in the trainer image, on the GPUs of one node (bf16, loader
+    workers, ranks sharing the data), logged to its own MLflow child run; returns {seed, suite, metrics}."""
+    from vfm import launch, storage
+    from vfm.evaluate.results import EvalResults
+    from vfm.launch.job import (
+        EVALUATOR_COMMAND,
+        RUN_LABEL,
+        SINGLE_EVALUATOR_COMMAND,
+        label_value,
+        loader_workers,
+        uses_gpus,
+    )
 
-    from vfm.evaluate.suite import evaluate as run_suite
-    from vfm.tracking import tracked_run
-
-    use_endpoints(mlflow_uri, s3_endpoint)
+    env = use_endpoints(mlflow_uri, s3_endpoint)
     data = suite_data(suite, val=val, imagenet_c=imagenet_c, imagenet_r=imagenet_r, knn_train=knn_train)
     recipe = _recipe(recipe_id, profile, overrides)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tracked_run(recipe, stage="eval", run_key=f"{parent_run_id}/eval/{suite}/{seed}", parent_run_id=parent_run_id,
-                     run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
-                     extra_tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}) as run:
-        metrics = run_suite(export, [suite], data, device=device)
-        run.log_metrics(metrics)
+    node = launch.one_node(recipe)
+    results_url = storage.join(storage.join(storage.join(storage.parent(export), "eval"), suite), "results.json")
+    opts = launch.JobOptions(
+        name=launch.job_name(recipe_id, f"eval-{suite}", run_id, seed), namespace=namespace or _namespace(backend),
+        image=image, args=[], secret=secret or None, env=env,
+        command=tuple(EVALUATOR_COMMAND if node.hardware.gpus > 1 else SINGLE_EVALUATOR_COMMAND),
+        active_deadline_seconds=int(timeout_hours * 3600),
+        labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": "eval", "vfm.io/suite": label_value(suite)})
+    template = launch.read_pod_template(opts.namespace, backend=backend)
+    last = list(recipe.stages)[-1]
+    args = launch.evaluator_args(
+        export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}", parent_run_id=parent_run_id,
+        run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
+        tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}, profile=profile, overrides=overrides,
+        workers=loader_workers(node, last, opts, template), gpu=uses_gpus(node))
+    manifest = launch.to_manifest(launch.build_job(node, replace(opts, args=args), template))
+    launch.run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts, env=env)
+    metrics = EvalResults.read_json(results_url).metrics
     print(json.dumps(metrics, indent=1, sort_keys=True))
     return {"seed": seed, "suite": suite, "metrics": metrics}
 
