@@ -124,3 +124,15 @@ def test_grace_period_outlasts_the_trainers_checkpoint_window():
 
     for replica in manifest("vit-huge")["spec"]["pytorchReplicaSpecs"].values():
         assert replica["template"]["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_TIMEOUT_S
+
+
+def test_every_known_gpu_has_a_peak_and_a_node_label():
+    """One key per GPU across the tables: a GPU `vfm plan` prices is one the launcher can place."""
+    from vfm.recipes.gpus import GPU_PRODUCTS, GPU_SPECS
+
+    assert set(GPU_PRODUCTS) == set(GPU_SPECS)
+    for rid in ("vit-huge", "convnext-xl", "dinov2-giant"):
+        recipe = load_recipe(rid)
+        spec = to_manifest(build_job(recipe, JobOptions(name="j", namespace="vfm", image="ghcr.io/x/t:1", args=[])))
+        selector = spec["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["nodeSelector"]
+        assert selector["nvidia.com/gpu.product"] == GPU_PRODUCTS[recipe.hardware.gpu]

@@ -32,6 +32,7 @@ from kubernetes.client import models as k8s
 
 from vfm.errors import UserError
 from vfm.recipes import Recipe
+from vfm.recipes.gpus import GPU_PRODUCTS
 from vfm.train.torchrun import SHUTDOWN_TIMEOUT_S
 
 API_VERSION = "kubeflow.org/v1"
@@ -48,13 +49,6 @@ RUN_KEY_ANNOTATION = "vfm.io/run-key"
 MAX_NAME = 48  # services are `<job>-worker-<i>` and must stay DNS labels (≤ 63 characters)
 NON_ROOT_UID = 10001  # the images' numeric user (images/*/Dockerfile)
 
-# recipe `hardware.gpu` → value of GPU_PRODUCT_LABEL on the nodes that have it
-GPU_PRODUCTS = {
-    "H100-SXM-80GB": "NVIDIA-H100-80GB-HBM3",
-    "H200-SXM-141GB": "NVIDIA-H200",
-    "A100-SXM-80GB": "NVIDIA-A100-SXM4-80GB",
-    "A100-SXM-40GB": "NVIDIA-A100-SXM4-40GB",
-}
 # the trainer exits ≥ 128 for retryable failures (SIGTERM → 143); vfm.train.torchrun (torchrun) keeps that code
 TRAINER_COMMAND = ["python", "-m", "vfm.train.torchrun", "-m", "vfm.trainer"]
 # evaluation runs as a job too, in the trainer image on the job's GPUs: `vfm evaluate` under the same torchrun
