@@ -298,7 +298,7 @@ def pod_from_template(template: dict[str, Any], recipe: Recipe, opts: JobOptions
         raise UserError(f"PodTemplate {opts.namespace}/{POD_TEMPLATE}: no container named `{CONTAINER}` (the "
                         "training operator only runs that one); fix manifests/base/trainer-podtemplate.yaml")
     container.update(image=opts.image, command=list(opts.command), args=list(opts.args))
-    ours = {k: v for k, v in sorted(opts.env.items())} | {"VFM_MAX_RESTARTS": str(opts.max_restarts)}
+    ours = dict(sorted(opts.env.items())) | {"VFM_MAX_RESTARTS": str(opts.max_restarts)}
     env = [e for e in container.get("env") or [] if e.get("name") not in ours]
     container["env"] = env + [{"name": k, "value": v} for k, v in ours.items()] + list(opts.extra_env or [])
     if not any(p.get("name") == PORT_NAME for p in container.get("ports") or []):

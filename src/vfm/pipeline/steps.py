@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -153,10 +154,10 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
           secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "", knn_train: str = "",
           knn_val: str = "", task_config: Any = None) -> str:
     """Run one training stage as a PyTorchJob (cluster or local backend); returns its export URL."""
-    from vfm import launch, storage
+    from vfm import storage
     from vfm.export import META
-    from vfm.launch import JobFailed, JobOptions, build_job, job_name, to_manifest, trainer_args
-    from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value, loader_workers
+    from vfm.launch import JobFailed, JobOptions, job_name, trainer_args
+    from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value
 
     env = use_endpoints(mlflow_uri, s3_endpoint)
     recipe = _recipe(recipe_id, profile, overrides)
@@ -181,18 +182,30 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
         labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": stage},
         annotations={RUN_KEY_ANNOTATION: run_key, "vfm.io/data-sha256": data_digest, "vfm.io/recipe-sha256": recipe_sha},
         resources=tc.get("resources"), node_selector=tc.get("node_selector"), tolerations=tc.get("tolerations"))
-    template = launch.read_pod_template(opts.namespace, backend=backend)  # GitOps owns the pods (overlays)
-    args = trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides, init=init or None,
-                        seed=seed_arg, run_key=run_key, parent_run_id=parent_run_id or None,
-                        knn_train=knn_train or None, knn_val=knn_val or None,
-                        workers=loader_workers(recipe, stage, opts, template))
-    opts = replace(opts, args=args)
-    manifest = to_manifest(build_job(recipe, opts, template))
-    result = launch.run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts, env=env)
+    result = _run_as_job(recipe, stage, opts, backend=backend, timeout_hours=timeout_hours, env=env, args_for=lambda w:
+                         trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides,
+                                      init=init or None, seed=seed_arg, run_key=run_key,
+                                      parent_run_id=parent_run_id or None, knn_train=knn_train or None,
+                                      knn_val=knn_val or None, workers=w))
     if not storage.exists(storage.join(export, META)):
         raise JobFailed(result.name, "NoExport", f"the job succeeded but wrote no export at {export}")
     print(f"{stage} done in {result.seconds:.0f} s ({result.restarts} restarts): {export}")
     return export
+
+
+def _run_as_job(recipe: Any, stage: str, opts: Any, *, backend: str, timeout_hours: float, env: dict[str, str],
+                args_for: Callable[[int], list[str]]) -> Any:
+    """Build and run one job the way every stage and evaluation runs: its pods from the namespace's
+    PodTemplate (GitOps owns them; none on the local backend), its command line from `args_for(loader
+    workers)`, as the pod's CPU request allows them. Returns the launcher's JobResult."""
+    from vfm import launch
+    from vfm.launch.job import loader_workers
+
+    template = launch.read_pod_template(opts.namespace, backend=backend)
+    opts = replace(opts, args=args_for(loader_workers(recipe, stage, opts, template)))
+    manifest = launch.to_manifest(launch.build_job(recipe, opts, template))
+    return launch.run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts,
+                          env=env)
 
 
 def fan_out_seeds(seeds: list[int], **shared: str) -> list[dict[str, Any]]:
@@ -232,14 +245,7 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
     workers, ranks sharing the data), logged to its own MLflow child run; returns {seed, suite, metrics}."""
     from vfm import launch, storage
     from vfm.evaluate.results import EvalResults
-    from vfm.launch.job import (
-        EVALUATOR_COMMAND,
-        RUN_LABEL,
-        SINGLE_EVALUATOR_COMMAND,
-        label_value,
-        loader_workers,
-        uses_gpus,
-    )
+    from vfm.launch.job import EVALUATOR_COMMAND, RUN_LABEL, SINGLE_EVALUATOR_COMMAND, label_value, uses_gpus
 
     env = use_endpoints(mlflow_uri, s3_endpoint)
     data = suite_data(suite, val=val, imagenet_c=imagenet_c, imagenet_r=imagenet_r, knn_train=knn_train)
@@ -252,15 +258,12 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
         command=tuple(EVALUATOR_COMMAND if node.hardware.gpus > 1 else SINGLE_EVALUATOR_COMMAND),
         active_deadline_seconds=int(timeout_hours * 3600),
         labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": "eval", "vfm.io/suite": label_value(suite)})
-    template = launch.read_pod_template(opts.namespace, backend=backend)
-    last = list(recipe.stages)[-1]
-    args = launch.evaluator_args(
-        export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}", parent_run_id=parent_run_id,
-        run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
-        tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}, profile=profile, overrides=overrides,
-        workers=loader_workers(node, last, opts, template), gpu=uses_gpus(node))
-    manifest = launch.to_manifest(launch.build_job(node, replace(opts, args=args), template))
-    launch.run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts, env=env)
+    _run_as_job(node, list(recipe.stages)[-1], opts, backend=backend, timeout_hours=timeout_hours, env=env,
+                args_for=lambda w: launch.evaluator_args(
+                    export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}",
+                    parent_run_id=parent_run_id, run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
+                    tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}, profile=profile,
+                    overrides=overrides, workers=w, gpu=uses_gpus(node)))
     metrics = EvalResults.read_json(results_url).metrics
     print(json.dumps(metrics, indent=1, sort_keys=True))
     return {"seed": seed, "suite": suite, "metrics": metrics}
