@@ -9,7 +9,7 @@ from vfm.pipeline.config import COMPONENTS_IMAGE
 @dsl.component(base_image=COMPONENTS_IMAGE)
 def evaluate(recipe_id: str, profile: str, overrides: list, export: str, suite: str, val: str, imagenet_c: str,
              imagenet_r: str, knn_train: str, seed: int, parent_run_id: str, mlflow_uri: str, s3_endpoint: str,
-             image: str, run_id: str, namespace: str, backend: str, timeout_hours: float, secret: str) -> dict:
+             image: str, run_id: str, namespace: str, backend: str, timeout_hours: float, secret: str, queue: str) -> dict:
     """Returns {seed, suite, metrics} with the stable `eval.<suite>.*` metric names."""
     from vfm.pipeline import steps
 
@@ -17,4 +17,4 @@ def evaluate(recipe_id: str, profile: str, overrides: list, export: str, suite: 
                           val=val, imagenet_c=imagenet_c, imagenet_r=imagenet_r, knn_train=knn_train, seed=seed,
                           parent_run_id=parent_run_id, mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, image=image,
                           run_id=run_id, namespace=namespace, backend=backend, timeout_hours=timeout_hours,
-                          secret=secret)
+                          secret=secret, queue=queue)

@@ -182,6 +182,7 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
         s3_endpoint: str = "",
         image: str = trainer_image or config.TRAINER_IMAGE,
         namespace: str = config.JOB_NAMESPACE,
+        kueue_queue: str = "",
         credentials_secret: str = config.CREDENTIALS_SECRET,
         profile: str = "paper",
         overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
@@ -224,7 +225,7 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
 
             train = dict(**common, image=image, run_id=run_id, runs_prefix=runs_prefix, namespace=namespace,
                          backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
-                         mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint)
+                         mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, queue=kueue_queue)
 
             def launch(stage: str, **kw: Any) -> Any:
                 t = c["train"](**train, stage=stage, **kw).set_display_name(stage)
@@ -262,7 +263,8 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                                       imagenet_c=item.imagenet_c, imagenet_r=item.imagenet_r, knn_train=item.knn_train,
                                       seed=item.seed, parent_run_id=item.parent_run_id, mlflow_uri=mlflow_uri,
                                       s3_endpoint=s3_endpoint, image=image, run_id=run_id, namespace=namespace,
-                                      backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret)
+                                      backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
+                                      queue=kueue_queue)
                     e.set_display_name(f"evaluate {suite}")
                     # the launcher of the evaluation job: no GPU here, the job's pods hold them
                     _credentials(_io_task(e, retries=2), credentials_secret).set_caching_options(False)

@@ -152,12 +152,11 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
           recipe_sha: str, image: str, run_id: str, parent_run_id: str, runs_prefix: str, init: str = "",
           seed: int = -1, namespace: str = "", backend: str = "cluster", timeout_hours: float = 24.0,
           secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "", knn_train: str = "",
-          knn_val: str = "", task_config: Any = None) -> str:
+          knn_val: str = "", queue: str = "", task_config: Any = None) -> str:
     """Run one training stage as a PyTorchJob (cluster or local backend); returns its export URL."""
     from vfm import storage
     from vfm.export import META
-    from vfm.launch import JobFailed, JobOptions, job_name, trainer_args
-    from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value
+    from vfm.launch import JobFailed, trainer_args
 
     env = use_endpoints(mlflow_uri, s3_endpoint)
     recipe = _recipe(recipe_id, profile, overrides)
@@ -174,14 +173,9 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
         print(f"{export} already holds this stage's export (same data, image and recipe): reusing it")
         return export
     run_key = f"{key}/{stage}"
-    # a KFP dsl.TaskConfig (K8s-JSON fragments of the pipeline task's settings) or a plain dict
-    tc = task_config if isinstance(task_config, dict) else vars(task_config) if task_config is not None else {}
-    opts = JobOptions(
-        name=job_name(recipe_id, stage, run_id, seed_arg), namespace=namespace or _namespace(backend), image=image,
-        args=[], secret=secret or None, env=env, active_deadline_seconds=int(timeout_hours * 3600),
-        labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": stage},
-        annotations={RUN_KEY_ANNOTATION: run_key, "vfm.io/data-sha256": data_digest, "vfm.io/recipe-sha256": recipe_sha},
-        resources=tc.get("resources"), node_selector=tc.get("node_selector"), tolerations=tc.get("tolerations"))
+    opts = train_options(recipe_id, stage, run_id=run_id, seed=seed_arg, namespace=namespace or _namespace(backend),
+                         image=image, secret=secret, env=env, timeout_hours=timeout_hours, queue=queue,
+                         run_key=run_key, data_digest=data_digest, recipe_sha=recipe_sha, task_config=task_config)
     result = _run_as_job(recipe, stage, opts, backend=backend, timeout_hours=timeout_hours, env=env, args_for=lambda w:
                          trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides,
                                       init=init or None, seed=seed_arg, run_key=run_key,
@@ -193,17 +187,63 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
     return export
 
 
-def _run_as_job(recipe: Any, stage: str, opts: Any, *, backend: str, timeout_hours: float, env: dict[str, str],
-                args_for: Callable[[int], list[str]]) -> Any:
-    """Build and run one job the way every stage and evaluation runs: its pods from the namespace's
-    PodTemplate (GitOps owns them; none on the local backend), its command line from `args_for(loader
-    workers)`, as the pod's CPU request allows them. Returns the launcher's JobResult."""
+def train_options(recipe_id: str, stage: str, *, run_id: str, seed: int | None, namespace: str, image: str,
+                  secret: str, env: dict[str, str], timeout_hours: float, queue: str = "", run_key: str = "",
+                  data_digest: str = "", recipe_sha: str = "", task_config: Any = None) -> Any:
+    """The JobOptions of one training stage's PyTorchJob (what `train` launches and `vfm preflight` checks)."""
+    from vfm.launch import JobOptions, job_name
+    from vfm.launch.job import RUN_KEY_ANNOTATION, RUN_LABEL, label_value
+
+    # a KFP dsl.TaskConfig (K8s-JSON fragments of the pipeline task's settings) or a plain dict
+    tc = task_config if isinstance(task_config, dict) else vars(task_config) if task_config is not None else {}
+    return JobOptions(
+        name=job_name(recipe_id, stage, run_id, seed), namespace=namespace, image=image, args=[],
+        secret=secret or None, env=env, active_deadline_seconds=int(timeout_hours * 3600),
+        labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": stage},
+        annotations={RUN_KEY_ANNOTATION: run_key, "vfm.io/data-sha256": data_digest, "vfm.io/recipe-sha256": recipe_sha},
+        resources=tc.get("resources"), node_selector=tc.get("node_selector"), tolerations=tc.get("tolerations"),
+        gang=_queue(queue))
+
+
+def eval_options(recipe_id: str, suite: str, *, run_id: str, seed: int, namespace: str, image: str, secret: str,
+                 env: dict[str, str], timeout_hours: float, ranks: int, queue: str = "") -> Any:
+    """The JobOptions of one evaluation job (one node; `ranks` processes)."""
+    from vfm import launch
+    from vfm.launch.job import EVALUATOR_COMMAND, RUN_LABEL, SINGLE_EVALUATOR_COMMAND, label_value
+
+    return launch.JobOptions(
+        name=launch.job_name(recipe_id, f"eval-{suite}", run_id, seed), namespace=namespace, image=image, args=[],
+        secret=secret or None, env=env, command=tuple(EVALUATOR_COMMAND if ranks > 1 else SINGLE_EVALUATOR_COMMAND),
+        active_deadline_seconds=int(timeout_hours * 3600),
+        labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": "eval", "vfm.io/suite": label_value(suite)},
+        gang=_queue(queue))
+
+
+def _queue(queue: str) -> Any:
+    """Kueue admission: the job joins LocalQueue `queue` in its namespace ("" = not queued)."""
+    from vfm.launch import Gang
+
+    return Gang(scheduler="kueue", queue=queue) if queue else None
+
+
+def job_manifest(recipe: Any, stage: str, opts: Any, template: dict[str, Any] | None,
+                 args_for: Callable[[int], list[str]]) -> dict[str, Any]:
+    """The job as the launcher submits it: its pods from the namespace's PodTemplate `template` (GitOps owns
+    it; None on the local backend), its command line from `args_for(loader workers)`, as many workers as
+    the pod's CPU request allows."""
     from vfm import launch
     from vfm.launch.job import loader_workers
 
-    template = launch.read_pod_template(opts.namespace, backend=backend)
     opts = replace(opts, args=args_for(loader_workers(recipe, stage, opts, template)))
-    manifest = launch.to_manifest(launch.build_job(recipe, opts, template))
+    return launch.to_manifest(launch.build_job(recipe, opts, template))
+
+
+def _run_as_job(recipe: Any, stage: str, opts: Any, *, backend: str, timeout_hours: float, env: dict[str, str],
+                args_for: Callable[[int], list[str]]) -> Any:
+    """Build and run one job the way every stage and evaluation runs; returns the launcher's JobResult."""
+    from vfm import launch
+
+    manifest = job_manifest(recipe, stage, opts, launch.read_pod_template(opts.namespace, backend=backend), args_for)
     return launch.run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts,
                           env=env)
 
@@ -240,24 +280,22 @@ def suite_data(suite: str, *, val: str, imagenet_c: str = "", imagenet_r: str = 
 def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str, suite: str, val: str = "",
              imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "", seed: int, parent_run_id: str,
              mlflow_uri: str = "", s3_endpoint: str = "", image: str = "", run_id: str = "", namespace: str = "",
-             backend: str = "cluster", timeout_hours: float = 24.0, secret: str = "vfm-credentials") -> dict[str, Any]:
+             backend: str = "cluster", timeout_hours: float = 24.0, secret: str = "vfm-credentials",
+             queue: str = "") -> dict[str, Any]:
     """One suite on one export as a job in the trainer image, on the GPUs of one node (bf16, loader
     workers, ranks sharing the data), logged to its own MLflow child run; returns {seed, suite, metrics}."""
     from vfm import launch, storage
     from vfm.evaluate.results import EvalResults
-    from vfm.launch.job import EVALUATOR_COMMAND, RUN_LABEL, SINGLE_EVALUATOR_COMMAND, label_value, uses_gpus
+    from vfm.launch.job import uses_gpus
 
     env = use_endpoints(mlflow_uri, s3_endpoint)
     data = suite_data(suite, val=val, imagenet_c=imagenet_c, imagenet_r=imagenet_r, knn_train=knn_train)
     recipe = _recipe(recipe_id, profile, overrides)
     node = launch.one_node(recipe)
     results_url = storage.join(storage.join(storage.join(storage.parent(export), "eval"), suite), "results.json")
-    opts = launch.JobOptions(
-        name=launch.job_name(recipe_id, f"eval-{suite}", run_id, seed), namespace=namespace or _namespace(backend),
-        image=image, args=[], secret=secret or None, env=env,
-        command=tuple(EVALUATOR_COMMAND if node.hardware.gpus > 1 else SINGLE_EVALUATOR_COMMAND),
-        active_deadline_seconds=int(timeout_hours * 3600),
-        labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": "eval", "vfm.io/suite": label_value(suite)})
+    opts = eval_options(recipe_id, suite, run_id=run_id, seed=seed, namespace=namespace or _namespace(backend),
+                        image=image, secret=secret, env=env, timeout_hours=timeout_hours, ranks=node.hardware.gpus,
+                        queue=queue)
     _run_as_job(node, list(recipe.stages)[-1], opts, backend=backend, timeout_hours=timeout_hours, env=env,
                 args_for=lambda w: launch.evaluator_args(
                     export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}",
