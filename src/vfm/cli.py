@@ -144,6 +144,7 @@ _AREAS: list[str] = [
     "vfm.evaluate.cli",
     "vfm.trainer",
     "vfm.pipeline.cli",
+    "vfm.deploy.cli",
 ]
 
 
@@ -157,7 +158,7 @@ _register_areas()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as its return value
     except USER_ERRORS as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(2)
@@ -170,3 +171,5 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

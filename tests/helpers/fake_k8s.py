@@ -3,6 +3,10 @@
 Each GET of a PyTorchJob advances its scripted timeline by one step (the last step repeats); when a
 step's conditions include Running, the master pod appears with its log. Every request is recorded so
 tests can assert what the launcher did (created, polled, deleted).
+
+For `vfm preflight --context`, any other object is served from `objects` by its API path (GET of the
+path; GET of its collection lists it; 404 Status otherwise), and SubjectAccessReviews are answered from
+`grants`, as the API server's authorizer would.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/"
+SAR = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 PODS = "/api/v1/namespaces/"
 
 
@@ -36,8 +41,22 @@ class FakeK8s:
         self.pod_templates: dict[tuple[str, str], dict] = {}
         self.forbidden: set[str] = set()
         """Request paths answered 403 Forbidden (RBAC refuses the caller)."""
+        self.objects: dict[str, dict] = {}
+        """Other objects by API path, e.g. /api/v1/namespaces/vfm/secrets/vfm-credentials."""
+        self.grants: set[tuple[str, str, str, str, str, str | None]] = set()
+        """(user, namespace, verb, group, resource[/subresource], name or None = any) a SubjectAccessReview allows."""
+        self.reviews: list[dict] = []
         self._gets: dict[str, int] = {}
         self.lock = threading.Lock()
+
+    def review(self, body: dict) -> dict:
+        spec = body.get("spec") or {}
+        attrs = spec.get("resourceAttributes") or {}
+        resource = attrs.get("resource", "") + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
+        self.reviews.append(spec)
+        ok = any(g[:5] == (spec.get("user"), attrs.get("namespace"), attrs.get("verb"), attrs.get("group", ""), resource)
+                 and g[5] in (None, attrs.get("name")) for g in self.grants)
+        return {"allowed": ok} if ok else {"allowed": False, "reason": "no RBAC policy matched"}
 
     def status_of(self, ns: str, name: str) -> dict:
         timeline = self.timelines.get(name, self.default_timeline)
@@ -86,6 +105,8 @@ def make_handler(fake: FakeK8s):
             with fake.lock:
                 fake.requests.append(("POST", url.path))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if url.path == SAR:
+                    return self._send(201, {**body, "status": fake.review(body)})
                 ns, name = parts[4], body["metadata"]["name"]
                 if (ns, name) in fake.jobs:
                     return self._send(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409})
@@ -109,6 +130,11 @@ def make_handler(fake: FakeK8s):
                                                 "message": f'podtemplates "{parts[5]}" not found'})
                     return self._send(200, {"apiVersion": "v1", "kind": "PodTemplate",
                                             "metadata": {"name": parts[5], "namespace": parts[3]}, "template": found})
+                if url.path in fake.objects:
+                    return self._send(200, fake.objects[url.path])
+                listed = [o for path, o in sorted(fake.objects.items()) if path.rsplit("/", 1)[0] == url.path]
+                if listed:
+                    return self._send(200, {"kind": "List", "apiVersion": "v1", "items": listed, "metadata": {}})
                 if url.path.startswith(JOBS) and len(parts) == 7:
                     job = fake.jobs.get((parts[4], parts[6]))
                     if job is None:

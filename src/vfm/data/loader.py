@@ -39,6 +39,8 @@ from vfm.data.manifest import Manifest
 
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 DEFAULT_SHUFFLE_BUFFER = 256
+# batches each worker has in flight (torch DataLoader prefetch_factor); they sit in /dev/shm until consumed
+PREFETCH_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,7 @@ class ShardLoader:
         # pinned host memory makes the trainer's non_blocking host-to-device copy asynchronous. Workers are
         # not persistent: this loader is made once per epoch (or resume), each with its own start position
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                        persistent_workers=False, prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
                         generator=torch.Generator().manual_seed(self.seed))
         it = iter(dl)
         try:

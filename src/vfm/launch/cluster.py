@@ -32,6 +32,13 @@ from vfm.launch.result import JobFailed, JobResult, JobTimeout
 
 SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 REQUEST_TIMEOUT = 30  # seconds per API call; the *wait* budget is `timeout_s`
+# (API group, resource, verb, name) of every call below, in the job's namespace: what the pipeline runner's
+# service account must be allowed (manifests/base/rbac.yaml grants it; `vfm preflight` checks it)
+LAUNCHER_PERMISSIONS = (
+    (GROUP, PLURAL, "create", None), (GROUP, PLURAL, "get", None), (GROUP, PLURAL, "list", None),
+    (GROUP, PLURAL, "delete", None), ("", "podtemplates", "get", POD_TEMPLATE), ("", "pods", "list", None),
+    ("", "pods/log", "get", None),
+)
 
 
 def current_namespace(default: str = "default") -> str:
