@@ -10,6 +10,12 @@
 
 All calls go through `MlflowClient` (no fluent global state): several runs can be open in one process
 (a pipeline parent and its stages) and nothing leaks between tests.
+
+Under KFP 2.17's MLflow plugin (kubeflow/pipelines backend/src/v2/common/plugins/mlflow, KEP-12862) KFP
+itself opens a run per pipeline run and a nested run per task, and injects the task's run into its
+container as `MLFLOW_RUN_ID` / `MLFLOW_EXPERIMENT_ID` (`kfp_plugin_run`). vfm then opens no parent of its
+own: the plugin's pipeline run is the parent (`start_run`), and each stage run nests under the plugin's
+run of the task that launched it. A child run always goes to its parent's experiment, so the UI nests it.
 """
 
 from __future__ import annotations
@@ -117,6 +123,29 @@ def tracking_uri(uri: str | None = None) -> str | None:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+@dataclass(frozen=True)
+class PluginRun:
+    """The run KFP's MLflow plugin made for this task, and the pipeline run it nests under."""
+
+    task_run_id: str
+    experiment_id: str
+    pipeline_run_id: str
+
+
+def kfp_plugin_run(uri: str | None = None) -> PluginRun | None:
+    """This task's run under KFP's MLflow plugin (it injects MLFLOW_RUN_ID and MLFLOW_EXPERIMENT_ID); None
+    without the plugin."""
+    run_id, exp_id = os.environ.get("MLFLOW_RUN_ID"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+    uri = tracking_uri(uri)
+    if not run_id or uri is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)  # a wrong id fails here, loudly, not later
+    return PluginRun(task_run_id=run_id, experiment_id=exp_id or run.info.experiment_id,
+                     pipeline_run_id=run.data.tags.get("mlflow.parentRunId") or run_id)
+
+
 def open_run(
     recipe: Recipe,
     *,
@@ -135,9 +164,12 @@ def open_run(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    name = experiment_name(recipe.id)
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else _create_experiment(client, name)
+    if parent_run_id:  # a child lives in its parent's experiment (vfm/<id>, or the KFP plugin's)
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+    else:
+        name = experiment_name(recipe.id)
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else _create_experiment(client, name)
 
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     if found:

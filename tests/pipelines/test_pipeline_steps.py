@@ -82,6 +82,71 @@ def test_exit_handler_closes_a_successful_run_as_finished(mlflow_uri):
     assert MlflowClient(tracking_uri=mlflow_uri).get_run(parent).info.status == "FINISHED"
 
 
+def test_without_kfps_mlflow_plugin_stages_nest_under_vfms_parent(mlflow_uri, monkeypatch):
+    from vfm.tracking import tracked_run
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    parent, _ = steps.start_run(recipe_id="vit-huge", profile="smoke", overrides=[], run_id="run-plain",
+                                mlflow_uri=mlflow_uri)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_run(parent).info.experiment_id == client.get_experiment_by_name("vfm/vit-huge").experiment_id
+    assert steps.stage_parent(parent) == parent
+    with tracked_run(load_recipe("vit-huge", profile="smoke"), stage="pretrain", run_key="plain/pretrain",
+                     parent_run_id=steps.stage_parent(parent), uri=mlflow_uri) as stage:
+        pass
+    child = client.get_run(stage.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.info.experiment_id == client.get_run(parent).info.experiment_id
+
+
+def test_under_kfps_mlflow_plugin_vfm_nests_under_the_injected_runs(mlflow_uri, monkeypatch):
+    """KFP 2.17's MLflow plugin makes a run per pipeline run and a nested run per task, and injects the
+    task's as MLFLOW_RUN_ID / MLFLOW_EXPERIMENT_ID: vfm opens no second parent, and a stage's run nests
+    under the run of the task that launched it."""
+    import uuid
+
+    from vfm.tracking import tracked_run
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.create_experiment(f"kfp-plugin-{uuid.uuid4().hex[:8]}")
+    kfp_run = client.create_run(exp, run_name="vfm-vit-huge-run").info.run_id
+
+    def task_run(name: str) -> str:  # what the plugin's driver creates before each task's container starts
+        run_id = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": kfp_run}).info.run_id
+        monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp)
+        return run_id
+
+    task_run("start-run")
+    parent, _ = steps.start_run(recipe_id="vit-huge", profile="smoke", overrides=[], run_id="run-plugin",
+                                mlflow_uri=mlflow_uri)
+    assert parent == kfp_run
+    tags = client.get_run(kfp_run).data.tags
+    assert tags["vfm.run_key"] == "run-plugin/pipeline" and tags["vfm.recipe"] == "vit-huge" and "claim.top1" in tags
+    vfm_exp = client.get_experiment_by_name("vfm/vit-huge")
+    if vfm_exp is not None:  # no vfm parent for this pipeline run anywhere else
+        assert not client.search_runs([vfm_exp.experiment_id], "tags.`vfm.run_key` = 'run-plugin/pipeline'")
+
+    train_task = task_run("pretrain")
+    assert steps.stage_parent(parent) == train_task
+    # the trainer pod has no plugin env: it nests under the id the step passed
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    with tracked_run(load_recipe("vit-huge", profile="smoke"), stage="pretrain", run_key="plugin/pretrain",
+                     parent_run_id=train_task, uri=mlflow_uri) as stage:
+        stage.log_metrics({"train.loss": 1.5}, step=1)
+    child = client.get_run(stage.run_id)
+    assert child.info.experiment_id == exp and child.data.tags["mlflow.parentRunId"] == train_task
+
+    task_run("on-exit")
+    out = steps.finish(state="FAILED", error="Task pretrain failed", recipe_id="vit-huge", run_id="run-plugin",
+                       namespace="", backend="local", mlflow_uri=mlflow_uri)
+    run = client.get_run(kfp_run)
+    assert run.data.tags["vfm.failure"] == "Task pretrain failed"
+    assert run.info.status == "RUNNING" and "the plugin closes it" in out  # the plugin owns its run's status
+    names = sorted(r.info.run_name for r in client.search_runs([exp]))
+    assert names == sorted(["vfm-vit-huge-run", "start-run", "pretrain", "on-exit", "vit-huge-pretrain"])
+
+
 def test_train_refuses_a_recipe_that_resolves_differently_than_at_start():
     with pytest.raises(UserError, match="differs from the one the pipeline started with"):
         steps.train(recipe_id="vit-huge", stage="pretrain", profile="smoke", overrides=[], data="s3://d/m.json",

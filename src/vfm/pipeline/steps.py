@@ -55,19 +55,43 @@ def pipeline_run_key(run_id: str) -> str:
 # --- start / finish -----------------------------------------------------------------------------
 def start_run(*, recipe_id: str, profile: str, overrides: list[str], run_id: str, mlflow_uri: str = "",
               s3_endpoint: str = "") -> tuple[str, str]:
-    """Open the MLflow parent run of this pipeline run; returns (parent run id, resolved-recipe digest)."""
-    from vfm.tracking import open_run
+    """Open the MLflow parent run of this pipeline run; returns (parent run id, resolved-recipe digest).
+    Under KFP's MLflow plugin the parent is the plugin's run of this pipeline run, tagged as vfm's."""
+    from vfm.recipes import flatten
+    from vfm.tracking import RUN_KEY_TAG, TrackedRun, kfp_plugin_run, open_run, recipe_tags
 
     use_endpoints(mlflow_uri, s3_endpoint)
     recipe = _recipe(recipe_id, profile, overrides)
+    digest = recipe_digest(recipe)
+    tags = {"vfm.kfp_run_id": run_id, "vfm.recipe_digest": digest}
+    plugin = kfp_plugin_run()
+    if plugin is not None:
+        from mlflow.tracking import MlflowClient
+
+        from vfm.tracking import tracking_uri
+
+        run = TrackedRun(client=MlflowClient(tracking_uri=tracking_uri()), run_id=plugin.pipeline_run_id,
+                         experiment_id=plugin.experiment_id)
+        run.set_tags({**recipe_tags(recipe), "vfm.stage": PIPELINE_STAGE, RUN_KEY_TAG: pipeline_run_key(run_id), **tags})
+        run.log_params(flatten(recipe))
+        print(f"MLflow parent run {run.run_id}: KFP's MLflow plugin run of this pipeline run "
+              f"(experiment {plugin.experiment_id})")
+        return run.run_id, digest
     run = open_run(recipe, stage=PIPELINE_STAGE, run_key=pipeline_run_key(run_id), run_name=f"{recipe_id}-pipeline",
-                   extra_tags={"vfm.kfp_run_id": run_id})
+                   extra_tags=tags)
     if not run.enabled:
         raise UserError("MLflow is not configured: pass the pipeline parameter mlflow_uri or set MLFLOW_TRACKING_URI")
-    digest = recipe_digest(recipe)
-    run.set_tags({"vfm.recipe_digest": digest})
     print(f"MLflow parent run {run.run_id} in experiment vfm/{recipe_id}")
     return run.run_id, digest
+
+
+def stage_parent(parent_run_id: str) -> str:
+    """The run a stage's (or evaluation's) MLflow run nests under: under KFP's MLflow plugin, the plugin's
+    run of the launching task (itself under the pipeline run); otherwise vfm's pipeline parent."""
+    from vfm.tracking import kfp_plugin_run
+
+    plugin = kfp_plugin_run()
+    return plugin.task_run_id if plugin is not None else parent_run_id
 
 
 def finish(*, state: str, error: str, recipe_id: str, run_id: str, namespace: str, backend: str,
@@ -77,7 +101,7 @@ def finish(*, state: str, error: str, recipe_id: str, run_id: str, namespace: st
     from mlflow.tracking import MlflowClient
 
     from vfm.launch.job import label_value
-    from vfm.tracking import RUN_KEY_TAG, experiment_name, tracking_uri
+    from vfm.tracking import RUN_KEY_TAG, experiment_name, kfp_plugin_run, tracking_uri
 
     use_endpoints(mlflow_uri)
     ok = state.upper() in ("SUCCEEDED", "SUCCESS")
@@ -85,11 +109,16 @@ def finish(*, state: str, error: str, recipe_id: str, run_id: str, namespace: st
     uri = tracking_uri()
     if uri:
         client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment_name(recipe_id))
-        runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{pipeline_run_key(run_id)}'") if exp else []
+        plugin = kfp_plugin_run()
+        exp_id = plugin.experiment_id if plugin else getattr(client.get_experiment_by_name(experiment_name(recipe_id)),
+                                                             "experiment_id", None)
+        runs = client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{pipeline_run_key(run_id)}'") if exp_id else []
         for run in runs:
             if not ok:
                 client.set_tag(run.info.run_id, "vfm.failure", (error or state)[:5000])
+            if plugin is not None:  # the plugin owns its run's status and closes it with the KFP run
+                lines.append(f"MLflow run {run.info.run_id} is KFP's MLflow plugin run; the plugin closes it")
+                continue
             client.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
             lines.append(f"MLflow run {run.info.run_id} marked {'FINISHED' if ok else 'FAILED'}")
         if not runs:
@@ -179,7 +208,8 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
     result = _run_as_job(recipe, stage, opts, backend=backend, timeout_hours=timeout_hours, env=env, args_for=lambda w:
                          trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides,
                                       init=init or None, seed=seed_arg, run_key=run_key,
-                                      parent_run_id=parent_run_id or None, knn_train=knn_train or None,
+                                      parent_run_id=stage_parent(parent_run_id) if parent_run_id else None,
+                                      knn_train=knn_train or None,
                                       knn_val=knn_val or None, workers=w))
     if not storage.exists(storage.join(export, META)):
         raise JobFailed(result.name, "NoExport", f"the job succeeded but wrote no export at {export}")
@@ -299,7 +329,7 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
     _run_as_job(node, list(recipe.stages)[-1], opts, backend=backend, timeout_hours=timeout_hours, env=env,
                 args_for=lambda w: launch.evaluator_args(
                     export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}",
-                    parent_run_id=parent_run_id, run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
+                    parent_run_id=stage_parent(parent_run_id), run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
                     tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}, profile=profile,
                     overrides=overrides, workers=w, gpu=uses_gpus(node)))
     metrics = EvalResults.read_json(results_url).metrics
