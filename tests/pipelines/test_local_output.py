@@ -106,10 +106,17 @@ def test_a_local_run_takes_the_users_own_sources(tmp_path):
         f.write_bytes(b"")
     folder.mkdir()
     given, val_labels = parse_sources("vit-huge", [f"pretrain={fall11}", f"finetune=folder:{folder}", f"val={val}",
-                                                   f"val_labels={labels}"])
+                                                   f"val_labels={labels}", f"imagenet_c={folder}"])
     # a role keeps the layout it has on a cluster unless LAYOUT: names another
     assert given == {"pretrain": (str(fall11), "in22k-fall11"), "finetune": (str(folder), "folder"),
-                     "val": (str(val), "in1k-val")}
+                     "val": (str(val), "in1k-val"), "imagenet_c": (str(folder), "imagenet-c")}
+    from vfm.pipeline.local import pipeline_arguments
+
+    args = pipeline_arguments("vit-huge", sources={**given, "imagenet_r": ("/r", "imagenet-r")}, bucket="b",
+                              mlflow_uri="", s3_endpoint="", profile="smoke", overrides=[], seeds=None)
+    assert args["imagenet_c_source"] == str(folder) and args["imagenet_c_corruptions"] == ""
+    with pytest.raises(UserError, match="reads the roles"):  # k-NN only: no ImageNet-C to take
+        parse_sources("dinov2-giant", [f"imagenet_c={folder}"])
     assert val_labels == str(labels)
     for bad, why in ((f"val={val}", "val_labels"), ("detection=/x", "reads the roles"),
                      ("pretrain=s3://b/fall11_whole.tar", "copy the archive here"),

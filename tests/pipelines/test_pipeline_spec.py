@@ -41,7 +41,7 @@ def test_retries_caching_and_gpu_placement(recipe_id):
     for name, task in tasks.items():
         kind = task.get("componentRef", {}).get("name", "").removeprefix("comp-").rstrip("-0123456789")
         caching = (task.get("cachingOptions") or {}).get("enableCache", False)
-        if kind in ("shard-dataset", "make-imagenet-c"):
+        if kind in ("shard-dataset", "imagenet-c"):
             assert caching and task["retryPolicy"]["maxRetryCount"] == 3, name  # idempotent I/O
         elif kind == "train":
             assert task["taskInfo"]["name"] in ("pretrain", "finetune"), name  # one component, named per stage
@@ -119,8 +119,15 @@ def test_mlflow_auth_keys_are_optional_the_s3_keys_are_not(recipe_id):
 
 def test_imagenet_c_workers_match_its_cpu_request():
     spec, _ = compiled("vit-huge")
-    cpu = spec["deploymentSpec"]["executors"]["exec-make-imagenet-c"]["container"]["resources"]["cpuRequest"]
+    cpu = spec["deploymentSpec"]["executors"]["exec-imagenet-c"]["container"]["resources"]["cpuRequest"]
     assert spec["root"]["inputDefinitions"]["parameters"]["imagenet_c_workers"]["defaultValue"] == cpu == 8
+
+
+def test_imagenet_c_reads_the_official_tarballs_from_the_raw_data_volume():
+    spec, platform = compiled("vit-huge")
+    assert spec["root"]["inputDefinitions"]["parameters"]["imagenet_c_source"]["defaultValue"] == ""
+    mounts = platform["exec-imagenet-c"]["pvcMount"]
+    assert [m["mountPath"] for m in mounts] == ["/datasets"]
 
 
 @pytest.mark.parametrize("recipe_id", ["dinov2-giant", "meta-dinov2-giant", "vit-huge"])

@@ -207,8 +207,20 @@ def test_dinov2_pretraining_gets_its_knn_sets(monkeypatch, tmp_path):
 def test_imagenet_c_runs_its_workers(monkeypatch):
     cmds = []
     monkeypatch.setattr(steps, "_run_vfm", lambda cmd, dest, endpoint: cmds.append(cmd) or ("m", "d"))
-    steps.make_imagenet_c(val_manifest="s3://d/val/manifest.json", data_prefix="s3://d", workers=8)
-    assert cmds[0][cmds[0].index("--workers") + 1] == "8"
+    steps.imagenet_c(val_manifest="s3://d/val/manifest.json", data_prefix="s3://d", workers=8)
+    assert cmds[0][:1] == ["make-imagenet-c"] and cmds[0][cmds[0].index("--workers") + 1] == "8"
+
+
+def test_imagenet_c_shards_the_official_tarballs_when_given(monkeypatch):
+    cmds = []
+    monkeypatch.setattr(steps, "_run_vfm", lambda cmd, dest, endpoint: cmds.append((cmd, dest)) or ("m", "d"))
+    steps.imagenet_c(source="/datasets/imagenet-c", val_manifest="s3://d/val/manifest.json", data_prefix="s3://d",
+                     workers=8)
+    cmd, dest = cmds[0]
+    assert cmd[:4] == ["shard", "imagenet-c", "--source", "/datasets/imagenet-c"] and dest == "s3://d/imagenet-c"
+    assert cmd[cmd.index("--workers") + 1] == "8"
+    with pytest.raises(UserError, match="sharded whole"):
+        steps.imagenet_c(source="/datasets/imagenet-c", val_manifest="v", data_prefix="s3://d", corruptions="fog")
 
 
 def _h100_trainer_template() -> dict:

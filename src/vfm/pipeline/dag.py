@@ -150,7 +150,7 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
 
     plan = plan_dag(recipe_id)
     c = {n: _with_image(component(n), components_image)
-         for n in ("start_run", "shard_dataset", "make_imagenet_c", "train", "fan_out_seeds", "evaluate",
+         for n in ("start_run", "shard_dataset", "imagenet_c", "train", "fan_out_seeds", "evaluate",
                    "aggregate_seeds", "report", "on_exit")}
     desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), evaluate {', '.join(plan.suites)}"
             + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items()))
@@ -172,6 +172,7 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
         imagenet_r_layout: str = lay.get("imagenet_r", ""),
         knn_train_source: str = src.get("knn_train", ""),
         knn_train_layout: str = lay.get("knn_train", ""),
+        imagenet_c_source: str = "",
         imagenet_c_corruptions: str = "",
         imagenet_c_severities: str = "",
         imagenet_c_workers: int = IMAGENET_C_CPUS,
@@ -216,10 +217,13 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                 shards[role] = t
             imagenet_c = None
             if "in_c" in plan.suites:
-                imagenet_c = c["make_imagenet_c"](val_manifest=shards["val"].outputs["manifest"], data_prefix=data_prefix,
-                                                  name="imagenet-c",
-                                                  corruptions=imagenet_c_corruptions, severities=imagenet_c_severities,
-                                                  workers=imagenet_c_workers, s3_endpoint=s3_endpoint)
+                imagenet_c = c["imagenet_c"](source=imagenet_c_source, val_manifest=shards["val"].outputs["manifest"],
+                                             data_prefix=data_prefix, name="imagenet-c", corruptions=imagenet_c_corruptions,
+                                             severities=imagenet_c_severities, workers=imagenet_c_workers,
+                                             shard_size=shard_size, s3_endpoint=s3_endpoint)
+                imagenet_c.set_display_name("imagenet-c")
+                # the official tarballs live on the raw-data volume, like every other archive
+                kubernetes.mount_pvc(imagenet_c, pvc_name=raw_data_pvc, mount_path=config.RAW_DATA_MOUNT)
                 _credentials(_io_task(imagenet_c), credentials_secret).set_caching_options(True)
                 imagenet_c.set_cpu_request(str(IMAGENET_C_CPUS)).set_memory_request("16G").set_memory_limit("16G")
 

@@ -63,6 +63,9 @@ class LocalRun:
         return self.mlflow_uri
 
 
+IMAGENET_C_ROLE = "imagenet_c"  # `--source imagenet_c=PATH`: the official tarballs (the imagenet_c_source parameter)
+
+
 def default_sources(recipe_id: str, data_dir: Path) -> tuple[dict[str, tuple[str, str]], str]:
     """(role → (source, layout), val labels file) of the local default data, made once under `data_dir`:
     each role gets the digits archive in the layout its dataset has on a cluster (`DagPlan.data`)."""
@@ -83,10 +86,14 @@ def parse_sources(recipe_id: str, items: list[str]) -> tuple[dict[str, tuple[str
     """`--source ROLE=PATH` / `ROLE=LAYOUT:PATH` → (role → (source, layout), val labels path): a user's own
     data for a role of the recipe's pipeline (`DagPlan.data`), in the layout that role has on a cluster
     unless LAYOUT names another (`folder`, an official archive layout); `val_labels=PATH` is the IN-1K
-    val ground truth (LOC_val_solution.csv or the devkit) that a `val` source needs."""
-    from vfm.pipeline.dag import SHARD_LAYOUTS, plan_dag
+    val ground truth (LOC_val_solution.csv or the devkit) that a `val` source needs; `imagenet_c=PATH`
+    the official ImageNet-C tarballs (instead of regenerating the corruptions)."""
+    from vfm.pipeline.dag import SHARD_LAYOUTS, DataRole, plan_dag
 
-    roles = plan_dag(recipe_id).data
+    plan = plan_dag(recipe_id)
+    roles = dict(plan.data)
+    if "in_c" in plan.suites:
+        roles[IMAGENET_C_ROLE] = DataRole(IMAGENET_C_ROLE, "imagenet-c", "imagenet-c")
     out: dict[str, tuple[str, str]] = {}
     labels = ""
     for item in items:
@@ -277,6 +284,8 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
         imagenet_c_corruptions=LOCAL_IMAGENET_C[0], imagenet_c_severities=LOCAL_IMAGENET_C[1])
     for role in plan.data:
         args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
+    if IMAGENET_C_ROLE in sources:  # the official set, whole: nothing to restrict
+        args.update(imagenet_c_source=sources[IMAGENET_C_ROLE][0], imagenet_c_corruptions="", imagenet_c_severities="")
     if seeds is not None:
         args["seeds"] = list(seeds)
     return args

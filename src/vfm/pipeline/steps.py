@@ -147,12 +147,20 @@ def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int =
     return _run_vfm(cmd, dest, s3_endpoint)
 
 
-def make_imagenet_c(*, val_manifest: str, data_prefix: str, name: str = "imagenet-c", corruptions: str = "", severities: str = "",
-                    workers: int = 1, s3_endpoint: str = "") -> tuple[str, str]:
-    """`vfm make-imagenet-c` from the sharded IN-1K val set to `<data_prefix>/<name>`; returns (manifest URL, sha256)."""
+def imagenet_c(*, source: str = "", val_manifest: str, data_prefix: str, name: str = "imagenet-c", corruptions: str = "",
+               severities: str = "", workers: int = 1, shard_size: str = "1GB", s3_endpoint: str = "") -> tuple[str, str]:
+    """ImageNet-C to `<data_prefix>/<name>`; returns (manifest URL, sha256). With `source` (the official Zenodo
+    tarballs blur/digital/extra/noise/weather.tar, or their extracted tree) they are sharded as published;
+    without, the corruptions are regenerated from the sharded IN-1K val set (`vfm make-imagenet-c`)."""
     from vfm import storage
 
     dest = storage.join(data_prefix, name)
+    if source:
+        if corruptions or severities:
+            raise UserError("imagenet_c_corruptions / imagenet_c_severities restrict a regeneration; with "
+                            f"imagenet_c_source={source} the official set is sharded whole. Clear one of them")
+        return shard(dataset="imagenet-c", source=source, data_prefix=data_prefix, name=name, shard_size=shard_size,
+                     workers=workers, s3_endpoint=s3_endpoint)
     cmd = ["make-imagenet-c", "--source", val_manifest, "--dest", dest, "--workers", str(workers)]
     if corruptions:
         cmd += ["--corruptions", corruptions]
