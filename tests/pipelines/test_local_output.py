@@ -115,11 +115,13 @@ def test_a_local_run_takes_the_users_own_sources(tmp_path):
     args = pipeline_arguments("vit-huge", sources={**given, "imagenet_r": ("/r", "imagenet-r")}, bucket="b",
                               mlflow_uri="", s3_endpoint="", profile="smoke", overrides=[], seeds=None)
     assert args["imagenet_c_source"] == str(folder) and args["imagenet_c_corruptions"] == ""
+    # archives in object storage are read in place (ranged GETs), not copied here
+    assert parse_sources("vit-huge", ["pretrain=s3://b/fall11_whole.tar"])[0] == {
+        "pretrain": ("s3://b/fall11_whole.tar", "in22k-fall11")}
     with pytest.raises(UserError, match="reads the roles"):  # k-NN only: no ImageNet-C to take
         parse_sources("dinov2-giant", [f"imagenet_c={folder}"])
     assert val_labels == str(labels)
     for bad, why in ((f"val={val}", "val_labels"), ("detection=/x", "reads the roles"),
-                     ("pretrain=s3://b/fall11_whole.tar", "copy the archive here"),
                      (f"pretrain={tmp_path / 'absent.tar'}", "does not exist"), ("pretrain", "ROLE=PATH")):
         with pytest.raises(UserError, match=why):
             parse_sources("vit-huge", [bad])

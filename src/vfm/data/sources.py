@@ -17,6 +17,11 @@ google-research/augmix imagenet.py `test_c` for ImageNet-C):
   imagenet-c                             the Zenodo tarballs: <corruption>/<severity>/<wnid>/*.JPEG
   folder                                 <root>/<class>/<image> (a user's own data)
 Each of these also accepts the same tree already extracted to a directory.
+
+A source may also be an archive in object storage (`s3://bucket/fall11_whole.tar`, or an `s3://` prefix
+holding ImageNet-C's tarballs): the index pass reads it forward in ranged GETs with read-ahead
+(`storage.RangedFile`), and each sample is then one ranged GET of its bytes (`storage.read_range`), so
+nothing is downloaded whole. A `.tar.gz` is streamed once into the spool file, as a local one is.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vfm import storage
 from vfm.data import classes as class_lists
 from vfm.errors import UserError
 
@@ -108,16 +114,12 @@ class SourceIndex:
 
     def read(self, i: int) -> bytes:
         path = self.files[self.file_id[i]]
-        if os.path.isdir(path):
+        if not storage.is_s3(path) and os.path.isdir(path):
             with open(os.path.join(path, self.name(i)), "rb") as f:
                 return f.read()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, self.size[i], self.offset[i])
-        finally:
-            os.close(fd)
+        data = storage.read_range(path, self.offset[i], self.size[i])  # pread, or one ranged GET on S3
         if len(data) != self.size[i]:
-            raise TruncatedArchiveError(path, self.offset[i] + len(data), os.path.getsize(path),
+            raise TruncatedArchiveError(path, self.offset[i] + len(data), storage.object_size(path),
                                         f"member {self.name(i)!r} ends past the end of the file")
         return data
 
@@ -157,8 +159,8 @@ class _Window:
 def _tar_members(path: str, fileobj=None, base: int = 0, outer: bool = True) -> Iterator[tarfile.TarInfo]:
     """Headers of a tar; a read error or missing end-of-archive marker on the *outer* file is truncation."""
     own = fileobj is None
-    f = open(path, "rb") if own else fileobj
-    size = os.path.getsize(path) if own else f.size
+    f = open_archive(path) if own else fileobj
+    size = storage.object_size(path) if own else f.size
     try:
         try:
             tf = tarfile.open(fileobj=f, mode="r:")
@@ -189,6 +191,11 @@ def _tar_members(path: str, fileobj=None, base: int = 0, outer: bool = True) -> 
             f.close()
 
 
+def open_archive(path: str):
+    """A seekable binary file of a local archive or of one in object storage (ranged GETs)."""
+    return storage.RangedFile(path) if storage.is_s3(path) else open(path, "rb")
+
+
 def walk_tar(path: str) -> Iterator[tuple[str, int, int]]:
     for m in _tar_members(path):
         if m.isfile():
@@ -205,7 +212,7 @@ def walk_dir(root: str) -> Iterator[tuple[str, int, int]]:
 
 def walk_tar_of_tars(path: str, index: SourceIndex, progress: Callable[[str], None]) -> Iterator[tuple[str, int, int]]:
     """Members of every inner `<wnid>.tar` as `<wnid>/<member>`; an unreadable inner tar is reported, the rest go on."""
-    with open(path, "rb") as f:
+    with open_archive(path) as f:
         for outer in _tar_members(path):
             if not outer.isfile():
                 continue
@@ -228,22 +235,36 @@ def walk_tar_of_tars(path: str, index: SourceIndex, progress: Callable[[str], No
                 yield f"{wnid}/{Path(m.name).name}", outer.offset_data + m.offset_data, m.size
 
 
+class _Counting:
+    """A read-only stream that counts the compressed bytes consumed (for progress and error offsets)."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.n += len(data)
+        return data
+
+
 def gunzip_to_spool(path: str, spool_dir: str | None, progress: Callable[[int], None]) -> str:
     """Decompress a `.tar.gz` once into a seekable spool tar (kept and reused across reruns)."""
-    spool = Path(spool_dir or tempfile.gettempdir()) / (Path(path).name[: -len(".gz")])
+    spool = Path(spool_dir or tempfile.gettempdir()) / (path.rsplit("/", 1)[-1][: -len(".gz")])
     done = spool.with_name(spool.name + ".complete")
-    src_stat = os.stat(path)
-    stamp = f"{src_stat.st_size}:{int(src_stat.st_mtime)}"
+    size = storage.object_size(path)
+    stamp = f"{size}:{int(os.stat(path).st_mtime)}" if not storage.is_s3(path) else f"{size}:{path}"
     if spool.exists() and done.exists() and done.read_text() == stamp:
         return str(spool)
     spool.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as gz, open(spool, "wb") as out:
-        try:
-            while chunk := gz.read(16 * 1024 * 1024):
-                out.write(chunk)
-                progress(raw.tell())
-        except (EOFError, OSError, gzip.BadGzipFile) as e:
-            raise TruncatedArchiveError(path, raw.tell(), src_stat.st_size, f"gzip stream broken: {e}") from e
+    with storage.open_read(path) as body:  # S3: one streamed GET; gzip is read front to back either way
+        raw = _Counting(body)
+        with gzip.GzipFile(fileobj=raw) as gz, open(spool, "wb") as out:
+            try:
+                while chunk := gz.read(16 * 1024 * 1024):
+                    out.write(chunk)
+                    progress(raw.n)
+            except (EOFError, OSError, gzip.BadGzipFile) as e:
+                raise TruncatedArchiveError(path, raw.n, size, f"gzip stream broken: {e}") from e
     done.write_text(stamp)
     return str(spool)
 
@@ -291,6 +312,12 @@ def val_labels_from_devkit(path: str) -> dict[str, str]:
 
 
 def load_val_labels(path: str) -> dict[str, str]:
+    if storage.is_s3(path):  # a few MB: fetch it once
+        if not storage.exists(path):
+            raise SourceError(f"--labels {path} does not exist")
+        local = Path(tempfile.mkdtemp(prefix="vfm-labels-")) / path.rsplit("/", 1)[-1]
+        local.write_bytes(storage.read_bytes(path))
+        return load_val_labels(str(local))
     if path.endswith(".csv"):
         return val_labels_from_loc_csv(path)
     if path.endswith((".tar.gz", ".tgz", ".tar")):
@@ -318,7 +345,7 @@ def index_source(
     """Index `source` in the layout `dataset` (one of DATASETS)."""
     if dataset not in DATASETS:
         raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if not os.path.exists(source):
+    if not (_sources_in(source) if storage.is_s3(source) else os.path.exists(source)):
         raise SourceError(f"--source {source} does not exist")
     if dataset in ("in22k-fall11", "in21k-winter21", "in1k"):
         return _index_tar_of_tars(dataset, source, class_file, spool_dir, progress)
@@ -351,7 +378,16 @@ def _parse_imagenet_c(parts: list[str]):
 
 
 def _sources_in(source: str) -> list[str]:
-    """A tar file, a directory of tarballs (ImageNet-C's five), or an extracted directory tree."""
+    """A tar file, a directory of tarballs (ImageNet-C's five), or an extracted directory tree; on S3 an
+    archive or a prefix of tarballs."""
+    if storage.is_s3(source):
+        if storage.exists(source):
+            return [source]
+        tars = [u for u in storage.list_prefix(source) if u.endswith(".tar") and "/" not in u[len(source.rstrip("/")) + 1:]]
+        if not tars:
+            raise SourceError(f"--source {source}: no object there and no .tar objects under it; an S3 source is "
+                              "an archive (s3://bucket/fall11_whole.tar) or a prefix of tarballs (ImageNet-C's five)")
+        return tars
     if os.path.isfile(source):
         return [source]
     tars = sorted(str(p) for p in Path(source).iterdir() if p.suffix == ".tar" and p.is_file())

@@ -86,7 +86,8 @@ def parse_sources(recipe_id: str, items: list[str]) -> tuple[dict[str, tuple[str
     """`--source ROLE=PATH` / `ROLE=LAYOUT:PATH` → (role → (source, layout), val labels path): a user's own
     data for a role of the recipe's pipeline (`DagPlan.data`), in the layout that role has on a cluster
     unless LAYOUT names another (`folder`, an official archive layout); `val_labels=PATH` is the IN-1K
-    val ground truth (LOC_val_solution.csv or the devkit) that a `val` source needs; `imagenet_c=PATH`
+    val ground truth (LOC_val_solution.csv or the devkit) that a `val` source needs; PATH may be `s3://` on
+    the run's S3 endpoint (your own, with AWS_ENDPOINT_URL_S3 set), read in place; `imagenet_c=PATH`
     the official ImageNet-C tarballs (instead of regenerating the corruptions)."""
     from vfm.pipeline.dag import SHARD_LAYOUTS, DataRole, plan_dag
 
@@ -110,9 +111,9 @@ def parse_sources(recipe_id: str, items: list[str]) -> tuple[dict[str, tuple[str
         layout, colon, path = rest.partition(":")
         if not colon or layout not in SHARD_LAYOUTS:
             layout, path = roles[role].layout, rest
-        if path.startswith("s3://"):
-            raise UserError(f"--source {item!r}: a local run shards files on this machine; copy the archive here "
-                            "first (e.g. `aws s3 cp`), since `vfm shard` reads archives by byte offset")
+        if path.startswith("s3://"):  # read in place by ranged GETs, from the run's S3 endpoint
+            out[role] = (path, layout)
+            continue
         if not Path(path).exists():
             raise UserError(f"--source {item!r}: {path} does not exist")
         out[role] = (str(Path(path).resolve()), layout)
