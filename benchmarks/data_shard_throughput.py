@@ -1,11 +1,14 @@
 """Sharding throughput of `vfm shard` against `tar` writing the same bytes (a ratio from one run).
 
-    python benchmarks/data_shard_throughput.py [--images 2000] [--size 256] [--workers 1]
+    python benchmarks/data_shard_throughput.py [--images 2000] [--size 256] [--workers 1] [--from-s3]
 
 Builds a tar of per-class tars (the ILSVRC2012_img_train.tar layout) from synthetic JPEGs, then times
 (a) `tar -cf` over the same images extracted to a folder (pure copy into a tar: the I/O floor) and
 (b) `vfm shard in1k`-equivalent `write_dataset` to a local directory: index, global shuffle, per-image
 decode check, tar writing, sha256, manifest. Prints MB/s of both and the ratio. Never asserts timings.
+With `--from-s3` it also shards the same archive read in place from an S3 endpoint (the embedded moto
+server on loopback unless AWS_ENDPOINT_URL_S3 names one): the index pass by ranged GETs with read-ahead,
+each sample by one ranged GET; it prints that time and the GETs the index pass made.
 """
 
 from __future__ import annotations
@@ -54,11 +57,36 @@ def build(root: Path, images: int, size: int, classes: int = 20) -> tuple[Path, 
     return outer, folder, total
 
 
+def from_s3(outer: Path, root: Path) -> tuple[float, float, int]:
+    """(total seconds, index seconds, object bytes) of sharding `outer` read in place from S3."""
+    import contextlib
+
+    from vfm import storage
+    from vfm.services import s3_server
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # moto accepts any credentials
+        os.environ.setdefault(key, "bench")
+    with contextlib.ExitStack() as stack:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or stack.enter_context(s3_server())
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+        bucket = "vfm-bench"
+        with contextlib.suppress(Exception):
+            storage.s3_client(endpoint).create_bucket(Bucket=bucket)
+        url = f"s3://{bucket}/raw/{outer.name}"
+        storage.upload_file(outer, url, endpoint)
+        t = time.perf_counter()
+        index = index_source("in1k", url)
+        index_s = time.perf_counter() - t
+        write_dataset(index, str(root / "shards-s3"), shard_size=64_000_000, workers=1)
+        return time.perf_counter() - t, index_s, storage.object_size(url)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--from-s3", action="store_true", help="also shard the archive read in place from S3")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -73,11 +101,19 @@ def main() -> None:
         vfm_s = time.perf_counter() - t
         assert report.manifest.num_samples == len(index)
         shutil.rmtree(root / "shards")
+        if args.from_s3:
+            s3_s, index_s, nbytes = from_s3(outer, root)
         print(f"images={len(index)} bytes={mb:.1f}MB avg={total / len(index) / 1e3:.1f}KB cores={os.cpu_count()} "
               f"workers={args.workers}")
         print(f"tar -cf:    {tar_s:.2f}s  {mb / tar_s:8.1f} MB/s")
         print(f"vfm shard:  {vfm_s:.2f}s  {mb / vfm_s:8.1f} MB/s  {len(index) / vfm_s:8.0f} images/s")
         print(f"ratio vfm/tar throughput: {tar_s / vfm_s:.3f}")
+        if args.from_s3:
+            from vfm.storage import RANGE_BLOCK
+
+            print(f"vfm shard from s3://: {s3_s:.2f}s  {mb / s3_s:8.1f} MB/s  {len(index) / s3_s:8.0f} images/s "
+                  f"(index pass {index_s:.2f}s over {-(-nbytes // RANGE_BLOCK)} blocks of {RANGE_BLOCK >> 20} MiB, "
+                  f"then one ranged GET per image)")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def _cached_client(endpoint_url: str | None, retry_mode: str, max_attempts: int)
         endpoint_url=endpoint_url or default_endpoint(),
         config=Config(
             retries={"max_attempts": max_attempts, "mode": retry_mode},
+            # concurrent ranged GETs (RangedFile read-ahead, a shard worker's sample reads) share this client;
+            # botocore's default pool of 10 connections would serialise them
+            max_pool_connections=64,
             s3={"addressing_style": "path"},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
