@@ -118,6 +118,8 @@ def test_old_main_defect_5_images_frozen(old_main):
     _find(found, "images", "is ghcr.io/vfm-project/vfm-trainer:0.1.0, but the overlay deploys the trainer image "
           "registry.example.com/vfm-trainer:1.2.0")
     _find(found, "images", "--components-image registry.example.com/vfm-components:1.2.0")
+    found = run_offline(plan, objects, pf.pod_template_of(objects, "vfm"), trainer_image="registry.example.com/t:2")
+    _find(found, "images", "is ghcr.io/vfm-project/vfm-trainer:0.1.0, but you built registry.example.com/t:2")
 
 
 def test_old_overlay_fails_todays_package(h100_plan, old_main):
@@ -312,3 +314,24 @@ def test_live_finds_what_a_broken_cluster_lacks(live_plan, mlflow_uri, s3_endpoi
                      "S3 bucket no-such-bucket pipeline parameter runs_prefix: is not reachable"):
         assert expected in text, f"{expected!r} not in:\n{text}"
     assert "S3 bucket " + plan.params["data_prefix"][5:].split("/")[0] not in text
+
+
+def test_cli_live_against_the_fake_cluster(live_plan, mlflow_uri, s3_endpoint, tmp_path):
+    plan, template = live_plan
+    kubeconfig = tmp_path / "kubeconfig"
+    with fake_k8s_server() as fake:
+        _healthy_cluster(fake, plan, template)
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}]}))
+        cmd = [sys.executable, "-m", "vfm", "preflight", "vit-huge", "--overlay", "h100", "--context", "fake",
+               "--kubeconfig", str(kubeconfig), "--mlflow-uri", mlflow_uri, "--s3-endpoint", s3_endpoint,
+               "--param", f"data_prefix={plan.params['data_prefix']}", "--param", f"runs_prefix={plan.params['runs_prefix']}"]
+        ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        del fake.objects["/api/v1/namespaces/kubeflow/persistentvolumeclaims/vfm-raw-datasets"]
+        missing = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "and cluster fake" in ok.stdout and "ok: refs" in ok.stdout and "live" in ok.stdout
+    assert missing.returncode == 2 and "PersistentVolumeClaim kubeflow/vfm-raw-datasets" in missing.stdout

@@ -53,6 +53,8 @@ def preflight_cmd(
                                                   "KIND/NAMESPACE/NAME (repeatable).")] = None,
     components_image: Annotated[str | None, typer.Option("--components-image", help="The components image you "
                                                          "built: every step must run it.")] = None,
+    trainer_image: Annotated[str | None, typer.Option("--trainer-image", help="The trainer image you built: "
+                                                      "the jobs must run it (default: the overlay's).")] = None,
     context: Annotated[str | None, typer.Option("--context", help="Also check this kubeconfig context's cluster "
                                                 "(live).")] = None,
     kubeconfig: Annotated[Path | None, typer.Option("--kubeconfig", help="Kubeconfig file (default: $KUBECONFIG, "
@@ -73,15 +75,19 @@ def preflight_cmd(
         raise UserError(f"--overlay {overlay}: no kustomization.yaml in {path}; use h100, local or a path")
     plan, objects, template = pf.offline_plan(recipe_id, path, package=package, params=_params(param),
                                               kfp_namespace=kfp_namespace, runner=runner, byo=_byo(byo))
-    findings = pf.check_offline(plan, objects, template, components_image)
+    findings = pf.check_offline(plan, objects, template, components_image, trainer_image)
     where = f"overlay {path}"
     if context is not None:
         from kubernetes import client, config
 
-        config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None, context=context or None)
+        try:
+            config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None, context=context or None)
+        except config.ConfigException as exc:
+            raise UserError(f"--context {context}: cannot load it from {kubeconfig or 'the kubeconfig'} ({exc}); "
+                            "list contexts with `kubectl config get-contexts`") from None
         findings += pf.check_live(plan, client.ApiClient(), mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint)
         where += f" and cluster {context or '(current context)'}"
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # one finding per line group: greppable
     console.print(f"preflight {recipe_id} ({plan.params.get('profile')} profile) against {where}: "
                   f"{len(plan.tasks)} pipeline tasks, {len(plan.jobs)} jobs "
                   f"({', '.join(f'{j.what}: {j.pods} pods' for j in plan.jobs)})")

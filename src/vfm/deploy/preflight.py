@@ -477,9 +477,9 @@ def check_template(plan: Plan, objects: Objects, template: dict[str, Any] | None
 
 
 def check_images(plan: Plan, objects: Objects, template: dict[str, Any] | None,
-                 components_image: str | None = None) -> list[Finding]:
-    """GPU work runs in the CUDA trainer image; the run's images are the ones the overlay deploys (or the
-    ones given), pinned."""
+                 components_image: str | None = None, trainer_image: str | None = None) -> list[Finding]:
+    """GPU work runs in the CUDA trainer image; the run's images are the ones given (the ones you built),
+    else the ones the overlay deploys; all pinned."""
     out = []
     trainer = str(plan.params.get("image") or "")
     components = {t.image for t in plan.tasks}
@@ -502,10 +502,10 @@ def check_images(plan: Plan, objects: Objects, template: dict[str, Any] | None,
                 out.append(Finding("gpu-image", _job_ref(pj.manifest, role), "containers[pytorch].image",
                                    f"runs the components image {c.get('image')} on GPUs", "pass the trainer image "
                                    "(--param image=<registry>/vfm-trainer:<tag>)"))
-    t_image = trainer_container(template or {}).get("image")
+    t_image = trainer_image or trainer_container(template or {}).get("image")
     if t_image and t_image != trainer:
-        out.append(Finding("images", "pipeline parameter image", "defaultValue", f"is {trainer}, but the overlay "
-                           f"deploys the trainer image {t_image}", f"vfm pipeline compile {plan.recipe_id} "
+        out.append(Finding("images", "pipeline parameter image", "defaultValue", f"is {trainer}, but "
+                           + (f"you built {t_image}" if trainer_image else f"the overlay deploys the trainer image {t_image}"), f"vfm pipeline compile {plan.recipe_id} "
                            f"--trainer-image {t_image} (or pass --param image={t_image} at submit)"))
     for image in sorted(components | {trainer}):
         tag = image.rsplit("/", 1)[-1]
@@ -649,9 +649,9 @@ OFFLINE_CHECKS = ("refs", "rbac", "template", "gpu-image", "images", "workers", 
 
 
 def check_offline(plan: Plan, objects: Objects, template: dict[str, Any] | None,
-                  components_image: str | None = None) -> list[Finding]:
+                  components_image: str | None = None, trainer_image: str | None = None) -> list[Finding]:
     return (check_references(plan, objects) + check_rbac(plan, objects) + check_template(plan, objects, template)
-            + check_images(plan, objects, template, components_image) + check_pods(plan, objects)
+            + check_images(plan, objects, template, components_image, trainer_image) + check_pods(plan, objects)
             + check_queue(plan, objects))
 
 
