@@ -111,6 +111,15 @@ def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def mean_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of `t` over ranks, on its device (no host sync: the caller decides when to read it)."""
+    t = t.to(torch.float64)
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def barrier() -> None:
     if is_distributed() and dist.get_world_size() > 1:
         dist.barrier()

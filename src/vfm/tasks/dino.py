@@ -129,7 +129,7 @@ class DinoTask(ManifestData):
                             num_workers=self.num_workers, drop_last=True, collate_fn=collate)
 
     # ---- step ----------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
         ssl, total = self.ssl, self.ctx.stage.total_steps
         n_global = self.crops.global_crops_count
         glob, local, masks = batch["global"], batch["local"], batch["masks"]
@@ -143,16 +143,16 @@ class DinoTask(ManifestData):
         s_out = model(glob, local, masks, mask_input=True)
         dino = self.dino_loss(s_out.global_logits, s_out.local_logits, dino_targets, n_global)
         loss = dino
-        metrics = {"dino_loss": dino.item(), "teacher_temp": temp}
+        metrics: dict[str, Tensor | float] = {"dino_loss": dino.detach(), "teacher_temp": temp}
         if ibot_targets is not None and s_out.patch_logits is not None:
             ibot = self.ibot_loss(s_out.patch_logits, ibot_targets, masks)
             loss = loss + ssl.ibot_loss_weight * ibot
-            metrics["ibot_loss"] = ibot.item()
-            metrics["masked_patches"] = float(masks.sum())
+            metrics["ibot_loss"] = ibot.detach()
+            metrics["masked_patches"] = masks.sum().float()
         if ssl.koleo:
             koleo = sum(koleo_loss(c) for c in s_out.global_cls.chunk(n_global))
             loss = loss + ssl.koleo_loss_weight * koleo
-            metrics["koleo_loss"] = float(koleo)
+            metrics["koleo_loss"] = koleo.detach()
         metrics.update(collapse_stats(t_out.global_cls, dino_targets))
         return loss, metrics
 
@@ -248,7 +248,7 @@ def _layer_id(name: str, depth: int) -> int:
 
 
 @torch.no_grad()
-def collapse_stats(teacher_cls: Tensor, targets: Tensor) -> dict[str, float]:
+def collapse_stats(teacher_cls: Tensor, targets: Tensor) -> dict[str, Tensor]:
     """Collapse diagnostics of the teacher on this micro-batch (DINO's two collapse modes), on the
     backbone CLS features and on the targets the student is trained towards (after centering or
     Sinkhorn-Knopp):
@@ -271,5 +271,6 @@ def collapse_stats(teacher_cls: Tensor, targets: Tensor) -> dict[str, float]:
     ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / log_k
     mean_p = p.mean(0)
     marginal = -(mean_p * mean_p.clamp_min(1e-12).log()).sum() / log_k
-    return {"teacher_spread": float(spread), "teacher_entropy": float(ent), "teacher_marginal_entropy": float(marginal),
-            "teacher_mi": float(marginal - ent)}
+    # device tensors: read back only on logging steps
+    return {"teacher_spread": spread, "teacher_entropy": ent, "teacher_marginal_entropy": marginal,
+            "teacher_mi": marginal - ent}

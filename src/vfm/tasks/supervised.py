@@ -140,11 +140,11 @@ class SupervisedTask(ManifestData):
                             drop_last=True)
 
     # ---- step ----------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
         images, labels = batch
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor | float] = {}
         if self.mixup is not None:
             images, target = self.mixup(images, labels)  # soft targets, label smoothing included
         else:
@@ -152,7 +152,7 @@ class SupervisedTask(ManifestData):
         logits = model(images)
         loss = self.criterion(logits.float(), target)
         if self.mixup is None:
-            metrics["top1"] = (logits.argmax(-1) == labels).float().mean().item()
+            metrics["top1"] = (logits.argmax(-1) == labels).float().mean()  # read on logging steps only
         return loss, metrics
 
     def after_update(self, model: nn.Module, step: int) -> None:

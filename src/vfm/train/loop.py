@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # types only: the engine imports no task registry at run time
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# updates between host syncs at most (whatever log_every says): how late a SIGTERM or a NaN is noticed
+MAX_STEPS_BETWEEN_SYNCS = 10
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,16 +99,17 @@ class Batches:
 
 def train_step(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, batches: Batches, *,
                step: int, accum: int, device: torch.device, precision: str, clip: float | None,
-               scaler: torch.amp.GradScaler | None) -> tuple[Tensor, Tensor, dict[str, float], int]:
-    """One optimiser update over `accum` micro-batches: (summed loss, grad norm, task metrics, samples).
+               scaler: torch.amp.GradScaler | None) -> tuple[Tensor, Tensor, dict[str, Tensor | float], int]:
+    """One optimiser update over `accum` micro-batches: (mean loss, grad norm, task metrics, samples).
 
     Each micro-loss is divided by `accum`, so the update equals one step on the concatenated batch; the
-    gradient all-reduce / reduce-scatter runs only on the last micro-step.
+    gradient all-reduce / reduce-scatter runs only on the last micro-step. Loss, norm and metrics stay
+    device tensors: nothing here waits for the device (fp16's GradScaler reads its inf flag, its one sync).
     """
     optimizer.zero_grad(set_to_none=True)
     dtype = AUTOCAST[precision]
     loss_sum = torch.zeros((), device=device)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Tensor | float] = {}
     samples = 0
     for i in range(accum):
         last = i == accum - 1
@@ -187,34 +190,53 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
     flops_per_sample = stage.train_flops_per_sample
     peak = spec.peak_flops or _peak_flops(recipe.hardware.gpu, device)
     batches, losses = Batches(t.loader), []
+    pending: list[Tensor] = []  # per-update losses not yet read back (read on sync steps only)
+    sync_every = min(spec.log_every, MAX_STEPS_BETWEEN_SYNCS)
+    t_log, samples_since = time.perf_counter(), 0
     for step in range(start, end):
-        t0 = time.perf_counter()
         schedules.apply(step)
         loss, norm, metrics, samples = train_step(model, task, optimizer, batches, step=step, accum=accum,
                                                   device=device, precision=st.precision, clip=st.optim.clip_grad,
                                                   scaler=t.scaler)
         extra = task.after_update(model, step) or {}  # e.g. DINOv2: teacher momentum, periodic k-NN
-        # one collective per update: mean loss for the log and the NaN check, and whether any rank got SIGTERM
-        mean_loss, stopping = vdist.mean_over_ranks([loss.item(), float(stop.requested)], device)
+        pending.append(loss)
+        samples_since += samples
         done = step + 1
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(f"loss is {mean_loss} at step {done} (update {done} of {total}) in "
-                                   f"{recipe.id}/{stage.name}; the last checkpoint under {spec.out}/checkpoints "
-                                   "precedes it — lower the lr, enable clipping or check the data")
-        losses.append(mean_loss)
-        dt = time.perf_counter() - t0
-        if info.is_main and (done % spec.log_every == 0 or done == end or done == start + 1):
-            imgs = samples * info.world_size / dt
-            _log_step(run, done, end, {"loss": mean_loss, "lr": schedules.current_lr(), "grad_norm": float(norm),
-                                       "images_per_s": imgs, "step_time_s": dt, **metrics},
+        logging_step = done % spec.log_every == 0 or done == end or done == start + 1
+        checkpoint_step = done % st.checkpoint_every_steps == 0 or done == end
+        # a task's `train/*` scalars ride with the logging steps; anything else (an evaluation such as the
+        # periodic k-NN) is logged at its own step
+        if info.is_main and (events := {k: v for k, v in extra.items() if logging_step or not k.startswith("train/")}):
+            run.log_metrics(events, step=done)
+        if not (logging_step or checkpoint_step or done % sync_every == 0):
+            continue  # no host sync on this update
+        # the one sync of these updates: one collective for their losses (the log and the NaN check)
+        # and for whether any rank got SIGTERM, read back once
+        reduced = vdist.mean_tensor_over_ranks(torch.cat([torch.stack(pending).float().reshape(-1),
+                                                          torch.tensor([float(stop.requested)], device=device)]))
+        *step_losses, stopping = reduced.tolist()
+        first = done - len(pending) + 1
+        pending = []
+        for i, value in enumerate(step_losses):
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss is {value} at step {first + i} (update {first + i} of {total}) in "
+                                       f"{recipe.id}/{stage.name}; the last checkpoint under {spec.out}/checkpoints "
+                                       "precedes it — lower the lr, enable clipping or check the data")
+        losses += step_losses
+        if info.is_main and logging_step:
+            dt, n = time.perf_counter() - t_log, len(step_losses)
+            imgs = samples_since * info.world_size / dt
+            _log_step(run, done, end, {"loss": step_losses[-1], "lr": schedules.current_lr(), "grad_norm": float(norm),
+                                       "images_per_s": imgs, "step_time_s": dt / n,
+                                       **{k: float(v) for k, v in metrics.items()}},
                       flops=imgs * flops_per_sample / info.world_size, peak=peak, device=device)
-        if info.is_main and extra:
-            run.log_metrics(extra, step=done)
+        if logging_step:
+            t_log, samples_since = time.perf_counter(), 0
         if stopping:
             state.save(ckpt, done)
             log.warning("stopped by signal at step %d; checkpoint saved, exiting %d", done, RETRYABLE_EXIT)
             raise SystemExit(RETRYABLE_EXIT)
-        if done % st.checkpoint_every_steps == 0 or done == end:
+        if checkpoint_step:
             state.save(ckpt, done)
     step_reached = max(start, end)
     module, meta = task.export()

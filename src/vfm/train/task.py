@@ -115,14 +115,17 @@ class Task(Protocol):
         """This rank's training batches: micro-batch sized, deterministic for (rank, world_size, seed)."""
         ...
 
-    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Scalar loss of one micro-batch and metrics to log. `model` is the wrapped trainable module
-        (call it, not `trainable()`, so DDP/FSDP hooks fire); runs under the loop's autocast."""
+        (call it, not `trainable()`, so DDP/FSDP hooks fire); runs under the loop's autocast. Metrics are
+        detached device tensors (or plain floats): never `.item()` them here, the loop reads them back only
+        on logging steps, so an update that does not log never waits for the device."""
         ...
 
     def after_update(self, model: nn.Module, step: int) -> dict[str, float] | None:
         """Called after optimiser update `step` (0-based) on every rank, e.g. the EMA teacher update.
-        Metrics it returns (rank 0's) are logged at that step, e.g. a periodic k-NN of the teacher."""
+        Metrics it returns (rank 0's): `train/*` scalars are logged with the next logging step; others
+        (a periodic k-NN of the teacher) at this step."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
