@@ -52,3 +52,27 @@ def test_tracking_off_without_uri(monkeypatch):
     run = open_run(load_recipe("vit-huge", profile="smoke"), stage="pretrain", run_key="x")
     assert not run.enabled
     run.log_metrics({"a": 1.0})  # a no-op, not an error
+
+
+def test_metric_sender_keeps_failed_batches_and_bounds_its_queue():
+    from mlflow.entities import Metric
+
+    from vfm.tracking import MetricSender
+
+    class Flaky:
+        def __init__(self, fail: int):
+            self.fail, self.got = fail, []
+
+        def log_batch(self, run_id, metrics):
+            if self.fail:
+                self.fail -= 1
+                raise ConnectionError("server away")
+            self.got += [m.step for m in metrics]
+
+    client = Flaky(fail=3)
+    sender = MetricSender(client, "r", retry_s=0.01)
+    sender.put([Metric("loss", 1.0, 0, s) for s in range(2500)])
+    assert sender.flush(timeout_s=30) == 0 and client.got == list(range(2500)) and sender.failures == 3
+    stuck = MetricSender(Flaky(fail=10**9), "r", max_pending=100, retry_s=0.01)
+    stuck.put([Metric("loss", 1.0, 0, s) for s in range(150)])
+    assert stuck.flush(timeout_s=0.2) == 100 and stuck.dropped == 50  # the oldest go first, and are counted

@@ -89,12 +89,15 @@ def export_trained(module: nn.Module, meta: ExportMeta, dest: str, *, is_main: b
     if not is_main:
         return None
     view = _FullState(full)
+    save_export(view, meta, dest)  # the product first: an MLflow outage must not cost the trained weights
+    log.info("exported %s (step %d) to %s", meta.timm_name, meta.step, dest)
     if run is not None and run.enabled:
         with tempfile.TemporaryDirectory() as tmp:
             save_export(view, meta, Path(tmp))
-            run.log_artifact(tmp, "export")
-    save_export(view, meta, dest)
-    log.info("exported %s (step %d) to %s", meta.timm_name, meta.step, dest)
+            try:
+                run.log_artifact(tmp, "export")
+            except Exception as exc:  # the export is at `dest`; only its copy in MLflow is missing
+                log.warning("the export is at %s but could not be logged to MLflow run %s: %s", dest, run.run_id, exc)
     return dest
 
 

@@ -69,13 +69,14 @@ def s3_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, s3_endpoint: str) -> Iterator[str]:
-    """A real `mlflow server` subprocess: SQLite backend, artifacts proxied to the S3 endpoint."""
+def mlflow_server(workdir: Path, s3_endpoint: str, port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` subprocess: SQLite backend, artifacts proxied to the S3 endpoint; `port` to
+    bring one back where a stopped one was (its state is in `workdir`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in S3_ENV_DEFAULTS.items()}}
     env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
     _ensure_bucket(s3_endpoint, MLFLOW_ARTIFACT_BUCKET, env)
-    port = free_port()
+    port = port or free_port()
     log = workdir / "mlflow-server.log"
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     cmd = [

@@ -24,7 +24,9 @@ import contextlib
 import logging
 import os
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +66,91 @@ def recipe_tags(recipe: Recipe) -> dict[str, str]:
     return tags
 
 
+MAX_PENDING_METRICS = 200_000  # a background sender holds at most this many while MLflow is away (~50 MB)
+FLUSH_TIMEOUT_S = 120.0  # how long the end of a run waits for a sender's backlog
+
+
+class MetricSender:
+    """Metrics to MLflow from a background thread, so a training step never waits for the tracking server
+    and an outage never stops training: a batch that fails stays queued and is retried with backoff
+    (bounded: past MAX_PENDING_METRICS the oldest go, and the loss is reported).
+
+    Own thread rather than MLflow's `log_batch(synchronous=False)`: its queue records a failed batch's
+    exception and drops the batch (mlflow/utils/async_logging/async_logging_queue.py `_log_run_data`),
+    so metrics logged while the server is down would never arrive."""
+
+    def __init__(self, client: Any, run_id: str, *, max_pending: int = MAX_PENDING_METRICS, retry_s: float = 2.0):
+        self.client, self.run_id, self.max_pending, self.retry_s = client, run_id, max_pending, retry_s
+        self._pending: deque = deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._wake = False
+        self.dropped = 0
+        self.failures = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="mlflow-metrics")
+        self._thread.start()
+
+    def put(self, metrics: list[Any]) -> None:
+        with self._cv:
+            self._pending.extend(metrics)
+            while len(self._pending) > self.max_pending:
+                self._pending.popleft()
+                self.dropped += 1
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        backoff = self.retry_s
+        while True:
+            with self._cv:
+                while not self._pending:
+                    self._cv.wait()
+                batch = [self._pending[i] for i in range(min(1000, len(self._pending)))]
+                self._busy = True
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # the server is away or refusing: keep the batch, try again later
+                self.failures += 1
+                if self.failures == 1 or self.failures % 50 == 0:
+                    log.warning("MLflow is not taking metrics (%s); %d kept, retrying every %.0f s; training goes on",
+                                exc, len(self._pending), backoff)
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+                    self._cv.wait_for(lambda: self._wake, timeout=backoff)  # a flush retries at once
+                    self._wake = False
+                backoff = min(backoff * 2, 30.0)
+                continue
+            with self._cv:
+                for _ in batch:  # put() only appends and drops from the left: these are still the first
+                    if self._pending:
+                        self._pending.popleft()
+                self._busy = False
+                self._cv.notify_all()
+            if self.failures and backoff > self.retry_s:
+                log.warning("MLflow is back: delivering the metrics kept meanwhile")
+            backoff = self.retry_s
+
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """Wait until everything queued is delivered, at most `timeout_s`; returns what is left."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while (self._pending or self._busy) and time.monotonic() < deadline:
+                self._wake = True
+                self._cv.notify_all()
+                self._cv.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return len(self._pending)
+
+
 @dataclass
 class TrackedRun:
-    """A handle on one MLflow run; a no-op when tracking is off (`client is None`)."""
+    """A handle on one MLflow run; a no-op when tracking is off (`client is None`). With a `sender`
+    (a training run's rank 0) metrics go through its background thread and the end of the run never
+    raises for tracking."""
 
     client: Any
     run_id: str | None
     experiment_id: str | None = None
+    sender: MetricSender | None = None
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +163,9 @@ class TrackedRun:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if self.sender is not None:
+            self.sender.put(batch)
+            return
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
@@ -115,8 +198,19 @@ class TrackedRun:
             self.client.log_dict(self.run_id, obj, name)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.sender is None:
             self.client.set_terminated(self.run_id, status=status)
+            return
+        left = self.sender.flush()
+        if left or self.sender.dropped:
+            log.warning("MLflow run %s: %d metrics could not be delivered (%d dropped while the server was away)",
+                        self.run_id, left, self.sender.dropped)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:  # the training result stands; only its record is incomplete
+            log.warning("MLflow run %s could not be marked %s: %s", self.run_id, status, exc)
 
 
 def tracking_uri(uri: str | None = None) -> str | None:
@@ -155,8 +249,10 @@ def open_run(
     uri: str | None = None,
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    background: bool = False,
 ) -> TrackedRun:
-    """Create the run for (`recipe`, `run_key`) or re-open it if a previous attempt created it."""
+    """Create the run for (`recipe`, `run_key`) or re-open it if a previous attempt created it.
+    `background`: metrics through a MetricSender (training: never wait for MLflow, survive its outages)."""
     uri = tracking_uri(uri)
     if uri is None:
         log.info("MLflow tracking is off for %s/%s: set MLFLOW_TRACKING_URI to record it", recipe.id, stage)
@@ -181,7 +277,8 @@ def open_run(
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(exp_id, run_name=run_name or f"{recipe.id}-{stage}", tags=tags).info.run_id
-    run = TrackedRun(client=client, run_id=run_id, experiment_id=exp_id)
+    run = TrackedRun(client=client, run_id=run_id, experiment_id=exp_id,
+                     sender=MetricSender(client, run_id) if background else None)
     run.log_params(flatten(recipe))
     return run
 

@@ -155,7 +155,7 @@ def train(task: Task, spec: RunSpec) -> TrainResult:
             key = spec.run_key or f"{recipe.id}/{name}/seed{spec.seed}/{spec.out}"
             opened = tracked_run(recipe, stage=name, run_key=key, parent_run_id=spec.parent_run_id,
                                  uri=spec.tracking_uri, run_name=f"{recipe.id}-{name}-seed{spec.seed}",
-                                 extra_tags={"vfm.seed": str(spec.seed)})
+                                 extra_tags={"vfm.seed": str(spec.seed)}, background=True)
         else:
             opened = contextlib.nullcontext(TrackedRun(client=None, run_id=None))
         with opened as run:
