@@ -74,3 +74,23 @@ def test_zero_bit_posterize_is_black_and_registered_for_every_posterize_op():
     # the op that crashed: PosterizeIncreasing at timm's top magnitude asks for 0 bits
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     assert np.asarray(op(img)).max() == 0
+
+
+def test_convnext_erases_with_per_pixel_noise_as_upstream():
+    """facebookresearch/ConvNeXt main.py trains with --reprob 0.25 --remode pixel --recount 1 (as DeiT);
+    timm's transforms_imagenet_train defaults to `const` (zeros)."""
+    from timm.data.random_erasing import RandomErasing
+
+    from vfm.data.transforms import build_transform
+    from vfm.recipes import load_recipe
+
+    recipe = load_recipe("convnext-xl")
+    for stage in ("pretrain", "finetune"):
+        t = build_transform(recipe.stages[stage].data, is_training=True)
+        erase = [x for x in t.transforms if isinstance(x, RandomErasing)]
+        assert len(erase) == 1 and (erase[0].mode, erase[0].max_count, erase[0].probability) == ("pixel", 1, 0.25)
+    const = load_recipe("convnext-xl", ["stages.pretrain.data.augment.re_mode=const",
+                                        "stages.pretrain.data.augment.re_count=2"])
+    t = build_transform(const.stages["pretrain"].data, is_training=True)
+    erase = next(x for x in t.transforms if isinstance(x, RandomErasing))
+    assert (erase.mode, erase.max_count) == ("const", 2)

@@ -62,6 +62,8 @@ def build_transform(data_config: DataConfig, is_training: bool):
             mean=tuple(data_config.mean),
             std=tuple(data_config.std),
             re_prob=aug.random_erase,
+            re_mode=aug.re_mode,
+            re_count=aug.re_count,
         )
     return transforms_imagenet_eval(
         img_size=data_config.resolution,

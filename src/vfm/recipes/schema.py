@@ -47,6 +47,12 @@ class AugmentConfig(_Strict):
     cutmix: float = 0.0
     label_smoothing: float = 0.0
     random_erase: float = 0.0
+    """timm's `re_prob`."""
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    """What an erased box is filled with: `pixel` = per-pixel normal noise, as DeiT and ConvNeXt train
+    (timm train.py `--remode pixel`); `const` (zeros) is `transforms_imagenet_train`'s own default."""
+    re_count: int = Field(1, ge=1)
+    """Boxes erased per image at most (timm `--recount`)."""
     interpolation: str = "bicubic"
 
 
