@@ -161,12 +161,13 @@ def measure_vfm(recipe: Recipe, stage: str, *, steps: int, warmup: int, num_clas
     t = setup(task, resolved, device=device, rank=0, seed=0)
     batches = Batches(t.loader)
     counter = iter(range(10**9))
+    groups = task.clip_groups(t.model)
 
     def step() -> None:
         i = next(counter)
         t.schedules.apply(i)
         train_step(t.model, task, t.optimizer, batches, step=i, accum=1, device=device, precision=st.precision,
-                   clip=st.optim.clip_grad, scaler=None)
+                   clip=st.optim.clip_grad, scaler=None, clip_groups=groups)
         task.after_update(t.model, i)
 
     flops = resolved.train_flops_per_sample

@@ -80,6 +80,9 @@ class MemoryTask:
             loss = loss * float("nan")
         return loss, {}
 
+    def clip_groups(self, model):
+        return None
+
     def after_update(self, model, step):
         return None  # a plain classifier: no EMA teacher or other per-update work
 

@@ -24,7 +24,7 @@ def test_dino_head_shapes_and_cosine_logits():
     linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(96, 64), (64, 64), (64, 32)]
     gain = head.last_layer.parametrizations.weight.original0
-    assert not gain.requires_grad and torch.all(gain == 1)
+    assert gain.requires_grad and torch.all(gain == 1)  # trainable from 1, as upstream's weight_g
     out = head(torch.randn(5, 96) * 10)
     assert out.shape == (5, 256)
     # unit bottleneck · unit prototype = cosine: bounded by 1 whatever the input scale

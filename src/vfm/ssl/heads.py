@@ -1,9 +1,11 @@
 """The DINO projection head (facebookresearch/dinov2 `dinov2/layers/dino_head.py`).
 
 MLP in → hidden → … → bottleneck (GELU, no BN, trunc-normal 0.02 init), L2 normalisation, then a
-weight-normalised linear layer to the prototypes. The weight-norm gain is fixed at 1, so the logits are
-cosine similarities between the bottleneck feature and each prototype; this bounds the logits to
-[-1, 1] (before the temperature) and is what keeps the teacher softmax from saturating early.
+weight-normalised linear layer to the prototypes. The weight-norm gain starts at 1, so the logits start
+as cosine similarities between the bottleneck feature and each prototype, and stays trainable as
+upstream leaves it (`self.last_layer.weight_g.data.fill_(1)`, no `requires_grad_(False)`; DINO v1's
+`norm_last_layer` freeze is not in DINOv2). It is frozen with the rest of the prototype layer for the
+first `freeze_last_layer_epochs` (the name holds `last_layer`), and decayed like upstream's `weight_g`.
 
 torch's parametrizations `weight_norm` replaces the deprecated `torch.nn.utils.weight_norm` upstream
 uses (torch 2.14 warns FutureWarning on it); its `original0` is the gain g, `original1` the direction v.
@@ -38,8 +40,6 @@ class DINOHead(nn.Module):
         gain = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
             gain.fill_(1.0)
-        # a trainable gain would let the logits scale grow and defeat the temperature
-        gain.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)

@@ -92,18 +92,19 @@ class DinoTask(ManifestData):
         return self.student
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """DINOv2's groups: no wd on biases / norms / layer-scale / tokens, patch-embed lr × mult,
-        layer-wise lr decay when set, and the prototype layer frozen for `freeze_last_layer_epochs`."""
+        """DINOv2's groups (facebookresearch/dinov2 dinov2/utils/param_groups.py): no weight decay on
+        biases, norms and layer-scale gammas only (the position embedding and the CLS and mask tokens are
+        decayed, as upstream), patch-embed lr × mult, layer-wise lr decay when set, and the prototype layer
+        frozen for `freeze_last_layer_epochs`."""
         optim = self.ctx.config.optim
         bare = unwrap(model)
-        no_wd = bare.no_weight_decay()
         depth = len(bare.blocks)
         frozen_until = schedules.last_layer_frozen_until(self.ssl, self.epoch_len)
         groups: dict[tuple[float, float, int], list[nn.Parameter]] = {}
         for name, p in bare.named_parameters():
             if not p.requires_grad:
                 continue
-            wd = 0.0 if (p.ndim <= 1 or name.endswith(".bias") or name in no_wd) else optim.weight_decay
+            wd = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else optim.weight_decay
             scale = optim.patch_embed_lr_mult if "patch_embed" in name else 1.0
             if optim.layer_decay is not None:
                 scale *= optim.layer_decay ** (depth + 1 - _layer_id(name, depth))
@@ -146,7 +147,9 @@ class DinoTask(ManifestData):
         metrics: dict[str, Tensor | float] = {"dino_loss": dino.detach(), "teacher_temp": temp}
         if ibot_targets is not None and s_out.patch_logits is not None:
             ibot = self.ibot_loss(s_out.patch_logits, ibot_targets, masks)
-            loss = loss + ssl.ibot_loss_weight * ibot
+            # upstream scales the patch loss by loss_scales (2) × ibot_loss_scale (1 / n_global_crops)
+            # (dinov2/train/ssl_meta_arch.py forward_backward): 1 with its 2 global crops, 2/n with n
+            loss = loss + ssl.ibot_loss_weight * (2 / n_global) * ibot
             metrics["ibot_loss"] = ibot.detach()
             metrics["masked_patches"] = masks.sum().float()
         if ssl.koleo:
@@ -164,6 +167,17 @@ class DinoTask(ManifestData):
         if self.knn_train and every and (step + 1) % every == 0:
             metrics.update({f"knn/{k}": v for k, v in self.knn().items()})
         return metrics
+
+    def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
+        """Clipped one by one, as upstream clips each student module (dinov2/train/train.py
+        `for v in model.student.values(): v.clip_grad_norm_(cfg.optim.clip_grad)`): the backbone, the DINO
+        head and (when separate) the iBOT head."""
+        bare = unwrap(model)
+        mods = [bare.backbone, bare.dino_head] + ([bare.ibot_head] if bare.ibot_head is not None else [])
+        extra = [p for n, p in bare.named_parameters() if not n.startswith(("backbone.", "dino_head.", "ibot_head."))]
+        groups = [[p for p in m.parameters() if p.requires_grad] for m in mods]
+        groups[0] += [p for p in extra if p.requires_grad]  # the mask token sits in upstream's backbone
+        return groups
 
     # ---- k-NN of the teacher ---------------------------------------------------------------------
     def knn(self) -> dict[str, float]:

@@ -155,6 +155,9 @@ class SupervisedTask(ManifestData):
             metrics["top1"] = (logits.argmax(-1) == labels).float().mean()  # read on logging steps only
         return loss, metrics
 
+    def clip_groups(self, model: nn.Module) -> None:
+        return None  # one global norm, as timm's train.py clips
+
     def after_update(self, model: nn.Module, step: int) -> None:
         if self.ema is None:
             return

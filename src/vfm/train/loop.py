@@ -99,7 +99,8 @@ class Batches:
 
 def train_step(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, batches: Batches, *,
                step: int, accum: int, device: torch.device, precision: str, clip: float | None,
-               scaler: torch.amp.GradScaler | None) -> tuple[Tensor, Tensor, dict[str, Tensor | float], int]:
+               scaler: torch.amp.GradScaler | None, clip_groups: list[list[nn.Parameter]] | None = None,
+               ) -> tuple[Tensor, Tensor, dict[str, Tensor | float], int]:
     """One optimiser update over `accum` micro-batches: (mean loss, grad norm, task metrics, samples).
 
     Each micro-loss is divided by `accum`, so the update equals one step on the concatenated batch; the
@@ -127,13 +128,19 @@ def train_step(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, b
             metrics[k] = metrics.get(k, 0.0) + v / accum
     if scaler is not None:
         scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip is not None:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+    groups = clip_groups or [list(model.parameters())]  # the task's groups are clipped one by one
+    norms = []
+    for group in groups:
+        params = [p for p in group if p.grad is not None]
+        if not params:
+            continue
+        if clip is not None:
+            n = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        else:
+            n = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    # the logged norm is the whole gradient's (before clipping), whatever the groups
+    norm = torch.stack(norms).float().square().sum().sqrt() if norms else torch.zeros((), device=device)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -190,6 +197,7 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
     flops_per_sample = stage.train_flops_per_sample
     peak = spec.peak_flops or _peak_flops(recipe.hardware.gpu, device)
     batches, losses = Batches(t.loader), []
+    clip_groups = task.clip_groups(model)
     pending: list[Tensor] = []  # per-update losses not yet read back (read on sync steps only)
     sync_every = min(spec.log_every, MAX_STEPS_BETWEEN_SYNCS)
     t_log, samples_since = time.perf_counter(), 0
@@ -197,7 +205,7 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
         schedules.apply(step)
         loss, norm, metrics, samples = train_step(model, task, optimizer, batches, step=step, accum=accum,
                                                   device=device, precision=st.precision, clip=st.optim.clip_grad,
-                                                  scaler=t.scaler)
+                                                  scaler=t.scaler, clip_groups=clip_groups)
         extra = task.after_update(model, step) or {}  # e.g. DINOv2: teacher momentum, periodic k-NN
         pending.append(loss)
         samples_since += samples

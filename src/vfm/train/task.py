@@ -122,6 +122,11 @@ class Task(Protocol):
         on logging steps, so an update that does not log never waits for the device."""
         ...
 
+    def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]] | None:
+        """Parameter groups whose gradients are clipped separately (each to `optim.clip_grad`), e.g.
+        DINOv2's backbone and heads; None clips one norm over every parameter."""
+        ...
+
     def after_update(self, model: nn.Module, step: int) -> dict[str, float] | None:
         """Called after optimiser update `step` (0-based) on every rank, e.g. the EMA teacher update.
         Metrics it returns (rank 0's): `train/*` scalars are logged with the next logging step; others
