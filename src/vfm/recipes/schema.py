@@ -175,6 +175,9 @@ class StageConfig(_Strict):
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     activation_checkpointing: bool = False
     compile: bool = False
+    """torch.compile each block in place (vfm.train.parallel.apply_speed_switches)."""
+    channels_last: bool | None = None
+    """NHWC activations and weights; None: on for ConvNeXt on CUDA (its depthwise convs are faster in NHWC)."""
     ema: float | None = None
     """Model EMA decay (ConvNeXt fine-tune evaluates the EMA); None disables."""
     head_init_scale: float | None = None

@@ -27,7 +27,7 @@ from vfm.models import build_model, forward_flops, model_kwargs
 from vfm.recipes.schema import Recipe
 from vfm.tasks.common import ManifestData
 from vfm.train.optim import param_groups
-from vfm.train.parallel import unwrap
+from vfm.train.parallel import unwrap, uses_channels_last
 from vfm.train.task import StatefulLoader, TaskContext
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class SupervisedTask(ManifestData):
         if st.ema is not None:
             # sharded like the trained model, so the EMA update is shard-by-shard local work
             self.ema = ctx.shard(copy.deepcopy(self.model).requires_grad_(False))
-        self.channels_last = ctx.recipe.model.family == "convnext" and ctx.device.type == "cuda"
+        self.channels_last = uses_channels_last(ctx.config.channels_last, ctx.recipe.model.family, ctx.device)
 
     def _scale_head(self, scale: float) -> None:
         with torch.no_grad():

@@ -39,16 +39,23 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_speed_switches(model: nn.Module, *, family: str, activation_checkpointing: bool, compile: bool,
-                         device: torch.device) -> nn.Module:
+def uses_channels_last(switch: bool | None, family: str, device: torch.device) -> bool:
+    """The stage's `channels_last`, or by default ConvNeXt on CUDA (its depthwise convs are faster in NHWC)."""
+    return switch if switch is not None else family == "convnext" and device.type == "cuda"
+
+
+def apply_speed_switches(model: nn.Module, *, activation_checkpointing: bool, compile: bool,
+                         channels_last: bool) -> nn.Module:
     if activation_checkpointing:
         model.set_grad_checkpointing(True)  # timm: checkpoint each block's forward
-    if family == "convnext" and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # ConvNeXt's depthwise convs are faster in NHWC
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # the task feeds NHWC inputs to match
     if compile:
         # per block, in place: keeps module identity and names for FSDP2 units and checkpoints
+        # static shapes: a training step's shapes are fixed (drop_last), and inductor's dynamic-shape path
+        # fails on ConvNeXt's blocks in torch 2.14 ("cannot determine truth value of Relational")
         for block in blocks(model):
-            block.compile()
+            block.compile(dynamic=False)
     return model
 
 

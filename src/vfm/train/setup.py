@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vfm.train.optim import Schedules, build_optimizer
-from vfm.train.parallel import apply_speed_switches, shard, wrap
+from vfm.train.parallel import apply_speed_switches, shard, uses_channels_last, wrap
 from vfm.train.task import StatefulLoader, Task, TaskContext
 
 if TYPE_CHECKING:  # types only: the engine imports no task registry at run time
@@ -51,9 +51,9 @@ def setup(task: Task, stage: ResolvedStage, *, device: torch.device, rank: int, 
                       shard=shard if st.parallelism == "fsdp" else _identity, init=init,
                       options=dict(options or {}))
     task.build(ctx)
-    model = apply_speed_switches(task.trainable(), family=stage.recipe.model.family,
-                                 activation_checkpointing=st.activation_checkpointing, compile=st.compile,
-                                 device=device)
+    model = apply_speed_switches(task.trainable(), activation_checkpointing=st.activation_checkpointing,
+                                 compile=st.compile,
+                                 channels_last=uses_channels_last(st.channels_last, stage.recipe.model.family, device))
     model = wrap(model, st.parallelism, device)
     optimizer = build_optimizer(task.param_groups(model), st.optim, stage.peak_lr, device)
     schedules = Schedules(optimizer, st.optim, peak_lr=stage.peak_lr, total_steps=stage.total_steps,
