@@ -177,7 +177,8 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
         wall = gpu_hours / hw.gpus if gpu_hours is not None else None
 
         bytes_per_param = BYTES_PER_PARAM_TRAIN + (BYTES_PER_PARAM_TEACHER if task.teacher else 0)
-        weights_states = params * bytes_per_param / (hw.gpus if st.parallelism == "fsdp" else 1)
+        shards = {"fsdp": hw.gpus, "hsdp": st.hsdp_shard_size or hw.procs_per_node}.get(st.parallelism, 1)
+        weights_states = params * bytes_per_param / shards
         bytes_per_el = 4 if st.precision == "fp32" else 2
         act_res = st.data.multicrop.global_crops_size if st.data.multicrop else res
         act_sample = _activation_bytes(model, act_res, st.activation_checkpointing, bytes_per_el)
@@ -260,7 +261,7 @@ def _memory_check(recipe: Recipe, sp: StagePlan, states: float, act_sample: floa
     if micro == 0:
         sp.executed_micro_batch = sp.executed_grad_accum = 0
         fix = "not even micro-batch 1 fits: use parallelism fsdp or activation_checkpointing"
-        if st.parallelism == "fsdp" or st.activation_checkpointing:
+        if st.parallelism in ("fsdp", "hsdp") or st.activation_checkpointing:
             fix = "not even micro-batch 1 fits: use more GPUs or a smaller model"
         return Check(f"stages.{sp.stage}.memory", "flag", f"{need}; {fix}")
     sp.executed_micro_batch, sp.executed_grad_accum = micro, per_gpu // micro

@@ -173,3 +173,16 @@ def test_sigterm_then_kill9_of_a_rank_then_restart_is_bit_exact(shards, straight
     (tmp_path / "export").mkdir()
     s3_client().download_file(bucket, "run/export/weights.pt", str(tmp_path / "export" / "weights.pt"))
     _same_weights(straight, tmp_path)
+
+
+def test_hsdp_meshes_train_like_ddp(shards, tmp_path):
+    """HSDP on 2 ranks as (1 replicate × 2 shard) and (2 replicate × 1 shard): the loss curve of DDP."""
+    curves = {}
+    for name, sets in (("ddp", ["parallelism=ddp"]), ("hsdp-1x2", ["parallelism=hsdp", "hsdp_shard_size=2"]),
+                       ("hsdp-2x1", ["parallelism=hsdp", "hsdp_shard_size=1"])):
+        log = _ok(run(train_cmd("vit-huge-pretrain", "pretrain", shards, tmp_path / name, "--max-steps", "4",
+                                *stage_sets("pretrain", [*sets, "drop_path=0"]))))
+        curves[name] = losses(log)
+    assert len(curves["ddp"]) == 4
+    for name in ("hsdp-1x2", "hsdp-2x1"):
+        assert curves[name] == pytest.approx(curves["ddp"], rel=1e-4, abs=1e-5), (name, curves)

@@ -138,3 +138,22 @@ def test_checkpoints_and_export_on_s3_resume(world1, tmp_path, bucket, s3_endpoi
     assert "runs/a/checkpoints/step-000006/COMPLETE" in keys and "runs/a/export/weights.pt" in keys
     _, meta = load_export(f"s3://{bucket}/runs/a/export")
     assert meta.step == 6
+
+
+def test_fsdp2_gathers_bf16_parameters_and_reduces_fp32_gradients(world1):
+    """torchtitan's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on bf16 stages: the blocks
+    compute with bf16 weights while the sharded fp32 master weights and their gradients stay fp32."""
+    from vfm.train.parallel import shard, sharding
+
+    r = load_recipe("vit-huge-pretrain", ["hardware.gpus=1"], profile="smoke")
+    how = sharding("fsdp", "bf16", torch.device("cpu"), world_size=1, shard_size=None)
+    assert (how.mp.param_dtype, how.mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert sharding("fsdp", "fp32", torch.device("cpu"), world_size=1, shard_size=None).mp is None
+    model = shard(build_model(r, "pretrain", num_classes=4), how)
+    seen = []
+    model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    x, y = learnable_set(n=4)
+    nn.functional.cross_entropy(model(x).float(), y).backward()
+    assert seen == [torch.bfloat16]
+    w = model.blocks[0].attn.qkv.weight
+    assert w.dtype == torch.float32 and w.grad.dtype == torch.float32

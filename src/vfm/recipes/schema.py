@@ -172,7 +172,11 @@ class StageConfig(_Strict):
     """Total optimiser updates; alternative to epochs."""
     drop_path: float = Field(0.0, ge=0, lt=1)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    parallelism: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    """`hsdp`: FSDP2 on a 2-D mesh, parameters sharded within `hsdp_shard_size` ranks (a node) and
+    replicated across the groups, so only the gradient all-reduce crosses nodes."""
+    hsdp_shard_size: int | None = Field(None, ge=1)
+    """Ranks per shard group under `hsdp`; None = the GPUs of one node."""
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile each block in place (vfm.train.parallel.apply_speed_switches)."""

@@ -1,4 +1,7 @@
-"""Wrapping the trained module for data parallelism: DDP, or FSDP2 (`fully_shard` per block, then the root).
+"""Wrapping the trained module for data parallelism: DDP, or FSDP2 (`fully_shard` per block, then the root),
+over every rank (`fsdp`) or as HSDP on a (replicate, shard) device mesh (`hsdp`), as torchtitan's
+`apply_fsdp` (torchtitan/models/llama3/infra/parallelize.py) runs it: bf16 parameters in the all-gathers
+and fp32 gradient reduce-scatters (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`).
 
 Speed switches live here too because their order matters: activation checkpointing and per-block
 `torch.compile` are applied to the bare module before it is sharded / wrapped (as torchtitan does).
@@ -7,13 +10,17 @@ Speed switches live here too because their order matters: activation checkpointi
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
+
+SHARDED = ("fsdp", "hsdp")  # the parallelisms whose parameters are FSDP2 DTensors
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -31,11 +38,43 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def shard(model: nn.Module) -> nn.Module:
+@dataclass(frozen=True)
+class Sharding:
+    """How FSDP2 shards: over `mesh` (None = every rank, 1-D), with `mp` (None = the parameters' dtype)."""
+
+    mesh: DeviceMesh | None = None
+    mp: MixedPrecisionPolicy | None = None
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        return shard(model, self)
+
+
+def sharding(parallelism: str, precision: str, device: torch.device, *, world_size: int,
+             shard_size: int | None) -> Sharding:
+    """The FSDP2 layout of a stage: `hsdp` builds the (replicate, shard) mesh; bf16 gathers bf16 params and
+    reduces fp32 gradients (fp16 keeps autocast + the sharded GradScaler)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
+    if parallelism != "hsdp":
+        return Sharding(mp=mp)
+    size = shard_size or world_size
+    if world_size % size:
+        raise ValueError(f"hsdp_shard_size={size} does not divide the world size {world_size}; use a divisor "
+                         "(the GPUs of one node)")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size // size, size), mesh_dim_names=("replicate", "shard"))
+    return Sharding(mesh=mesh, mp=mp)
+
+
+def shard(model: nn.Module, how: Sharding | None = None) -> nn.Module:
     """FSDP2 in place: one unit per block (its params all-gathered just in time), the rest at the root."""
+    how = how or Sharding()
+    kw = {"mesh": how.mesh} if how.mesh is not None else {}
+    if how.mp is not None:
+        kw["mp_policy"] = how.mp
     for block in blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
 
 
@@ -59,14 +98,14 @@ def apply_speed_switches(model: nn.Module, *, activation_checkpointing: bool, co
     return model
 
 
-def wrap(model: nn.Module, parallelism: str, device: torch.device) -> nn.Module:
-    """DDP wrapper or FSDP2 sharding of the module that is trained."""
-    if parallelism == "fsdp":
-        return shard(model)
+def wrap(model: nn.Module, parallelism: str, device: torch.device, how: Sharding | None = None) -> nn.Module:
+    """DDP wrapper or FSDP2 sharding (`how`) of the module that is trained."""
+    if parallelism in ("fsdp", "hsdp"):
+        return shard(model, how)
     if parallelism == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    raise ValueError(f"unknown parallelism {parallelism!r}; use ddp or fsdp")
+    raise ValueError(f"unknown parallelism {parallelism!r}; use ddp, fsdp or hsdp")
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

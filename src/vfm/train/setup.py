@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vfm.train.optim import Schedules, build_optimizer
-from vfm.train.parallel import apply_speed_switches, shard, uses_channels_last, wrap
+from vfm.train.parallel import SHARDED, apply_speed_switches, sharding, uses_channels_last, wrap
 from vfm.train.task import StatefulLoader, Task, TaskContext
 
 if TYPE_CHECKING:  # types only: the engine imports no task registry at run time
@@ -47,14 +47,16 @@ def setup(task: Task, stage: ResolvedStage, *, device: torch.device, rank: int, 
     st = stage.config
     # identical initialisation on every rank (FSDP2 keeps each rank's own shard of it)
     seed_all(seed)
+    how = sharding(st.parallelism, st.precision, device, world_size=stage.world_size,
+                   shard_size=st.hsdp_shard_size or stage.recipe.hardware.procs_per_node)
     ctx = TaskContext(stage=stage, device=device, rank=rank, seed=seed,
-                      shard=shard if st.parallelism == "fsdp" else _identity, init=init,
+                      shard=how if st.parallelism in SHARDED else _identity, init=init,
                       options=dict(options or {}))
     task.build(ctx)
     model = apply_speed_switches(task.trainable(), activation_checkpointing=st.activation_checkpointing,
                                  compile=st.compile,
                                  channels_last=uses_channels_last(st.channels_last, stage.recipe.model.family, device))
-    model = wrap(model, st.parallelism, device)
+    model = wrap(model, st.parallelism, device, how)
     optimizer = build_optimizer(task.param_groups(model), st.optim, stage.peak_lr, device)
     schedules = Schedules(optimizer, st.optim, peak_lr=stage.peak_lr, total_steps=stage.total_steps,
                           warmup_steps=stage.warmup_steps)
@@ -71,7 +73,7 @@ def _identity(module: nn.Module) -> nn.Module:
 def grad_scaler(precision: str, parallelism: str, device: torch.device) -> torch.amp.GradScaler | None:
     if precision != "fp16":
         return None
-    if parallelism == "fsdp":
+    if parallelism in SHARDED:
         # all-reduces the inf check across ranks, since each rank only sees its own gradient shards
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
