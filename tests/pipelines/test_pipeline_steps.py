@@ -256,6 +256,24 @@ def test_every_replica_is_built_from_the_overlays_pod_template(monkeypatch, tmp_
         assert args[args.index("--workers") + 1] == "10"  # the template's 96 cores over 8 ranks, 2 kept each
 
 
+def test_the_pipeline_tasks_passthrough_goes_on_top_of_the_pod_template(monkeypatch, tmp_path):
+    """`.set_cpu_request()` / node selector / tolerations on the KFP train task (TaskConfig passthrough)
+    reach the replicas built from the PodTemplate, instead of being dropped."""
+    tc = {"resources": {"requests": {"cpu": "120", "memory": "1200Gi"}, "limits": {"memory": "1200Gi"}},
+          "node_selector": {"topology.kubernetes.io/zone": "zone-a"},
+          "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "vfm", "effect": "NoSchedule"}]}
+    job = _job_of_train(monkeypatch, tmp_path, "vit-huge", template=_h100_trainer_template(), task_config=tc)
+    for spec in (r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()):
+        c = spec["containers"][0]
+        assert c["resources"]["requests"]["cpu"] == "120" and c["resources"]["limits"]["memory"] == "1200Gi"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                        "topology.kubernetes.io/zone": "zone-a"}
+        assert tc["tolerations"][0] in spec["tolerations"] and len(spec["tolerations"]) == 2
+        args = c["args"]
+        assert args[args.index("--workers") + 1] == "13"  # 120 cores over 8 ranks, 2 kept each
+
+
 def test_kueue_reads_the_queue_name_from_the_jobs_own_metadata():
     from vfm.launch import Gang, JobOptions, build_job, to_manifest
     from vfm.recipes import load_recipe

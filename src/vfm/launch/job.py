@@ -227,13 +227,14 @@ RANK_CORES = 2
 
 def loader_workers(recipe: Recipe, stage: str, opts: JobOptions, pod_template: dict[str, Any] | None = None) -> int:
     """Loader workers per rank: the stage's `data.workers` when the recipe sets it, else the pod's CPU
-    request (the PodTemplate's when there is one) shared out over its ranks, less `RANK_CORES` each
+    request (the pipeline task's passthrough, else the PodTemplate's when there is one) shared out over its ranks, less `RANK_CORES` each
     (e.g. 96 cores / 8 GPUs → 10 workers)."""
     set_ = recipe.stages[stage].data.workers  # type: ignore[index]
     if set_ is not None:
         return set_
     procs = recipe.hardware.procs_per_node
-    cpu = template_cpu(pod_template) if pod_template is not None else None
+    passthrough = ((opts.resources or {}).get("requests") or {}).get("cpu")  # the task's own request wins
+    cpu = passthrough or (template_cpu(pod_template) if pod_template is not None else None)
     cores = cpu_request(cpu or _resources(recipe, opts)["requests"]["cpu"])
     return max(1, int(cores // procs) - RANK_CORES)
 
@@ -290,7 +291,8 @@ def _pod_template(recipe: Recipe, opts: JobOptions, role: str) -> k8s.V1PodTempl
 def pod_from_template(template: dict[str, Any], recipe: Recipe, opts: JobOptions, role: str) -> dict[str, Any]:
     """One replica's pod template from the namespace's `vfm-trainer` PodTemplate (K8s JSON): everything
     the template says is kept; added are the run's image, command, args and env, the GPU count per pod,
-    the role label and the SIGTERM grace the checkpoint needs."""
+    the pipeline task's resources / node selector / tolerations (KFP TaskConfig passthrough), the role
+    label and the SIGTERM grace the checkpoint needs."""
     t = copy.deepcopy(template)
     spec = t.setdefault("spec", {})
     container = next((c for c in spec.get("containers") or [] if c.get("name") == CONTAINER), None)
@@ -303,10 +305,18 @@ def pod_from_template(template: dict[str, Any], recipe: Recipe, opts: JobOptions
     container["env"] = env + [{"name": k, "value": v} for k, v in ours.items()] + list(opts.extra_env or [])
     if not any(p.get("name") == PORT_NAME for p in container.get("ports") or []):
         container.setdefault("ports", []).append({"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"})
+    res = container.setdefault("resources", {})
     if uses_gpus(recipe):
-        res = container.setdefault("resources", {})
         for key in ("requests", "limits"):
             res.setdefault(key, {})[GPU_RESOURCE] = str(recipe.hardware.procs_per_node)
+    # the pipeline task's own settings (KFP TaskConfig passthrough) are the run's, so they go on top
+    for key in ("requests", "limits"):
+        res.setdefault(key, {}).update({k: str(v) for k, v in ((opts.resources or {}).get(key) or {}).items()})
+    if opts.node_selector:
+        spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), **opts.node_selector}
+    if opts.tolerations:
+        spec["tolerations"] = list(spec.get("tolerations") or []) + [t_ for t_ in opts.tolerations
+                                                                      if t_ not in (spec.get("tolerations") or [])]
     meta = t.setdefault("metadata", {})
     meta["labels"] = {**(meta.get("labels") or {}), **opts.labels, "vfm.io/role": role}
     meta["annotations"] = {**(meta.get("annotations") or {}), "sidecar.istio.io/inject": "false"}
