@@ -326,6 +326,27 @@ class RangedFile:
             self.pos += len(chunk)
         return bytes(out)
 
+    def readline(self, limit: int = -1) -> bytes:
+        """Up to and including the next newline (pickle reads its protocol frames with it)."""
+        out = bytearray()
+        while self.pos < self.size and (limit < 0 or len(out) < limit):
+            b, within = divmod(self.pos, self.block)
+            chunk = self._get(b)[within:]
+            cut = chunk.find(b"\n")
+            take = len(chunk) if cut < 0 else cut + 1
+            if limit >= 0:
+                take = min(take, limit - len(out))
+            out += chunk[:take]
+            self.pos += take
+            if cut >= 0 and take == cut + 1:
+                break
+        return bytes(out)
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
     def close(self) -> None:
         for f in self._blocks.values():
             f.cancel()

@@ -157,3 +157,28 @@ def test_fsdp2_gathers_bf16_parameters_and_reduces_fp32_gradients(world1):
     assert seen == [torch.bfloat16]
     w = model.blocks[0].attn.qkv.weight
     assert w.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_resume_through_s3_is_bit_exact_with_direct_and_async_checkpoints(world1, tmp_path, bucket, s3_endpoint,
+                                                                          monkeypatch, asynchronous):
+    """Every rank writes its shards straight to S3 and reads back its own byte ranges (no staging); with
+    async_checkpoint the periodic saves are written in the background while training goes on."""
+    from vfm import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    sets = ("stages.pretrain.checkpoint_every_steps=3", f"stages.pretrain.async_checkpoint={asynchronous}")
+    straight = train(MemoryTask(), _spec(tmp_path / "a", *sets))
+    spec = _spec(tmp_path / "b", *sets, max_steps=7)
+    spec.out = f"s3://{bucket}/runs/async-{asynchronous}"
+    first = train(MemoryTask(), spec)
+    assert first.losses == straight.losses[:7]
+    # the run's last save (step 7, written before it ended) goes: the resume starts from step 6, a
+    # periodic save, written in the background under async_checkpoint while steps 7 ran
+    storage.delete_prefix(f"{spec.out}/checkpoints/step-000007")
+    spec.max_steps = None
+    rest = train(MemoryTask(), spec)
+    assert rest.losses == straight.losses[6:]
+    keys = set(storage.list_prefix(f"{spec.out}/checkpoints"))
+    assert f"{spec.out}/checkpoints/step-000012/COMPLETE" in keys
+    assert any(k.endswith(".distcp") for k in keys) and f"{spec.out}/checkpoints/step-000012/.metadata" in keys

@@ -187,6 +187,9 @@ class StageConfig(_Strict):
     head_init_scale: float | None = None
     seeds: list[int] = Field(default_factory=lambda: [0])
     checkpoint_every_steps: int = Field(1000, ge=1)
+    async_checkpoint: bool = False
+    """Periodic checkpoints with `dcp.async_save`: training goes on while they are written (the last one,
+    and one on SIGTERM, are written before the process goes on or exits)."""
     keep_checkpoints: int = Field(3, ge=1)
     num_samples: int | None = None
     """Samples per epoch; None takes the dataset's standard size (vfm.recipes.datasets)."""

@@ -5,9 +5,12 @@
 
 A checkpoint counts only once COMPLETE exists: it is written after every rank has finished (a barrier),
 so a step directory left half-written by a killed pod is never loaded (it is deleted by the next purge).
-For s3:// every rank writes its DCP files to a local staging directory and uploads them; rank 0 uploads
-COMPLETE only after all ranks' uploads are done. Loading downloads the step once per node (local rank 0)
-into a directory all ranks of the node read.
+For s3:// every rank writes its own DCP files straight to the bucket (multipart uploads, vfm.train.dcp_s3)
+and reads back only the byte ranges it needs: no local staging, no whole-checkpoint download per node.
+
+`save(..., asynchronous=True)` is `dcp.async_save`: the state is copied to host memory and written by a
+background thread (its collectives on a gloo group of their own) while training goes on; the step is
+committed (barrier, COMPLETE, purge) when the next save or `wait()` finds it written.
 
 What a run's checkpoint holds is `TrainState`: every source of randomness and order — model,
 optimiser, grad scaler, schedule, task state (EMA / teacher), the data loader's position and the
@@ -24,15 +27,12 @@ per-rank state (RNG, data-loader position) under `rank<N>` so DCP does not dedup
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from vfm import storage
 from vfm.dist import barrier
 from vfm.errors import UserError
+from vfm.train.dcp_s3 import S3Reader, S3Writer
 from vfm.train.optim import Schedules
 from vfm.train.task import StatefulLoader, Task
 
@@ -64,16 +65,12 @@ def step_dir(step: int) -> str:
 class Checkpointer:
     """Save / find / load / purge step checkpoints of one run (collective calls: every rank calls them)."""
 
-    def __init__(self, root: str, *, keep: int, rank: int, world_size: int, local_rank: int | None = None,
-                 staging: str | None = None):
+    def __init__(self, root: str, *, keep: int, rank: int, world_size: int):
         if keep < 1:
             raise ValueError("keep must be ≥ 1")
         self.root, self.keep, self.rank, self.world_size = str(root).rstrip("/"), keep, rank, world_size
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
-        base = Path(staging or tempfile.gettempdir())
-        self._staging = base / f"vfm-ckpt-{os.getpid()}-rank{rank}"  # this rank's files before upload
-        # one download per node, read by all its ranks: named by the run, the same for every local rank
-        self._node_cache = base / f"vfm-ckpt-{hashlib.sha1(self.root.encode()).hexdigest()[:12]}"
+        self._pending: tuple[Any, int, str, float] | None = None  # an async save in flight
+        self._async_group: Any = None
 
     # ---- finding -------------------------------------------------------------------------------
     def _steps(self) -> tuple[list[int], list[int]]:
@@ -102,26 +99,46 @@ class Checkpointer:
         return found[0]
 
     # ---- saving --------------------------------------------------------------------------------
-    def save(self, step: int, tensors: dict[str, Any], objects: dict[str, Any], rank_objects: dict[str, Any]) -> str:
+    def save(self, step: int, tensors: dict[str, Any], objects: dict[str, Any], rank_objects: dict[str, Any],
+             *, asynchronous: bool = False) -> str:
         """Write `tensors` (DCP, possibly sharded), replicated `objects` and this rank's `rank_objects`;
-        then mark the step complete."""
+        then mark the step complete (an asynchronous save: once written, at the next save or `wait`)."""
+        self.wait()  # one save in flight at a time, committed in order
         t0 = time.perf_counter()
         name = step_dir(step)
         full = {**tensors, "objects": _pack(objects), f"rank{self.rank}": _pack(rank_objects)}
-        if storage.is_s3(self.root):
-            local = self._staging / name
-            shutil.rmtree(local, ignore_errors=True)
-            local.mkdir(parents=True)
-            dcp.save(full, storage_writer=dcp.FileSystemWriter(str(local)))
-            storage.upload_dir(local, f"{self.root}/{name}")
-            shutil.rmtree(local, ignore_errors=True)
-        else:
-            target = Path(self.root) / name
-            if self.rank == 0:  # a half-written attempt at this step (killed pod) is replaced, not mixed in
-                shutil.rmtree(target, ignore_errors=True)
-                target.mkdir(parents=True)
-            barrier()
-            dcp.save(full, checkpoint_id=str(target))
+        url = f"{self.root}/{name}"
+        if self.rank == 0:  # a half-written attempt at this step (killed pod) is replaced, not mixed in
+            if storage.is_s3(self.root):
+                storage.delete_prefix(url)
+            else:
+                shutil.rmtree(url, ignore_errors=True)
+                Path(url).mkdir(parents=True)
+        barrier()
+        where: dict[str, Any] = ({"storage_writer": S3Writer(url)} if storage.is_s3(self.root)
+                                 else {"checkpoint_id": url})
+        if asynchronous:
+            if self._async_group is None and dist.is_initialized():
+                # the background writer's collectives must not interleave with the training step's
+                self._async_group = dist.new_group(backend="gloo")
+            future = dcp.async_save(full, process_group=self._async_group, **where)
+            self._pending = (future, step, name, t0)
+            log.info("checkpoint %s: state staged in %.1fs, writing in the background", url, time.perf_counter() - t0)
+            return url
+        dcp.save(full, **where)
+        self._commit(step, name, t0)
+        return url
+
+    def wait(self) -> None:
+        """Finish the asynchronous save in flight, if any, and commit it (collective)."""
+        if self._pending is None:
+            return
+        future, step, name, t0 = self._pending
+        self._pending = None
+        future.result()
+        self._commit(step, name, t0)
+
+    def _commit(self, step: int, name: str, t0: float) -> None:
         barrier()  # every rank's shards are durable before the marker says so
         if self.rank == 0:
             self._write_marker(name, {"step": step, "world_size": self.world_size, "torch": torch.__version__,
@@ -129,7 +146,6 @@ class Checkpointer:
             self._purge()
         barrier()
         log.info("checkpoint %s/%s saved in %.1fs", self.root, name, time.perf_counter() - t0)
-        return f"{self.root}/{name}"
 
     def _write_marker(self, name: str, info: dict) -> None:
         # atomic: the marker is either absent or whole (a local temp name renamed; one S3 PUT)
@@ -156,22 +172,13 @@ class Checkpointer:
         name = step_dir(step)
         key = f"rank{self.rank}"
         full = {**tensors, "objects": b"", key: b""}
-        local = Path(self.root) / name
-        if storage.is_s3(self.root):
-            local = self._node_cache / name
-            if self.local_rank == 0:
-                shutil.rmtree(local, ignore_errors=True)
-                storage.download_dir(f"{self.root}/{name}", local)
-            barrier()
-        meta = dcp.FileSystemReader(str(local)).read_metadata()
-        if key not in meta.state_dict_metadata:
+        url = f"{self.root}/{name}"
+        reader = S3Reader(url) if storage.is_s3(self.root) else dcp.FileSystemReader(url)
+        if key not in reader.read_metadata().state_dict_metadata:
             raise UserError(f"checkpoint {self.root}/{name} has no state for rank {self.rank}: it was "
                             f"written by a different number of processes; resume with the same world size")
-        dcp.load(full, checkpoint_id=str(local))
-        if storage.is_s3(self.root):
-            barrier()  # every local rank has read the node's copy
-            if self.local_rank == 0:
-                shutil.rmtree(self._node_cache, ignore_errors=True)
+        # each rank reads only its own items' byte ranges (ranged GETs on S3)
+        dcp.load(full, storage_reader=S3Reader(url) if storage.is_s3(self.root) else dcp.FileSystemReader(url))
         tensors.update({k: v for k, v in full.items() if k not in (key, "objects")})
         return _unpack(full["objects"]), _unpack(full[key])
 
@@ -218,10 +225,11 @@ class TrainState:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # DCP-ready under DDP and FSDP2
         return {"model": model_sd, "optim": optim_sd, "task": self.task.state_dict()}
 
-    def save(self, ckpt: Checkpointer, step: int) -> None:
+    def save(self, ckpt: Checkpointer, step: int, *, asynchronous: bool = False) -> None:
         objects = {"step": step, "scaler": self.scaler.state_dict() if self.scaler else None,
                    "schedule": self.schedules.state_dict()}
-        ckpt.save(step, self._tensors(), objects, {"rng": rng_state(), "loader": self.loader.state_dict()})
+        ckpt.save(step, self._tensors(), objects, {"rng": rng_state(), "loader": self.loader.state_dict()},
+                  asynchronous=asynchronous)
 
     def restore(self, ckpt: Checkpointer, step: int) -> int:
         tensors = self._tensors()

@@ -241,11 +241,12 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
         if logging_step:
             t_log, samples_since = time.perf_counter(), 0
         if stopping:
-            state.save(ckpt, done)
+            state.save(ckpt, done)  # synchronous (after any save in flight): the process exits next
             log.warning("stopped by signal at step %d; checkpoint saved, exiting %d", done, RETRYABLE_EXIT)
             raise SystemExit(RETRYABLE_EXIT)
         if checkpoint_step:
-            state.save(ckpt, done)
+            state.save(ckpt, done, asynchronous=st.async_checkpoint and done != end)
+    ckpt.wait()
     step_reached = max(start, end)
     module, meta = task.export()
     meta.step, meta.seed = step_reached, spec.seed
