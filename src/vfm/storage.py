@@ -9,8 +9,10 @@ and local writes go to a temporary name that is renamed, so a reader never sees 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -358,3 +360,69 @@ class RangedFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def move(url: str, new_url: str) -> None:
+    """Rename one S3 object (server-side copy, then delete)."""
+    src_bucket, src_key = split_s3(url)
+    bucket, key = split_s3(new_url)
+    _client(None).copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key})
+    delete(url)
+
+
+class MultipartWriter(io.RawIOBase):
+    """A write-only stream to one S3 object (DCP's shard files): parts of `MULTIPART_CHUNK` go up as they
+    fill, so memory stays at one part; the object appears whole on close (CompleteMultipartUpload) or not
+    at all (`abort`)."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.bucket, self.key = split_s3(url)
+        self.client = s3_client()
+        self.buf = bytearray()
+        self.pos = 0
+        self.parts: list[dict] = []
+        self.upload_id: str | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, b) -> int:  # type: ignore[override]
+        n = len(b)
+        self.buf += b
+        self.pos += n
+        while len(self.buf) >= MULTIPART_CHUNK:
+            self._upload(bytes(self.buf[: MULTIPART_CHUNK]))
+            del self.buf[: MULTIPART_CHUNK]
+        return n
+
+    def _upload(self, data: bytes) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
+        n = len(self.parts) + 1
+        etag = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n,
+                                       Body=data)["ETag"]
+        self.parts.append({"PartNumber": n, "ETag": etag})
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.upload_id is None:  # small: one PUT
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buf))
+        else:
+            if self.buf:
+                self._upload(bytes(self.buf))
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                                  MultipartUpload={"Parts": self.parts})
+        self.buf = bytearray()
+        super().close()
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+        self.buf = bytearray()
+        io.RawIOBase.close(self)

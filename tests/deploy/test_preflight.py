@@ -164,6 +164,13 @@ def test_shm_too_small_for_the_workers(h100_plan):
     _find(_broken(h100_plan, small), "shm", "spec.volumes[dshm].emptyDir.sizeLimit: 1Gi <")
 
 
+def test_queue_label_on_the_pods_only_is_found(h100_plan):
+    def pods_only(job):  # where the first launcher put it: Kueue reads the job's own metadata
+        for r in job["spec"]["pytorchReplicaSpecs"].values():
+            r["template"]["metadata"].setdefault("labels", {})["kueue.x-k8s.io/queue-name"] = "vfm-h100"
+    _find(_broken(h100_plan, pods_only), "template", "is on the pods only; Kueue reads it from the job's own metadata")
+
+
 def test_grace_shorter_than_the_checkpoint_window(h100_plan):
     def short(job):
         for spec in _pods(job):

@@ -93,9 +93,9 @@ def test_without_kfps_mlflow_plugin_stages_nest_under_vfms_parent(mlflow_uri, mo
     assert steps.stage_parent(parent) == parent
     with tracked_run(load_recipe("vit-huge", profile="smoke"), stage="pretrain", run_key="plain/pretrain",
                      parent_run_id=steps.stage_parent(parent), uri=mlflow_uri) as stage:
-        pass
+        stage.log_metrics({"train/loss": 1.5}, step=1)
     child = client.get_run(stage.run_id)
-    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.tags["mlflow.parentRunId"] == parent and child.data.metrics["train/loss"] == 1.5
     assert child.info.experiment_id == client.get_run(parent).info.experiment_id
 
 

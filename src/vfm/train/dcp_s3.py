@@ -19,63 +19,6 @@ from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemRe
 from vfm import storage
 
 
-class _MultipartStream(io.RawIOBase):
-    """A write-only stream to one S3 object: parts of `storage.MULTIPART_CHUNK` go up as they fill, the
-    object appears whole on close (CompleteMultipartUpload) or not at all (`abort`)."""
-
-    def __init__(self, url: str):
-        super().__init__()
-        self.bucket, self.key = storage.split_s3(url)
-        self.client = storage.s3_client()
-        self.buf = bytearray()
-        self.pos = 0
-        self.parts: list[dict] = []
-        self.upload_id: str | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def write(self, b) -> int:  # type: ignore[override]
-        n = len(b)
-        self.buf += b
-        self.pos += n
-        while len(self.buf) >= storage.MULTIPART_CHUNK:
-            self._upload(bytes(self.buf[: storage.MULTIPART_CHUNK]))
-            del self.buf[: storage.MULTIPART_CHUNK]
-        return n
-
-    def _upload(self, data: bytes) -> None:
-        if self.upload_id is None:
-            self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
-        n = len(self.parts) + 1
-        etag = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n,
-                                       Body=data)["ETag"]
-        self.parts.append({"PartNumber": n, "ETag": etag})
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        if self.upload_id is None:  # small: one PUT
-            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buf))
-        else:
-            if self.buf:
-                self._upload(bytes(self.buf))
-            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                                  MultipartUpload={"Parts": self.parts})
-        self.buf = bytearray()
-        super().close()
-
-    def abort(self) -> None:
-        if self.upload_id is not None:
-            with contextlib.suppress(Exception):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-        self.buf = bytearray()
-        io.RawIOBase.close(self)
-
-
 class S3FileSystem(FileSystemBase):
     """DCP's file-system interface over `s3://bucket/prefix` URLs (no directories: prefixes)."""
 
@@ -86,7 +29,7 @@ class S3FileSystem(FileSystemBase):
             with storage.RangedFile(url) as f:
                 yield f  # type: ignore[misc]
             return
-        stream = _MultipartStream(url)
+        stream = storage.MultipartWriter(url)
         try:
             yield stream
         except BaseException:
@@ -101,10 +44,7 @@ class S3FileSystem(FileSystemBase):
         return str(path).rstrip("/")
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
-        src_bucket, src_key = storage.split_s3(str(path))
-        bucket, key = storage.split_s3(str(new_path))
-        storage.s3_client().copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key})
-        storage.delete(str(path))
+        storage.move(str(path), str(new_path))
 
     def mkdir(self, path: str | os.PathLike) -> None:
         return None  # prefixes need no creating
