@@ -62,10 +62,13 @@ class MemoryTask:
 
     def build(self, ctx):
         self.ctx = ctx
-        self.model = build_model(ctx.recipe, ctx.stage.name, num_classes=4, device=ctx.device)
+        self.model = build_model(ctx.recipe, ctx.stage.name, num_classes=4, device=ctx.init_device)
 
     def trainable(self) -> nn.Module:
         return self.model
+
+    def modules(self):
+        return {"model": self.model}
 
     def param_groups(self, model):
         return param_groups(model, self.ctx.config.optim)

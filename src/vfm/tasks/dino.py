@@ -72,9 +72,10 @@ class DinoTask(ManifestData):
                               f"{st.batch.micro_batch}); raise micro_batch or set ssl.koleo=false")
         if self.ssl.ibot and self.ssl.ibot_separate_head is False and self.ssl.ibot_prototypes != self.ssl.head_prototypes:
             log.info("iBOT shares the DINO head: using its %d prototypes", self.ssl.head_prototypes)
-        backbone = build_model(recipe, ctx.stage.name, device=ctx.device, **DINOV2.model_overrides)
+        backbone = build_model(recipe, ctx.stage.name, device=ctx.init_device, **DINOV2.model_overrides)
         uniform_drop_path(backbone, st.drop_path)
-        self.student = SSLModel(backbone, self.ssl).to(ctx.device)
+        with torch.device(ctx.init_device):
+            self.student = SSLModel(backbone, self.ssl)
         # the teacher starts as the student (upstream `prepare_for_distributed_training`); never dropped-path
         teacher = copy.deepcopy(self.student)
         uniform_drop_path(teacher.backbone, 0.0)
@@ -82,14 +83,18 @@ class DinoTask(ManifestData):
         self.teacher = ctx.shard(teacher)
         ibot_k = self.ssl.ibot_prototypes if self.ssl.ibot_separate_head else self.ssl.head_prototypes
         self.dino_loss = DINOLoss(self.ssl.head_prototypes, self.ssl.student_temp, self.ssl.centering,
-                                  self.ssl.center_momentum).to(ctx.device)
+                                  self.ssl.center_momentum).to(ctx.init_device)
         self.ibot_loss = IBOTPatchLoss(ibot_k, self.ssl.student_temp, self.ssl.centering,
-                                       self.ssl.center_momentum).to(ctx.device)
+                                       self.ssl.center_momentum).to(ctx.init_device)
         self.epoch_len = ctx.stage.steps_per_epoch  # DINOv2's fixed 1,250-iteration epoch (resolve_stage)
         self.patch_size = self.student.patch_size
 
     def trainable(self) -> nn.Module:
         return self.student
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher, "dino_loss": self.dino_loss,
+                "ibot_loss": self.ibot_loss}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """DINOv2's groups (facebookresearch/dinov2 dinov2/utils/param_groups.py): no weight decay on

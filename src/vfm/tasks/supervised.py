@@ -67,7 +67,7 @@ class SupervisedTask(ManifestData):
         self.wnids = list(self.manifest.classes)
         if not self.wnids:
             raise UserError(f"{self.data_url}: the manifest has no class map; supervised training needs labels")
-        self.model = build_model(ctx.recipe, ctx.stage.name, num_classes=len(self.wnids), device=ctx.device)
+        self.model = build_model(ctx.recipe, ctx.stage.name, num_classes=len(self.wnids), device=ctx.init_device)
         if ctx.init:
             self._init_from(ctx.init)
         elif st.head_init_scale is not None and ctx.recipe.model.family != "convnext":
@@ -124,6 +124,9 @@ class SupervisedTask(ManifestData):
 
     def trainable(self) -> nn.Module:
         return self.model
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, **({"ema": self.ema} if self.ema is not None else {})}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return param_groups(model, self.ctx.config.optim)

@@ -13,8 +13,9 @@ implement it; `vfm.tasks.task_for` picks one. Nothing in vfm.train imports a tas
 
 Call order, per process:
 
-    task.build(ctx)                      # modules on ctx.device; non-trained ones sharded with ctx.shard
-    model = wrap(task.trainable())       # DDP or FSDP2; the loop keeps the wrapped module
+    task.build(ctx)                      # modules on ctx.init_device (meta); non-trained ones sharded with ctx.shard
+    model = wrap(task.trainable())       # FSDP2 shards on meta; then every module in task.modules() is
+                                         # materialised on ctx.device (vfm.train.meta_init); DDP wraps after
     opt = AdamW(task.param_groups(model))
     loader = task.make_loader(rank, world, seed)
     [resume: model, opt, scaler, loader, task.load_state_dict, RNG]
@@ -83,6 +84,14 @@ class TaskContext:
     """Export directory (local or s3://) to initialise from (fine-tuning), or None."""
     options: dict[str, Any] = field(default_factory=dict)
     """Task-specific command-line options (e.g. `head_from_wnids`)."""
+    deferred: bool = False
+    """Build on the meta device: `vfm.train.setup` records the build and materialises `Task.modules()` on
+    `device` after sharding (vfm.train.meta_init), so no rank ever holds the whole model."""
+
+    @property
+    def init_device(self) -> torch.device:
+        """Where `Task.build` creates its modules (parameters, buffers): meta when deferred, else `device`."""
+        return torch.device("meta") if self.deferred else self.device
 
     @property
     def recipe(self) -> Recipe:
@@ -99,7 +108,14 @@ class TaskContext:
 
 class Task(Protocol):
     def build(self, ctx: TaskContext) -> None:
-        """Create all modules on `ctx.device` (and load `ctx.init` if given). Called once, before wrapping."""
+        """Create all modules on `ctx.init_device` (and load `ctx.init` if given). Called once, before wrapping.
+        Under deferred init (the trainer's default) the values come from replaying this build, so it must be
+        deterministic given the RNG and build every tensor a module owns here."""
+        ...
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module `build` made, by name (the trainable one, an EMA or teacher, loss modules with
+        buffers): the ones deferred init materialises."""
         ...
 
     def trainable(self) -> nn.Module:
