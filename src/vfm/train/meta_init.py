@@ -17,12 +17,11 @@ on the host (`materialize`), one storage at a time:
 
 The values do not depend on the device, the mesh or the world size: DDP, FSDP and HSDP start from the same
 weights. torchdistx's `deferred_init` (pytorch/torchdistx src/python/torchdistx/deferred_init.py) is the same
-idea in C++; it is unmaintained and has no build for torch 2.14, so this is kept here (~150 lines).
+idea in C++; it is unmaintained and has no build for torch 2.14, so this is kept here.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -36,10 +35,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-log = logging.getLogger(__name__)
-
-META = torch.device("meta")
-HOST = torch.device("cpu")
+HOST = torch.device("cpu")  # where the build is replayed: the values do not depend on the training device
 
 # in-place ops that replace every element they write without reading it
 _OVERWRITES = {torch.ops.aten.uniform_, torch.ops.aten.normal_, torch.ops.aten.fill_, torch.ops.aten.zero_,
@@ -117,7 +113,7 @@ class Tape(TorchDispatchMode):
 
 @contextmanager
 def record() -> Iterator[Tape]:
-    """Record what the block builds on `META` (the caller builds there, e.g. `torch.device("meta")`)."""
+    """Record what the block builds on the meta device (the caller builds there: `TaskContext.init_device`)."""
     tape = Tape()
     originals = {name: getattr(torch.nn.init, name) for name in _SKIPS_META}
 
