@@ -113,12 +113,40 @@ def read_bytes(url: str, endpoint_url: str | None = None) -> bytes:
     return _client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def open_read(url: str, endpoint_url: str | None = None) -> BinaryIO:
-    """A streaming binary reader (S3: the GetObject body, read as it arrives)."""
+def open_read(url: str, endpoint_url: str | None = None, *, start: int = 0, stop: int | None = None) -> BinaryIO:
+    """A streaming binary reader of bytes [start, stop) (S3: one GetObject, ranged when a range is asked for,
+    its body read as it arrives)."""
     if not is_s3(url):
-        return open(url, "rb")
+        f = open(url, "rb")
+        if start == 0 and stop is None:
+            return f
+        f.seek(start)
+        return io.BufferedReader(_Window(f, None if stop is None else stop - start))
     bucket, key = split_s3(url)
-    return _client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+    extra = {} if start == 0 and stop is None else {"Range": f"bytes={start}-{'' if stop is None else stop - 1}"}
+    return _client(endpoint_url).get_object(Bucket=bucket, Key=key, **extra)["Body"]
+
+
+class _Window(io.RawIOBase):
+    """At most `size` bytes of an open file from its current position (a local ranged read)."""
+
+    def __init__(self, f: BinaryIO, size: int | None):
+        self.f, self.left = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = len(buf) if self.left is None else min(len(buf), self.left)
+        data = self.f.read(n)
+        buf[:len(data)] = data
+        if self.left is not None:
+            self.left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def sha256_of(url: str, endpoint_url: str | None = None) -> tuple[str, int]:

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from vfm.data.loader import build_loader, make_units, slot_stream
+from vfm import storage
+from vfm.data import loader as loader_module
+from vfm.data.loader import build_loader, slot_stream
 from vfm.data.manifest import Manifest
 from vfm.data.shard import write_dataset
 from vfm.data.sources import index_source
@@ -66,13 +68,72 @@ def test_resume_continues_exactly(dataset, num_workers):
             assert same(got, flat), (rank, stop)
 
 
-def test_slot_streams_cover_each_data_epoch_exactly_once(dataset):
-    for num_slots in (1, 3, 8, 16):  # 16 slots > shards: shards are sliced into parts
-        units = make_units(dataset, num_slots)
-        keys = [s["__key__"] for slot in range(num_slots)
-                for s in slot_stream(dataset, units, slot=slot, num_slots=num_slots, seed=1, shuffle=True,
-                                     shuffle_buffer=4, start=0, repeat=False)]
-        assert len(keys) == len(set(keys)) == dataset.num_samples, num_slots
+def test_slot_streams_cover_each_data_epoch_exactly_once_in_equal_shares(dataset):
+    for num_slots in (1, 3, 4, 8, 16):  # 16 slots > shards: shards are split between slots
+        for epoch_seed in (1, 2):
+            shares = [[s["__key__"] for s in slot_stream(dataset, slot=slot, num_slots=num_slots, seed=epoch_seed,
+                                                        shuffle=True, shuffle_buffer=4, start=0, repeat=False)]
+                      for slot in range(num_slots)]
+            keys = [k for share in shares for k in share]
+            assert len(keys) == len(set(keys)) == dataset.num_samples, num_slots
+            # uniform: every slot reads the same number of samples (±1), so none is seen more often than another
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1, (num_slots, list(map(len, shares)))
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> Manifest:
+    """14 shards of about 10 samples: the ratio of the issue's 140 shards over 64 ranks, scaled down."""
+    root = tmp_path_factory.mktemp("loader14")
+    make_synthetic_folder(root / "src", num_classes=7, per_class=20, size=12, seed=4)
+    write_dataset(index_source("folder", str(root / "src")), str(root / "shards"), seed=3,
+                  max_samples_per_shard=10)
+    m = Manifest.load(str(root / "shards"))
+    assert len(m.shards) == 14 and all(s.index for s in m.shards)
+    return m
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(4, 2), (3, 0), (2, 3), (8, 1)])
+def test_a_training_epoch_sees_every_sample_once(many_shards, world_size, num_workers):
+    """One loader epoch over every rank and worker: each sample once, up to one batch per rank either way
+    (the epoch is whole global batches, and a slot's share is not a whole number of batches)."""
+    batch = 2
+    seen: collections.Counter = collections.Counter()
+    for rank in range(world_size):
+        loader = build_loader(many_shards, transform=EVAL_TF, batch_size=batch, rank=rank, world_size=world_size,
+                              seed=0, shuffle=True, num_workers=num_workers, with_meta=True, shuffle_buffer=4)
+        for b in drain(loader):
+            seen.update(m["key"] for m in b["meta"])
+    n = many_shards.num_samples
+    assert max(seen.values()) <= 2
+    slack = world_size * batch
+    assert sum(1 for c in seen.values() if c == 2) <= slack, sorted(seen.values())
+    assert n - len(seen) <= slack + n % (world_size * batch), (n, len(seen))
+
+
+@pytest.mark.parametrize("num_slots", [4, 28])  # fewer slots than shards, and two slots per shard
+def test_an_epoch_reads_the_dataset_bytes_once(many_shards, monkeypatch, num_slots):
+    read = collections.Counter()
+    opened = storage.open_read
+
+    def counting(url, endpoint_url=None, **kw):
+        f = opened(url, endpoint_url, **kw)
+        real = f.read
+
+        def read_(n=-1):
+            data = real(n)
+            read[url] += len(data)
+            return data
+        f.read = read_
+        return f
+    monkeypatch.setattr(loader_module.storage, "open_read", counting)
+    keys = [s["__key__"] for slot in range(num_slots)
+            for s in slot_stream(many_shards, slot=slot, num_slots=num_slots, seed=0, shuffle=True, shuffle_buffer=4,
+                                 start=0, repeat=False)]
+    assert len(keys) == many_shards.num_samples
+    sample_bytes = sum(int(loader_module._sample_offsets(storage.join(many_shards.base_url, s.index))[-1])
+                       for s in many_shards.shards)
+    total = sum(v for k, v in read.items() if k.endswith(".tar"))
+    assert abs(total - sample_bytes) <= 0.05 * sample_bytes, (total, sample_bytes)
 
 
 @pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (3, 2), (4, 0)])
@@ -124,3 +185,18 @@ def test_timm_reader_reads_the_shards(dataset):
     labels = sorted(int(t) for _, t in ds)
     want = sorted(json.loads(json.dumps(i)) for i in range(dataset.num_classes) for _ in range(9))
     assert labels == want
+
+
+def test_manifests_without_sample_indexes_still_read_exact_shares(many_shards, monkeypatch):
+    """A manifest from before sample indexes: each share is streamed from its shard's start, with a warning."""
+    import dataclasses
+
+    old = dataclasses.replace(many_shards, shards=[dataclasses.replace(s, index="") for s in many_shards.shards])
+    old.location = many_shards.location + "#old"
+    warned: list[str] = []
+    monkeypatch.setattr(loader_module.log, "warning", lambda msg, *args: warned.append(msg % args))
+    keys = [s["__key__"] for slot in range(28)
+            for s in slot_stream(old, slot=slot, num_slots=28, seed=0, shuffle=True, shuffle_buffer=4, start=0,
+                                 repeat=False)]
+    assert len(keys) == len(set(keys)) == many_shards.num_samples
+    assert len(warned) == 1 and "has no sample indexes" in warned[0]

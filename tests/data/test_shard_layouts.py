@@ -27,10 +27,8 @@ from vfm.data.sources import SourceError, TruncatedArchiveError, index_source
 
 def read_all(manifest: Manifest) -> list[dict]:
     """Every stored sample, straight from the shards (one reader slot, one pass, stored order)."""
-    from vfm.data.loader import make_units
-
-    return list(slot_stream(manifest, make_units(manifest, 1), slot=0, num_slots=1, seed=0, shuffle=False,
-                            shuffle_buffer=0, start=0, repeat=False))
+    return list(slot_stream(manifest, slot=0, num_slots=1, seed=0, shuffle=False, shuffle_buffer=0, start=0,
+                            repeat=False))
 
 
 def shard_and_load(dataset, source, dest, endpoint, **kw) -> tuple[Manifest, list[dict]]:

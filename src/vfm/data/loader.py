@@ -3,16 +3,18 @@
 The stream is planned, not sampled: exact resumption from a (seed, epoch) plan over global shard indices,
 not WebDataset's statistical `resampled=True` restart:
 
-* A *unit* is a shard, or a 1/k slice of one (samples j with j % k == part) when there are fewer shards
-  than readers (k = ceil(readers / shards)), so small datasets still give every reader work.
-* Data epoch e orders the units by a permutation seeded by (seed, e) (identity without shuffle); reader
-  slot s = rank * W + worker of R * W slots takes units[s::R*W]. Inside a unit an optional shuffle
-  buffer runs with an RNG keyed by (seed, e, unit) and is reset at each unit boundary.
+* Data epoch e is one stream of every sample: the shards in an order seeded by (seed, e) (stored order
+  without shuffle), back to back. Reader slot s = rank * W + worker of S = R * W slots takes positions
+  [s·N/S, (s+1)·N/S) of it: the same number of samples (±1) for every slot, whatever the shard count, so
+  every sample is seen once per data epoch. A slot's share is a few runs of consecutive samples ("pieces"),
+  each fetched by one ranged read of exactly its bytes through the shard's sample index, so a shard split
+  between slots is never read whole by each of them. An optional shuffle buffer runs over each share with
+  an RNG keyed by (seed, e, slot).
 * Training (`drop_last=True`): each slot streams data epochs back to back and forms full batches; rank r
   yields `epoch_length // (batch_size * world_size)` batches per loader epoch, the same on every rank,
   and batch k of a rank comes from its logical worker k % W (DataLoader's round robin).
 * The position is one number, the batches a rank has yielded. From it and the manifest's per-shard
-  sample counts every slot's (data epoch, unit, offset) follows without I/O, so `load_state_dict` then
+  sample counts every slot's (data epoch, offset) follows without I/O, so `load_state_dict` then
   iteration continues exactly: no repeat, no skip (same world size and worker count). Augmentation is
   seeded per batch from (seed, rank, batch index), so even the random crops reproduce.
 * Evaluation (`drop_last=False`): one pass in stored order; each sample goes to exactly one rank, the
@@ -21,8 +23,11 @@ not WebDataset's statistical `resampled=True` restart:
 
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import json
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -37,6 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vfm import storage
 from vfm.data.manifest import Manifest
 
+log = logging.getLogger(__name__)
+
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 DEFAULT_SHUFFLE_BUFFER = 256
 # batches each worker has in flight (torch DataLoader prefetch_factor); they sit in /dev/shm until consumed
@@ -44,34 +51,66 @@ PREFETCH_FACTOR = 2
 
 
 @dataclass(frozen=True)
-class Unit:
+class Piece:
+    """Samples [start, stop) of shard `shard` (positions in the shard as written)."""
+
     shard: int
-    part: int
-    parts: int
-    size: int
+    start: int
+    stop: int
 
 
-def make_units(manifest: Manifest, num_slots: int) -> list[Unit]:
-    k = max(1, math.ceil(num_slots / max(1, len(manifest.shards))))
-    return [Unit(i, p, k, len(range(p, s.num_samples, k))) for i, s in enumerate(manifest.shards) for p in range(k)]
+def span(slot: int, num_slots: int, num_samples: int) -> tuple[int, int]:
+    """The positions of a data epoch's stream that reader slot `slot` takes: an equal share, ±1 sample."""
+    return slot * num_samples // num_slots, (slot + 1) * num_samples // num_slots
 
 
-def epoch_units(units: list[Unit], seed: int, epoch: int, shuffle: bool, slot: int, num_slots: int) -> list[Unit]:
-    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
-    return [units[i] for i in order[slot::num_slots]]
+def slot_pieces(manifest: Manifest, seed: int, epoch: int, shuffle: bool, slot: int, num_slots: int) -> list[Piece]:
+    """Slot `slot`'s share of data epoch `epoch`: its `span` of the epoch's stream, which is every shard in the
+    epoch's order (a permutation seeded by (seed, epoch); stored order without shuffle), back to back."""
+    counts = [s.num_samples for s in manifest.shards]
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
+    lo, hi = span(slot, num_slots, sum(counts))
+    pieces, pos = [], 0
+    for i in order:
+        a, b = max(lo, pos), min(hi, pos + counts[i])
+        if a < b:
+            pieces.append(Piece(int(i), a - pos, b - pos))
+        pos += counts[i]
+        if pos >= hi:
+            break
+    return pieces
 
 
-def _unit_samples(manifest: Manifest, unit: Unit) -> Iterator[dict[str, Any]]:
-    import webdataset as wds
+@functools.lru_cache(maxsize=64)  # a slot reads a few shards per epoch; 80 kB per 10k-sample shard
+def _sample_offsets(index_url: str) -> np.ndarray:
+    return np.asarray(json.loads(storage.read_bytes(index_url)), dtype=np.int64)
+
+
+_warned_unindexed: set[str] = set()
+
+
+def _piece_samples(manifest: Manifest, piece: Piece) -> Iterator[dict[str, Any]]:
+    """The samples of one piece, from one ranged read of exactly their bytes (the shard's sample index); a
+    manifest without indexes streams the shard from its start and skips what comes before the piece."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    storage.register_webdataset_s3()
-    url = manifest.shard_url(unit.shard)
-    stream = wds.gopen(url, "rb")
+    info, url = manifest.shards[piece.shard], manifest.shard_url(piece.shard)
+    if info.index:
+        offsets = _sample_offsets(storage.join(manifest.base_url, info.index))
+        stream = storage.open_read(url, start=int(offsets[piece.start]), stop=int(offsets[piece.stop]))
+        first = piece.start
+    else:
+        if piece.start and manifest.location not in _warned_unindexed:
+            _warned_unindexed.add(manifest.location)
+            log.warning("%s has no sample indexes (written by an older vfm shard): parts of shards are read from "
+                        "the shard's start; shard it again to read only what each reader needs", manifest.location)
+        stream, first = storage.open_read(url), 0
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-        for j, sample in enumerate(group_by_keys(files)):
-            if j % unit.parts == unit.part:
+        for j, sample in enumerate(group_by_keys(files), start=first):
+            if j >= piece.stop:
+                return
+            if j >= piece.start:
                 yield sample
     finally:
         stream.close()
@@ -90,33 +129,49 @@ def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) ->
         yield buf[int(j)]
 
 
-def slot_stream(manifest: Manifest, units: list[Unit], *, slot: int, num_slots: int, seed: int, shuffle: bool,
-                shuffle_buffer: int, start: int, repeat: bool) -> Iterator[dict[str, Any]]:
-    """Raw samples of one reader slot from sample offset `start` (skipped units are never opened)."""
-    epoch, empty_epochs = 0, 0
+def slot_stream(manifest: Manifest, *, slot: int, num_slots: int, seed: int, shuffle: bool, shuffle_buffer: int,
+                start: int, repeat: bool) -> Iterator[dict[str, Any]]:
+    """Raw samples of one reader slot from sample offset `start` of its stream: its `span` of data epoch 0,
+    then of epoch 1, ... (with `repeat`). Every span has the same length, so every sample is read once per
+    data epoch whatever the ranks, workers and shards. A shuffle buffer, seeded by (seed, epoch, slot), runs
+    over each span; resuming mid-span replays it from the span's start."""
+    lo, hi = span(slot, num_slots, manifest.num_samples)
+    length = hi - lo
+    if length == 0:
+        if repeat:
+            raise ValueError(f"{manifest.dataset}: {num_slots} reader slots (ranks × workers) for "
+                             f"{manifest.num_samples} samples leave slot {slot} with none; use fewer ranks or workers")
+        return
+    epoch = 0
+    if repeat:
+        epoch, start = divmod(start, length)
+    buffered = shuffle and shuffle_buffer > 1
     while True:
-        mine = epoch_units(units, seed, epoch, shuffle, slot, num_slots)
-        if sum(u.size for u in mine) == 0:
-            empty_epochs += 1
-            if not repeat or empty_epochs > 64:
-                if repeat:
-                    raise ValueError(f"{manifest.dataset}: reader slot {slot} of {num_slots} gets no samples; "
-                                     "use fewer ranks/workers or reshard with a smaller --shard-size")
-                return
-        for unit in mine:
-            if start >= unit.size:
-                start -= unit.size
-                continue
-            samples = _unit_samples(manifest, unit)
-            if shuffle and shuffle_buffer > 1:
-                samples = _shuffled(samples, shuffle_buffer, np.random.default_rng([seed, epoch, unit.shard, unit.part]))
-            for n, s in enumerate(samples):
-                if n >= start:
-                    yield s
-            start = 0
+        pieces = slot_pieces(manifest, seed, epoch, shuffle, slot, num_slots)
+        skip = start if buffered else 0
+        if not buffered:  # no buffer to rebuild: start reading at the resume point itself
+            pieces = _after(pieces, start)
+        samples: Iterator[dict[str, Any]] = itertools.chain.from_iterable(_piece_samples(manifest, p) for p in pieces)
+        if buffered:
+            samples = _shuffled(samples, shuffle_buffer, np.random.default_rng([seed, epoch, slot]))
+        for n, s in enumerate(samples):
+            if n >= skip:
+                yield s
+        start = 0
         if not repeat:
             return
         epoch += 1
+
+
+def _after(pieces: list[Piece], n: int) -> list[Piece]:
+    """`pieces` without their first `n` samples."""
+    out = []
+    for p in pieces:
+        take = min(n, p.stop - p.start)
+        n -= take
+        if p.start + take < p.stop:
+            out.append(Piece(p.shard, p.start + take, p.stop))
+    return out
 
 
 def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int, dict[str, Any]]:
@@ -150,7 +205,7 @@ class _RankStream(IterableDataset):
         slot = L.rank * W + logical
         k = self.start_batch + (logical - self.start_batch) % W  # this worker's first rank batch index
         done = (k - logical) // W  # batches this logical worker produced before k
-        stream = slot_stream(L.manifest, L.units, slot=slot, num_slots=L.world_size * W, seed=L.seed,
+        stream = slot_stream(L.manifest, slot=slot, num_slots=L.world_size * W, seed=L.seed,
                              shuffle=L.shuffle, shuffle_buffer=L.shuffle_buffer, start=done * L.batch_size,
                              repeat=L.drop_last)
         while True:
@@ -180,7 +235,6 @@ class ShardLoader:
         # builds the batch from [(transform(image), label)] instead of stacking (DINOv2 multi-crop + masks);
         # it runs inside the per-batch seeded RNG context, so its randomness reproduces on resume too
         self.collate_fn = collate_fn
-        self.units = make_units(manifest, world_size * max(1, num_workers))
         self.epoch_length = epoch_length or manifest.num_samples
         self.batches_yielded = 0
         if drop_last and len(self) == 0:
@@ -192,11 +246,8 @@ class ShardLoader:
         if self.drop_last:
             return self.epoch_length // (self.batch_size * self.world_size)
         W = max(1, self.num_workers)
-        total = 0
-        for w in range(W):
-            mine = epoch_units(self.units, self.seed, 0, self.shuffle, self.rank * W + w, self.world_size * W)
-            total += math.ceil(sum(u.size for u in mine) / self.batch_size)
-        return total
+        spans = (span(self.rank * W + w, self.world_size * W, self.manifest.num_samples) for w in range(W))
+        return sum(math.ceil((hi - lo) / self.batch_size) for lo, hi in spans)
 
     @property
     def epoch(self) -> int:

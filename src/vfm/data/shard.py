@@ -158,8 +158,33 @@ def _verified(shard: PlannedShard) -> dict | None:
     url = storage.join(job.dest, shard.name)
     if rec.get("plan_hash") != shard.plan_hash or not storage.exists(url, job.endpoint_url):
         return None
+    if not rec.get("index") or not storage.exists(storage.join(job.dest, rec["index"]), job.endpoint_url):
+        return None  # written before sample indexes, or the index was lost: write the shard again
     sha, size = storage.sha256_of(url, job.endpoint_url)
     return rec if (sha, size) == (rec["sha256"], rec["bytes"]) else None
+
+
+def index_name(shard_name: str) -> str:
+    return shard_name + ".idx"
+
+
+def sample_offsets(tar_path: str) -> list[int]:
+    """Where each sample's first tar member (header) starts, then where the last member's data ends: sample j
+    is bytes [offsets[j], offsets[j + 1]) of the shard. Read from the local file's headers (seeks, no data)."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    offsets: list[int] = []
+    key, end = None, 0
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            prefix, _ = base_plus_ext(member.name)
+            if prefix != key:
+                offsets.append(member.offset)  # the start of its header chain (PAX / GNU long name included)
+                key = prefix
+            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return offsets + [end]
 
 
 def _write_shard(shard: PlannedShard) -> dict:
@@ -197,11 +222,13 @@ def _write_shard(shard: PlannedShard) -> dict:
         tmp.flush()
         url = storage.join(job.dest, shard.name)
         storage.upload_file(tmp.name, url, job.endpoint_url)
+        offsets = sample_offsets(tmp.name)
+    storage.write_bytes(storage.join(job.dest, index_name(shard.name)), json.dumps(offsets).encode(), job.endpoint_url)
     _PUBLISHED += 1
     if job.kill_after and _PUBLISHED >= job.kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
     rec = {"name": shard.name, "group": shard.group, "plan_hash": shard.plan_hash, "num_samples": count,
-           "bytes": hw.n, "sha256": hw.h.hexdigest(), "failures": failures}
+           "bytes": hw.n, "sha256": hw.h.hexdigest(), "index": index_name(shard.name), "failures": failures}
     storage.write_bytes(_progress_url(job.dest, shard.name), json.dumps(rec, sort_keys=True).encode(),
                         job.endpoint_url)
     return {**rec, "resumed": False}
@@ -258,7 +285,7 @@ def write_dataset(
     if len(results) < len(plan):
         return ShardReport(None, written, resumed, len(plan) - len(results))
     shards = [ShardInfo(name=r["name"], num_samples=r["num_samples"], bytes=r["bytes"], sha256=r["sha256"],
-                        url=storage.join(dest, r["name"]), group=r["group"])
+                        url=storage.join(dest, r["name"]), group=r["group"], index=r["index"])
               for r in (results[s.number] for s in plan) if r["num_samples"] > 0]
     failures = list(index.failures) + [f for n in sorted(results) for f in results[n]["failures"]]
     failures.sort(key=lambda f: (f["key"], f["reason"]))
