@@ -149,6 +149,34 @@ class _Window(io.RawIOBase):
         super().close()
 
 
+@contextlib.contextmanager
+def open_write(url: str, endpoint_url: str | None = None) -> Iterator[BinaryIO]:
+    """A binary writer straight to `url`, whose object appears whole when the block ends, or not at all if it
+    raises: on S3 a multipart upload streamed as it is written, locally a hidden temporary name in the same
+    folder, renamed (a kill leaves an incomplete upload, which a bucket lifecycle rule expires, or that file)."""
+    if is_s3(url):
+        writer = MultipartWriter(url, endpoint_url)
+        try:
+            yield writer  # type: ignore[misc]
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        return
+    path = Path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    f = open(tmp, "wb")
+    try:
+        yield f
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    f.close()
+    os.replace(tmp, path)
+
+
 def sha256_of(url: str, endpoint_url: str | None = None) -> tuple[str, int]:
     """Stream an object and return (sha256 hex, size in bytes)."""
     h = hashlib.sha256()
@@ -403,10 +431,10 @@ class MultipartWriter(io.RawIOBase):
     fill, so memory stays at one part; the object appears whole on close (CompleteMultipartUpload) or not
     at all (`abort`)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, endpoint_url: str | None = None):
         super().__init__()
         self.bucket, self.key = split_s3(url)
-        self.client = s3_client()
+        self.client = s3_client(endpoint_url)
         self.buf = bytearray()
         self.pos = 0
         self.parts: list[dict] = []

@@ -72,7 +72,8 @@ def register(app: typer.Typer) -> None:
         source: Annotated[str, typer.Option("--source", help="Archive, directory of tarballs, or folder tree.")],
         dest: Annotated[str, typer.Option("--dest", help="s3://bucket/prefix or a local directory.")],
         shard_size: Annotated[str, typer.Option("--shard-size", help="Target bytes per shard, e.g. 1GB, 300MB.")] = "1GB",
-        workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel shard writer processes.")] = 1,
+        workers: Annotated[int | None, typer.Option("--workers", min=1, help="Parallel shard writer processes "
+                                                    "(default: the CPUs this process may use, e.g. the pod's limit).")] = None,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the global shuffle.")] = 0,
         endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL_S3).")] = None,
         labels: Annotated[str | None, typer.Option("--labels", help="in1k-val: LOC_val_solution.csv or devkit tar.gz.")] = None,
@@ -82,9 +83,11 @@ def register(app: typer.Typer) -> None:
         spool_dir: Annotated[str | None, typer.Option("--spool-dir", help="Where a .tar.gz source is decompressed once.")] = None,
         max_shards: Annotated[int | None, typer.Option("--max-new-shards", help="Write at most N shards this run (time-boxed jobs); rerun to continue.")] = None,
         max_samples: Annotated[int | None, typer.Option("--max-samples-per-shard", help="Also cut shards at this many samples.")] = None,
+        verify: Annotated[str, typer.Option("--verify", help="header: bytes, markers and header of each image; "
+                                            "decode: also decode it (several times slower).")] = "header",
     ) -> None:
         """Shard a dataset into WebDataset tars (original JPEG bytes) with a manifest written last; resumable."""
-        from vfm.data.shard import parse_size, write_dataset
+        from vfm.data.shard import available_cpus, parse_size, write_dataset
         from vfm.data.sources import index_source
 
         if _already_complete(dest, dataset, seed, endpoint_url):
@@ -97,8 +100,9 @@ def register(app: typer.Typer) -> None:
                       f"({len(index.failures):,} rejected while indexing)")
         run_sharding(lambda on_plan, on_shard: write_dataset(
             index, dest, split=split or SPLIT_OF.get(dataset, "train"), seed=seed, shard_size=parse_size(shard_size),
-            max_samples_per_shard=max_samples, workers=workers, repair=repair, endpoint_url=endpoint_url,
-            source=source, max_new_shards=max_shards, on_shard=on_shard, on_plan=on_plan), dest, endpoint_url)
+            max_samples_per_shard=max_samples, workers=workers or available_cpus(), repair=repair,
+            endpoint_url=endpoint_url, source=source, max_new_shards=max_shards, on_shard=on_shard, on_plan=on_plan,
+            verify=verify), dest, endpoint_url)
 
     @app.command("make-imagenet-c")
     def make_imagenet_c_cmd(

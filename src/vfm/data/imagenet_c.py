@@ -68,11 +68,11 @@ class CorruptedIndex(SourceIndex):
     resize: int = 256
     crop: int = 224
 
-    def read(self, i: int) -> bytes:
+    def read(self, i: int, fds: dict[str, int | None] | None = None) -> bytes:
         meta = self.group_meta[self.groups[self.group[i]]]
         name = self.name(i)
         seed = int(np.random.SeedSequence([self.seed, zlib.crc32(name.encode())]).generate_state(1)[0])
-        return corrupt_jpeg(self.base.read(self.base_entry[i]), meta["corruption"], meta["severity"], seed,
+        return corrupt_jpeg(self.base.read(self.base_entry[i], fds), meta["corruption"], meta["severity"], seed,
                             self.resize, self.crop)
 
     def source_of(self, i: int) -> str:

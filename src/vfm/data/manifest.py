@@ -29,8 +29,8 @@ class ShardInfo:
     url: str = ""
     group: str = ""
     index: str = ""
-    """File name of the shard's sample index (`vfm.data.shard.sample_offsets`: the byte offset where each sample's
-    members start, then where the last one ends), so a reader can fetch any run of samples by one ranged read.
+    """File name of the shard's sample index (a JSON list written by `vfm.data.shard`: the byte offset where each
+    sample's members start, then where the last one ends), so a reader can fetch any run of samples by one ranged read.
     Empty in manifests written before it existed: readers then stream the shard from its start."""
 
 

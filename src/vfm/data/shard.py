@@ -21,17 +21,19 @@ import json
 import multiprocessing
 import os
 import signal
-import tempfile
+import tarfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vfm import storage
 from vfm.data.manifest import MANIFEST_NAME, TIMM_INFO_NAME, Manifest, ShardInfo
 from vfm.data.sources import SourceIndex, sample_key
-from vfm.data.validate import check_image
+from vfm.data.validate import VERIFY_MODES, check_image
 
 DEFAULT_SHARD_SIZE = 1_000_000_000
 PROGRESS_DIR = "_progress"
@@ -104,8 +106,8 @@ class _Job:
     dest: str
     endpoint_url: str | None
     repair: bool
-    tmp_dir: str | None
     kill_after: int
+    verify: str = "header"
 
 
 _INDEX: SourceIndex | None = None
@@ -124,10 +126,12 @@ S3_READ_AHEAD = 32
 
 
 def _read_ahead(index: SourceIndex, entries: list[int]) -> Iterable[tuple[int, bytes]]:
-    """(entry, its bytes) in `entries` order; from S3 with S3_READ_AHEAD reads in flight, locally one by one."""
+    """(entry, its bytes) in `entries` order; from S3 with S3_READ_AHEAD reads in flight, locally one by one
+    (each archive opened once)."""
     if not any(storage.is_s3(f) for f in index.files):
-        for i in entries:
-            yield i, index.read(i)
+        with index.reading() as read:
+            for i in entries:
+                yield i, read(i)
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -164,33 +168,70 @@ def _verified(shard: PlannedShard) -> dict | None:
     return rec if (sha, size) == (rec["sha256"], rec["bytes"]) else None
 
 
+class SampleTar:
+    """WebDataset samples as plain ustar members (`<key>.<ext>` for each member, sorted by extension as
+    webdataset's TarWriter orders them), with `offset` the bytes written so far: where the next sample starts.
+
+    Own code rather than webdataset's TarWriter: that goes through tarfile, whose generic header path costs
+    ~45 µs a member (three per sample), the largest part of sharding. These members are regular files with
+    short names, so each header is one template with name, size and checksum filled in; the bytes are those
+    tarfile writes (tests/data/test_shard_tar.py), end blocks and record padding included. A name that does
+    not fit ustar takes tarfile's own header (PAX)."""
+
+    def __init__(self, f: Any, *, mode: int = 0o444, user: str = "vfm", group: str = "vfm"):
+        self.f, self.offset = f, 0
+        self._info = {"mode": mode, "uname": user, "gname": group, "mtime": 0}
+        t = self._tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT)
+        self._template = bytearray(t[:148] + b" " * 8 + t[156:])  # checksum as spaces while it is summed
+
+    def _tarinfo(self, name: str, size: int) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.size = size
+        for k, v in self._info.items():
+            setattr(ti, k, v)
+        return ti
+
+    def header(self, name: str, size: int) -> bytes:
+        raw = name.encode()
+        if len(raw) > 100 or size >= 8 ** 11:
+            return self._tarinfo(name, size).tobuf(tarfile.PAX_FORMAT)
+        h = self._template.copy()
+        h[0:len(raw)] = raw
+        h[124:136] = b"%011o\0" % size
+        h[148:155] = b"%06o\0" % sum(h)
+        return bytes(h)
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        parts = []
+        for ext in sorted(members):
+            data = members[ext]
+            parts += [self.header(f"{key}.{ext}", len(data)), data, b"\0" * (-len(data) % tarfile.BLOCKSIZE)]
+        sample = b"".join(parts)  # one write (and one hash update) per sample
+        self.f.write(sample)
+        self.offset += len(sample)
+
+    def close(self) -> None:
+        """The end-of-archive blocks, then zeros up to a whole record, as tarfile ends a stream."""
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.f.write(b"\0" * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a pod's CPU limit), at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here: the affinity is the limit
+        return max(1, cpus)
+    return max(1, cpus if quota == "max" else min(cpus, int(quota) // int(period)))
+
+
 def index_name(shard_name: str) -> str:
     return shard_name + ".idx"
 
 
-def sample_offsets(tar_path: str) -> list[int]:
-    """Where each sample's first tar member (header) starts, then where the last member's data ends: sample j
-    is bytes [offsets[j], offsets[j + 1]) of the shard. Read from the local file's headers (seeks, no data)."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    offsets: list[int] = []
-    key, end = None, 0
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            prefix, _ = base_plus_ext(member.name)
-            if prefix != key:
-                offsets.append(member.offset)  # the start of its header chain (PAX / GNU long name included)
-                key = prefix
-            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    return offsets + [end]
-
-
 def _write_shard(shard: PlannedShard) -> dict:
     global _PUBLISHED
-    import webdataset as wds
-
     index, job = _INDEX, _JOB
     rec = _verified(shard)
     if rec is not None:
@@ -198,31 +239,28 @@ def _write_shard(shard: PlannedShard) -> dict:
     failures: list[dict[str, str]] = []
     count = 0
     meta = index.group_meta.get(shard.group, {})
-    with tempfile.NamedTemporaryFile(dir=job.tmp_dir, suffix=".tar") as tmp:
-        hw = _HashingWriter(tmp)
-        with wds.TarWriter(hw, encoder=False, mtime=0.0, user="vfm", group="vfm") as writer:
-            for i, data in _read_ahead(index, shard.entries.tolist()):
-                name, label = index.name(i), index.label[i]
-                key = sample_key(name)
-                checked = check_image(data, name, repair=job.repair)
-                if checked.problem:
-                    failures.append({"key": key, "name": name, "source": index.source_of(i),
-                                     "reason": checked.problem,
-                                     "action": "skipped" if checked.data is None else "repaired"})
-                if checked.data is None:
-                    continue
-                info = {"wnid": index.classes[label], "name": name, **meta}
-                writer.write({
-                    "__key__": key,
-                    checked.ext: checked.data,
-                    "cls": str(label).encode(),
-                    "json": json.dumps(info, sort_keys=True).encode(),
-                })
-                count += 1
-        tmp.flush()
-        url = storage.join(job.dest, shard.name)
-        storage.upload_file(tmp.name, url, job.endpoint_url)
-        offsets = sample_offsets(tmp.name)
+    offsets: list[int] = []  # the sample index: where each sample's members start, then where the last ends
+    url = storage.join(job.dest, shard.name)
+    with storage.open_write(url, job.endpoint_url) as out:  # no staging copy: the tar streams to its place
+        hw = _HashingWriter(out)
+        writer = SampleTar(hw)
+        for i, data in _read_ahead(index, shard.entries.tolist()):
+            name, label = index.name(i), index.label[i]
+            key = sample_key(name)
+            checked = check_image(data, name, repair=job.repair, verify=job.verify)
+            if checked.problem:
+                failures.append({"key": key, "name": name, "source": index.source_of(i),
+                                 "reason": checked.problem,
+                                 "action": "skipped" if checked.data is None else "repaired"})
+            if checked.data is None:
+                continue
+            info = {"wnid": index.classes[label], "name": name, **meta}
+            offsets.append(writer.offset)
+            writer.write(key, {checked.ext: checked.data, "cls": str(label).encode(),
+                               "json": json.dumps(info, sort_keys=True).encode()})
+            count += 1
+        offsets.append(writer.offset)
+        writer.close()
     storage.write_bytes(storage.join(job.dest, index_name(shard.name)), json.dumps(offsets).encode(), job.endpoint_url)
     _PUBLISHED += 1
     if job.kill_after and _PUBLISHED >= job.kill_after:
@@ -255,14 +293,17 @@ def write_dataset(
     endpoint_url: str | None = None,
     source: str = "",
     max_new_shards: int | None = None,
-    tmp_dir: str | None = None,
     on_shard: Callable[[dict], None] = lambda _rec: None,
     on_plan: Callable[[int, int], None] = lambda _shards, _samples: None,
+    verify: str = "header",
 ) -> ShardReport:
-    """Shard `index` to `dest` (a directory or s3:// prefix); resumable; the manifest is written last."""
+    """Shard `index` to `dest` (a directory or s3:// prefix); resumable; the manifest is written last.
+    `verify`: "header" checks each image's bytes and header (vfm.data.validate), "decode" decodes it too."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}: use one of {', '.join(VERIFY_MODES)}")
     plan = plan_shards(index, seed, shard_size, index.dataset, max_samples_per_shard)
     on_plan(len(plan), len(index))
-    job = _Job(dest, endpoint_url, repair, tmp_dir, int(os.environ.get(FAULT_KILL_ENV, "0") or 0))
+    job = _Job(dest, endpoint_url, repair, int(os.environ.get(FAULT_KILL_ENV, "0") or 0), verify)
     todo = plan
     results: dict[int, dict] = {}
     if max_new_shards is not None:

@@ -26,6 +26,7 @@ nothing is downloaded whole. A `.tar.gz` is streamed once into the spool file, a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -112,12 +113,34 @@ class SourceIndex:
     def source_of(self, i: int) -> str:
         return self.files[self.file_id[i]]
 
-    def read(self, i: int) -> bytes:
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Callable[[int], bytes]]:
+        """`read` with each local archive opened once for the block: one descriptor per archive and worker,
+        then a `pread` per sample, instead of an open, a read and a close for each."""
+        fds: dict[str, int | None] = {}
+        try:
+            yield lambda i: self.read(i, fds)
+        finally:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+
+    def read(self, i: int, fds: dict[str, int | None] | None = None) -> bytes:
+        """Sample i's bytes; `fds` keeps local archives open across calls (`reading`)."""
         path = self.files[self.file_id[i]]
-        if not storage.is_s3(path) and os.path.isdir(path):
-            with open(os.path.join(path, self.name(i)), "rb") as f:
-                return f.read()
-        data = storage.read_range(path, self.offset[i], self.size[i])  # pread, or one ranged GET on S3
+        if storage.is_s3(path):
+            data = storage.read_range(path, self.offset[i], self.size[i])  # one ranged GET
+        elif fds is None:  # a single read: open, pread, close
+            if os.path.isdir(path):
+                return Path(path, self.name(i)).read_bytes()
+            data = storage.read_range(path, self.offset[i], self.size[i])
+        else:
+            if path not in fds:
+                fds[path] = None if os.path.isdir(path) else os.open(path, os.O_RDONLY)
+            fd = fds[path]
+            if fd is None:  # a folder of images
+                return Path(path, self.name(i)).read_bytes()
+            data = os.pread(fd, self.size[i], self.offset[i])
         if len(data) != self.size[i]:
             raise TruncatedArchiveError(path, self.offset[i] + len(data), storage.object_size(path),
                                         f"member {self.name(i)!r} ends past the end of the file")
