@@ -29,7 +29,7 @@ import numpy as np
 import webdataset  # noqa: F401  (imported up front: its torch import is start-up cost, not throughput)
 
 from vfm.data.classes import in1k_wnids
-from vfm.data.shard import available_cpus, write_dataset
+from vfm.data.shard import available_cpus, parse_size, write_dataset
 from vfm.data.sources import index_source
 from vfm.data.synthetic import jpeg_bytes, synthetic_image
 from vfm.data.validate import VERIFY_MODES
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=available_cpus())
     ap.add_argument("--verify", choices=VERIFY_MODES, default="header")
+    ap.add_argument("--shard-size", default="8MB", help="small enough that every worker gets shards")
     ap.add_argument("--from-s3", action="store_true", help="also shard the archive read in place from S3")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,15 +103,15 @@ def main() -> None:
         t = time.perf_counter()
         index = index_source("in1k", str(outer))
         index_s = time.perf_counter() - t
-        report = write_dataset(index, str(root / "shards"), shard_size=64_000_000, workers=args.workers,
-                               verify=args.verify)
+        report = write_dataset(index, str(root / "shards"), shard_size=parse_size(args.shard_size),
+                               workers=args.workers, verify=args.verify)
         vfm_s = time.perf_counter() - t
         assert report.manifest.num_samples == len(index)
         shutil.rmtree(root / "shards")
         if args.from_s3:
             s3_s, s3_index_s, nbytes = from_s3(outer, root)
         print(f"images={len(index)} bytes={mb:.1f}MB avg={total / len(index) / 1e3:.1f}KB cores={os.cpu_count()} "
-              f"workers={args.workers} verify={args.verify}")
+              f"workers={args.workers} verify={args.verify} shards={len(report.manifest.shards)}")
         print(f"tar -cf:    {tar_s:.2f}s  {mb / tar_s:8.1f} MB/s")
         print(f"vfm shard:  {vfm_s:.2f}s  {mb / vfm_s:8.1f} MB/s  {len(index) / vfm_s:8.0f} images/s  "
               f"(index {index_s:.2f}s + shard {vfm_s - index_s:.2f}s)")

@@ -116,6 +116,8 @@ def plan_cmd(
     row("wall-clock", lambda s: "n/a" if s.wall_clock_hours is None else f"{s.wall_clock_hours / 24:,.2f} days")
     row("memory / GPU", lambda s: f"{s.memory_gb['total_gb']:.1f} GB "
         f"(states {s.memory_gb['weights_grads_adamw_gb']:.1f} + act {s.memory_gb['activations_gb']:.1f})")
+    row("data shards (1 GB)", lambda s: f"{s.shards:,}")
+    row("reader slots", lambda s: f"{s.reader_slots:,} × {s.samples_per_epoch // max(1, s.reader_slots):,} samples")
     console.print(table)
     console.print("[bold]the paper against itself[/]")
     for c in p.checks:

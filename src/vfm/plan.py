@@ -23,11 +23,14 @@ Claims from the paper (params, duration) are compared, never overwritten.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from vfm.data.shard import DEFAULT_SHARD_SIZE
+from vfm.launch.job import JobOptions, loader_workers
 from vfm.models import build_model, count_params, forward_flops
 from vfm.recipes import Recipe
 from vfm.recipes.derive import resolve_stage
@@ -38,6 +41,7 @@ PLAUSIBLE_MFU = (0.05, 0.60)  # outside this band a paper's GPUs × duration can
 MEMORY_HEADROOM = 0.9  # allocator fragmentation, NCCL buffers, CUDA context: plan on 90 % of the card
 BYTES_PER_PARAM_TRAIN = 16  # fp32 master weights 4 + grads 4 + AdamW exp_avg 4 + exp_avg_sq 4
 BYTES_PER_PARAM_TEACHER = 4  # DINOv2's EMA teacher: an fp32 copy of the backbone
+AVG_IMAGE_BYTES = 110_000  # an ImageNet JPEG on average: ILSVRC2012_img_train.tar is 138 GB for 1.28 M images
 PARAM_CLAIM_TOLERANCE = 0.10
 DURATION_TOLERANCE = 2.0  # flag an estimate more than 2× away from the paper's stated duration
 
@@ -65,6 +69,11 @@ class StagePlan:
     memory_gb: dict[str, float] = field(default_factory=dict)
     fits: bool | None = None
     """Whether the recipe's micro-batch fits 90 % of the GPU (None: the GPU's memory is unknown)."""
+    reader_slots: int = 0
+    """Loader streams of the stage: ranks × loader workers per rank (vfm.launch.job.loader_workers)."""
+    shards: int = 0
+    """Shards of the stage's data at `vfm shard`'s default size (AVG_IMAGE_BYTES an image). Any count works:
+    every slot reads an equal share of each epoch by ranged reads (vfm.data.loader)."""
     executed_micro_batch: int = 0
     executed_grad_accum: int = 0
     """The largest micro-batch that fits and divides the per-GPU batch, and the accumulation that keeps
@@ -188,6 +197,8 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
         act = act_sample * b.micro_batch
         mem = {"weights_grads_adamw_gb": weights_states / 1e9, "activations_gb": act / 1e9,
                "total_gb": (weights_states + act) / 1e9}
+        slots = hw.gpus * loader_workers(recipe, name, JobOptions(name="plan", namespace="", image="", args=[]))
+        nshards = max(1, math.ceil(stage.num_samples * AVG_IMAGE_BYTES / DEFAULT_SHARD_SIZE))
         sp = StagePlan(
             stage=name, dataset=st.data.dataset, resolution=res, samples_per_epoch=stage.num_samples,
             global_batch=b.global_batch, micro_batch=b.micro_batch, grad_accum=accum, world_size=hw.gpus,
@@ -195,6 +206,7 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
             peak_lr=stage.peak_lr, params=params, forward_gflops_per_image=fwd / 1e9,
             train_gflops_per_sample=train_per_sample / 1e9, train_flops=train_flops, gpu_hours=gpu_hours,
             wall_clock_hours=wall, memory_gb=mem, executed_micro_batch=b.micro_batch, executed_grad_accum=accum,
+            reader_slots=slots, shards=nshards,
         )
         checks.append(_batch_check(recipe, sp))
         if gpu_mem:

@@ -87,6 +87,11 @@ def _cached_client(endpoint_url: str | None, retry_mode: str, max_attempts: int)
     )
 
 
+def forget_clients() -> None:
+    """Drop this process's S3 clients (a forked child must not share its parent's connections)."""
+    _cached_client.cache_clear()
+
+
 def _client(endpoint_url: str | None):
     return s3_client(endpoint_url)
 

@@ -181,3 +181,14 @@ def test_recipes_show_resolved_json_and_seed_parse(rid):
 def test_recipes_show_smoke_profile():
     out = _cli("recipes", "show", "vit-huge", "--resolved", "--profile", "smoke")
     assert "profile: smoke" in out and "vit_tiny_patch16_224" in out
+
+
+def test_data_plane_lines_shard_count_and_reader_slots():
+    """1.2 TB of uncurated images at 1 GB shards, read by every rank's loader workers (paper 004: 142 M)."""
+    r = load_recipe("dinov2-giant")
+    (pre,) = [s for s in plan(r).stages if s.stage == "pretrain"]
+    assert pre.shards == math.ceil(142_000_000 * 110_000 / 1e9) == 15_620
+    workers = r.stages["pretrain"].data.workers or 10 - 2  # 10 CPUs per rank by default, 2 kept for the rank
+    assert pre.reader_slots == r.hardware.gpus * workers
+    r2 = load_recipe("dinov2-giant", ["stages.pretrain.data.workers=3"])
+    assert [s for s in plan(r2).stages if s.stage == "pretrain"][0].reader_slots == r2.hardware.gpus * 3

@@ -111,13 +111,14 @@ def register(app: typer.Typer) -> None:
         corruptions: Annotated[str, typer.Option("--corruptions", help="Comma list; default: the 15 benchmark + 4 extra.")] = "all",
         severities: Annotated[str, typer.Option("--severities", help="Comma list of 1..5.")] = "1,2,3,4,5",
         shard_size: Annotated[str, typer.Option("--shard-size")] = "1GB",
-        workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+        workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes corrupting and writing "
+                                                    "shards (default: the CPUs this process may use).")] = None,
         seed: Annotated[int, typer.Option("--seed", help="Seeds every image's corruption RNG.")] = 0,
         endpoint_url: Annotated[str | None, typer.Option("--endpoint-url")] = None,
     ) -> None:
         """Regenerate ImageNet-C (resize 256, crop 224, corrupt, JPEG q85) as shards; resumable like `vfm shard`."""
         from vfm.data.imagenet_c import ALL_CORRUPTIONS, make_imagenet_c
-        from vfm.data.shard import parse_size
+        from vfm.data.shard import available_cpus, parse_size
 
         names = list(ALL_CORRUPTIONS) if corruptions == "all" else [c.strip() for c in corruptions.split(",") if c.strip()]
         try:
@@ -127,7 +128,7 @@ def register(app: typer.Typer) -> None:
         if _already_complete(dest, "imagenet-c", seed, endpoint_url):
             return
         run_sharding(lambda on_plan, on_shard: make_imagenet_c(
-            source, dest, corruptions=names, severities=sevs, seed=seed, workers=workers,
+            source, dest, corruptions=names, severities=sevs, seed=seed, workers=workers or available_cpus(),
             shard_size=parse_size(shard_size), endpoint_url=endpoint_url, on_plan=on_plan, on_shard=on_shard),
             dest, endpoint_url)
 

@@ -118,6 +118,7 @@ _PUBLISHED = 0
 def _init_worker(index: SourceIndex, job: _Job) -> None:
     global _INDEX, _JOB
     _INDEX, _JOB = index, job
+    storage.forget_clients()  # a forked worker makes its own connections
 
 
 # ranged GETs each worker keeps in flight for a source in object storage: one sample's GET is latency-bound
@@ -183,6 +184,7 @@ class SampleTar:
         self._info = {"mode": mode, "uname": user, "gname": group, "mtime": 0}
         t = self._tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT)
         self._template = bytearray(t[:148] + b" " * 8 + t[156:])  # checksum as spaces while it is summed
+        self._template_sum = sum(self._template) - sum(self._template[124:136])  # all but name and size
 
     def _tarinfo(self, name: str, size: int) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
@@ -196,9 +198,10 @@ class SampleTar:
         if len(raw) > 100 or size >= 8 ** 11:
             return self._tarinfo(name, size).tobuf(tarfile.PAX_FORMAT)
         h = self._template.copy()
+        size_field = b"%011o\0" % size
         h[0:len(raw)] = raw
-        h[124:136] = b"%011o\0" % size
-        h[148:155] = b"%06o\0" % sum(h)
+        h[124:136] = size_field
+        h[148:155] = b"%06o\0" % (self._template_sum + sum(raw) + sum(size_field))
         return bytes(h)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -351,8 +354,10 @@ def _run(index: SourceIndex, job: _Job, todo: list[PlannedShard], workers: int) 
         for s in todo:
             yield s.number, _write_shard(s)
         return
-    # spawn: boto3 clients and open files must not be shared with a forked parent
-    ctx = multiprocessing.get_context("spawn")
+    # fork where there is one: a spawned worker re-imports the parent's main module (a CLI or a benchmark that
+    # imports torch costs seconds per worker); the fork drops the parent's S3 clients (`_init_worker`), which
+    # must not be shared, and opens its own archive descriptors (SourceIndex.reading)
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(index, job)) as pool:
         futures = {pool.submit(_write_shard, s): s.number for s in todo}
         for fut in as_completed(futures):
