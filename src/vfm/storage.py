@@ -142,12 +142,11 @@ class _Window(io.RawIOBase):
         return True
 
     def readinto(self, buf: Any) -> int:
-        n = len(buf) if self.left is None else min(len(buf), self.left)
-        data = self.f.read(n)
-        buf[:len(data)] = data
+        view = memoryview(buf)
+        n = self.f.readinto(view if self.left is None else view[:self.left])
         if self.left is not None:
-            self.left -= len(data)
-        return len(data)
+            self.left -= n
+        return n
 
     def close(self) -> None:
         self.f.close()
@@ -281,20 +280,6 @@ def delete_prefix(url: str, endpoint_url: str | None = None) -> None:
         keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
         if keys:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-
-
-def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_kw):
-    if mode != "rb":
-        raise ValueError(f"s3 handler only reads; got mode {mode!r} for {url}")
-    return open_read(url)
-
-
-def register_webdataset_s3() -> None:
-    """Let `webdataset.gopen` (and so timm's ReaderWds) stream `s3://` URLs through boto3 at any endpoint."""
-    import importlib
-
-    # `webdataset.gopen` the attribute is the function; the dispatch table lives in the module
-    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _gopen_s3
 
 
 # --- ranged reads of one object (archives kept in object storage) -------------------------------------

@@ -168,7 +168,7 @@ def test_state_from_another_topology_is_refused(dataset):
         b.load_state_dict(a.state_dict())
 
 
-def test_streams_s3_shards_through_the_webdataset_handler(tmp_path, s3_endpoint, bucket):
+def test_streams_s3_shards_by_ranged_reads(tmp_path, s3_endpoint, bucket):
     make_synthetic_folder(tmp_path / "src", num_classes=3, per_class=4, size=16, seed=3)
     write_dataset(index_source("folder", str(tmp_path / "src")), f"s3://{bucket}/ds", shard_size=2000,
                   endpoint_url=s3_endpoint)

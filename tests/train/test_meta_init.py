@@ -112,3 +112,33 @@ def test_two_rank_fsdp_build_stays_below_the_model_size_per_host(tmp_path):
         r = json.loads((tmp_path / f"memory.json.{rank}").read_text())
         assert r["deferred_growth"] < 0.75 * r["model_bytes"], r
         assert r["eager_growth"] > 0.9 * r["model_bytes"], r
+
+
+def test_modules_built_for_real_keep_their_values_and_mixed_ones_are_refused(world1, tmp_path):  # noqa: F811
+    from tests.helpers.training import MemoryTask
+
+    recipe = load_recipe("vit-huge-pretrain", ["hardware.gpus=1"], profile="smoke")
+    stage = resolve_stage(recipe, "pretrain", 1, 64)
+
+    class Eager(MemoryTask):  # ignores init_device: its model is real when setup sees it
+        def build(self, ctx):
+            super().build(ctx)
+            torch.manual_seed(3)
+            from vfm.models import build_model
+
+            self.model = build_model(ctx.recipe, ctx.stage.name, num_classes=4, device=ctx.device)
+
+    task = Eager()
+    setup(task, stage, device=torch.device("cpu"), rank=0, seed=0)
+    torch.manual_seed(3)
+    from vfm.models import build_model
+
+    want = _state({"m": build_model(recipe, "pretrain", num_classes=4)})
+    got = _state({"m": task.model})  # sharded by FSDP2 (the smoke recipe's parallelism), gathered here
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # not wiped by to_empty
+
+    with meta_init.record(), torch.device("meta"):
+        mixed = nn.Sequential(nn.Linear(2, 2))
+    mixed.add_module("real", nn.Linear(2, 2, device="cpu"))
+    with pytest.raises(ValueError, match=r"module 'mixed' mixes meta and real tensors \(real: \['real.bias'"):
+        meta_init.targets({"mixed": mixed})

@@ -126,14 +126,14 @@ class SourceIndex:
                     os.close(fd)
 
     def read(self, i: int, fds: dict[str, int | None] | None = None) -> bytes:
-        """Sample i's bytes; `fds` keeps local archives open across calls (`reading`)."""
+        """Sample i's bytes; `fds` keeps local archives open across calls (`reading`), else this call opens
+        and closes its own."""
+        if fds is None:
+            with self.reading() as read:
+                return read(i)
         path = self.files[self.file_id[i]]
         if storage.is_s3(path):
             data = storage.read_range(path, self.offset[i], self.size[i])  # one ranged GET
-        elif fds is None:  # a single read: open, pread, close
-            if os.path.isdir(path):
-                return Path(path, self.name(i)).read_bytes()
-            data = storage.read_range(path, self.offset[i], self.size[i])
         else:
             if path not in fds:
                 fds[path] = None if os.path.isdir(path) else os.open(path, os.O_RDONLY)

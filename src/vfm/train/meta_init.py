@@ -145,12 +145,25 @@ class _Target:
 
 
 def targets(modules: Mapping[str, nn.Module]) -> list[_Target]:
-    """The meta tensors (parameters and buffers, by name) of `modules`, before sharding replaces them."""
+    """The meta tensors (parameters and buffers, by name) of `modules`, before sharding replaces them. A module
+    is built on meta whole or not at all: one with both kinds would lose its real values to `to_empty`."""
     out = []
-    for module in modules.values():
+    for name, module in modules.items():
         named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+        meta = [fqn for fqn, t in named if t.is_meta]
+        if meta and len(meta) < len(named):
+            real = sorted({fqn for fqn, _ in named} - set(meta))
+            raise ValueError(f"module {name!r} mixes meta and real tensors (real: {real[:5]}); build all of it on "
+                             "`TaskContext.init_device`")
         out += [_Target(module, fqn, _Spec.of(t)) for fqn, t in named if t.is_meta]
     return out
+
+
+def deferred(modules: Mapping[str, nn.Module], wanted: list[_Target]) -> list[nn.Module]:
+    """The modules that were built on meta (their `targets`): the ones to `to_empty` and materialise. A module
+    the task built for real keeps its values."""
+    ids = {id(t.module) for t in wanted}
+    return [m for m in modules.values() if id(m) in ids]
 
 
 @dataclass

@@ -73,7 +73,7 @@ def setup(task: Task, stage: ResolvedStage, *, device: torch.device, rank: int, 
         for m in to_shard:
             how(m)
         model = wrap(model, st.parallelism, device, how)
-    for m in modules.values():
+    for m in meta_init.deferred(modules, wanted):
         m.to_empty(device=device)
     peak = meta_init.materialize(tape, wanted)
     log.info("materialised %s on %s: peak %.1f MB on the host for %.1f MB of parameters and buffers",
