@@ -63,6 +63,11 @@ class _RepeatBatch:
         return None
 
 
+def _uint8_image(size: int, g: torch.Generator) -> torch.Tensor:
+    """What the loader's workers hand over (vfm.data.transforms): uint8 CHW, normalised by the task on the device."""
+    return torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+
+
 def _synthetic_task(recipe: Recipe, stage: str, num_classes: int, device: torch.device):
     """The recipe stage's real task, fed one synthetic device-resident batch instead of a manifest."""
     spec = task_for(recipe, stage)
@@ -73,17 +78,15 @@ def _synthetic_task(recipe: Recipe, stage: str, num_classes: int, device: torch.
         from vfm.ssl.multicrop import make_collate
 
         mc = task.crops
-        samples = [({"global": [torch.randn(3, mc.global_crops_size, mc.global_crops_size, generator=g)
-                                for _ in range(mc.global_crops_count)],
-                     "local": [torch.randn(3, mc.local_crops_size, mc.local_crops_size, generator=g)
-                               for _ in range(mc.local_crops_count)]}, -1)
+        samples = [({"global": [_uint8_image(mc.global_crops_size, g) for _ in range(mc.global_crops_count)],
+                     "local": [_uint8_image(mc.local_crops_size, g) for _ in range(mc.local_crops_count)]}, -1)
                    for _ in range(st.batch.micro_batch)]
         batch = make_collate(task.ssl, mc, task.patch_size)(samples)
         return _RepeatBatch({k: v.to(device) if v is not None else None for k, v in batch.items()})
 
     def image_batch(task, rank, world_size, seed):
         res = st.data.resolution
-        x = torch.randn(st.batch.micro_batch, 3, res, res, generator=g).to(device)
+        x = torch.stack([_uint8_image(res, g) for _ in range(st.batch.micro_batch)]).to(device)
         y = torch.randint(0, num_classes, (st.batch.micro_batch,), generator=g).to(device)
         return _RepeatBatch((x, y))
 

@@ -38,7 +38,7 @@ def _train_transforms() -> list[tuple[str, object, int]]:
         for stage, st in recipe.stages.items():
             if st.data.multicrop is not None:
                 mc = st.data.multicrop.model_copy(update={"global_crops_size": 32, "local_crops_size": 16})
-                out.append((f"{rid}:{stage}", MultiCropTransform(mc, st.data.mean, st.data.std), MULTICROP_DRAWS))
+                out.append((f"{rid}:{stage}", MultiCropTransform(mc), MULTICROP_DRAWS))
             else:
                 small = st.data.model_copy(update={"resolution": 32})
                 out.append((f"{rid}:{stage}", build_transform(small, is_training=True), SUPERVISED_DRAWS))
@@ -81,16 +81,44 @@ def test_convnext_erases_with_per_pixel_noise_as_upstream():
     timm's transforms_imagenet_train defaults to `const` (zeros)."""
     from timm.data.random_erasing import RandomErasing
 
-    from vfm.data.transforms import build_transform
+    from vfm.data.transforms import build_transform, device_normalize
     from vfm.recipes import load_recipe
 
     recipe = load_recipe("convnext-xl")
     for stage in ("pretrain", "finetune"):
-        t = build_transform(recipe.stages[stage].data, is_training=True)
-        erase = [x for x in t.transforms if isinstance(x, RandomErasing)]
-        assert len(erase) == 1 and (erase[0].mode, erase[0].max_count, erase[0].probability) == ("pixel", 1, 0.25)
+        data = recipe.stages[stage].data
+        # erasing works on the normalised batch: on the device (timm PrefetchLoader), never in the workers
+        assert not any(isinstance(x, RandomErasing) for x in build_transform(data, is_training=True).transforms)
+        erase = device_normalize(data, "cpu", is_training=True).random_erasing
+        assert (erase.mode, erase.max_count, erase.probability) == ("pixel", 1, 0.25)
+        assert device_normalize(data, "cpu", is_training=False).random_erasing is None
     const = load_recipe("convnext-xl", ["stages.pretrain.data.augment.re_mode=const",
                                         "stages.pretrain.data.augment.re_count=2"])
-    t = build_transform(const.stages["pretrain"].data, is_training=True)
-    erase = next(x for x in t.transforms if isinstance(x, RandomErasing))
+    erase = device_normalize(const.stages["pretrain"].data, "cpu", is_training=True).random_erasing
     assert (erase.mode, erase.max_count) == ("const", 2)
+
+
+def test_uint8_batches_normalised_on_the_device_match_timms_cpu_transform():
+    """Workers stop at uint8 (timm's use_prefetcher convention) and DeviceNormalize finishes the batch: the result
+    is timm's own CPU-normalised eval transform; anything but uint8 is refused rather than normalised twice."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    from vfm.data.transforms import device_normalize, stack_images
+    from vfm.recipes.schema import DataConfig
+
+    data = DataConfig(dataset="folder", resolution=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (30, 36, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = stack_images([build_transform(data, is_training=False)(im) for im in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 24, 24)
+    reference = transforms_imagenet_eval(img_size=24, crop_pct=data.crop_pct, interpolation="bicubic",
+                                         mean=data.mean, std=data.std)
+    out = device_normalize(data, "cpu", is_training=False)(batch)
+    assert out.is_contiguous() and torch.allclose(out, torch.stack([reference(im) for im in images]), atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        device_normalize(data, "cpu", is_training=False)(out)
+    erasing = data.model_copy(update={"augment": data.augment.model_copy(update={"random_erase": 1.0})})
+    torch.manual_seed(0)
+    random.seed(0)
+    erased = device_normalize(erasing, "cpu", is_training=True)(batch)
+    assert (erased != out).flatten(1).any(1).all()  # probability 1: a box in every image of the batch

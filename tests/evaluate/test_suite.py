@@ -14,10 +14,18 @@ from vfm.data.classes import imagenet_r_wnids, in1k_wnids
 from vfm.evaluate.classify import topk_accuracy
 from vfm.evaluate.knn import knn_classify, l2_normalise
 from vfm.evaluate.robustness import imagenet_c_report
-from vfm.evaluate.suite import EvalError, _transform, evaluate, evaluate_seeds
+from vfm.evaluate.suite import EvalError, evaluate, evaluate_seeds
 
 IN1K = list(in1k_wnids())
 R_WNIDS = list(imagenet_r_wnids())
+
+
+def _transform(meta):
+    """timm's own eval transform, normalising on the CPU: the reference for vfm's uint8 + on-device path."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    return transforms_imagenet_eval(img_size=meta.resolution, crop_pct=meta.crop_pct, interpolation="bicubic",
+                                    mean=tuple(meta.mean), std=tuple(meta.std))
 
 
 def _reference_logits(export: str, files: list[tuple[Path, str]]) -> tuple[torch.Tensor, list[str]]:

@@ -151,12 +151,13 @@ def test_multicrop_shapes_and_counts_match_recipe(recipe_id, profile, n_global, 
     recipe = load_recipe(recipe_id, profile=profile)
     data = recipe.stages["pretrain"].data
     assert recipe.model.kwargs.get("patch_size", 14) == patch
-    transform = MultiCropTransform(data.multicrop, data.mean, data.std)
+    transform = MultiCropTransform(data.multicrop)
     collate = make_collate(recipe.ssl, data.multicrop, patch)
     torch.manual_seed(0)
     img = Image.new("RGB", (96, 80), (120, 30, 200))
     batch = collate([(transform(img), 3), (transform(img), 5)])
     assert batch["global"].shape == (n_global * 2, 3, g_px, g_px)
+    assert batch["global"].dtype == batch["local"].dtype == torch.uint8  # normalised on the device (DinoTask.loss)
     assert batch["local"].shape == (n_local * 2, 3, l_px, l_px)
     assert batch["masks"].shape == (n_global * 2, (g_px // patch) ** 2)
     assert batch["labels"].tolist() == [3, 5]

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vfm import storage
 from vfm.data.manifest import Manifest
+from vfm.data.transforms import stack_images
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +99,82 @@ def _piece_samples(manifest: Manifest, piece: Piece) -> Iterator[dict[str, Any]]
     info, url = manifest.shards[piece.shard], manifest.shard_url(piece.shard)
     if info.index:
         offsets = _sample_offsets(storage.join(manifest.base_url, info.index))
-        stream = storage.open_read(url, start=int(offsets[piece.start]), stop=int(offsets[piece.stop]))
-        first = piece.start
-    else:
-        if piece.start and manifest.location not in _warned_unindexed:
-            _warned_unindexed.add(manifest.location)
-            log.warning("%s has no sample indexes (written by an older vfm shard): parts of shards are read from "
-                        "the shard's start; shard it again to read only what each reader needs", manifest.location)
-        stream, first = storage.open_read(url), 0
-    try:
+        with storage.open_read(url, start=int(offsets[piece.start]), stop=int(offsets[piece.stop])) as stream:
+            for j in range(piece.start, piece.stop):
+                size = int(offsets[j + 1] - offsets[j])
+                blob = stream.read(size)
+                if len(blob) != size:
+                    raise ValueError(f"{url}: sample {j} ends past the end of the shard (its index says bytes "
+                                     f"{offsets[j]}-{offsets[j + 1]}); the shard is cut short: shard it again")
+                yield split_sample(blob, url, j)
+        return
+    if piece.start and manifest.location not in _warned_unindexed:
+        _warned_unindexed.add(manifest.location)
+        log.warning("%s has no sample indexes (written by an older vfm shard): parts of shards are read from "
+                    "the shard's start; shard it again to read only what each reader needs", manifest.location)
+    with storage.open_read(url) as stream:
         files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-        for j, sample in enumerate(group_by_keys(files), start=first):
+        for j, sample in enumerate(group_by_keys(files)):
             if j >= piece.stop:
                 return
             if j >= piece.start:
                 yield sample
-    finally:
-        stream.close()
+
+
+_USTAR_REGULAR = (b"0", b"\0")
+
+
+def split_sample(blob: bytes, url: str, position: int) -> dict[str, Any]:
+    """One sample's members, from its bytes as the shard's sample index delimits them, as webdataset groups them
+    ({"__key__", "__url__", "<ext>": bytes}).
+
+    Own code rather than webdataset's `tar_file_expander` + `group_by_keys` for what `vfm shard` writes: those go
+    through tarfile's generic header parser, about 40 µs a member and three members a sample, the loader's largest
+    cost after decoding. A ustar header of a regular file is read in place here (name, size, checksum checked as
+    tarfile checks it); any other member (PAX or GNU long names, links) makes the whole sample go through tarfile."""
+    from webdataset.tariterators import base_plus_ext
+
+    sample: dict[str, Any] = {"__url__": url}
+    pos, end = 0, len(blob)
+    while pos + tarfile.BLOCKSIZE <= end:
+        header = blob[pos:pos + tarfile.BLOCKSIZE]
+        if not header.strip(b"\0"):
+            break  # end-of-archive blocks after the shard's last sample
+        if header[156:157] not in _USTAR_REGULAR or header[257:262] != b"ustar":
+            return _tarfile_sample(blob, url, position)
+        try:
+            checksum = int(header[148:156].strip(b"\0 "), 8)
+            size = int(header[124:136].strip(b"\0 "), 8)
+        except ValueError:
+            checksum = size = -1
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as 8 spaces
+            raise ValueError(f"{url}: sample {position} has a damaged tar header at byte {pos} of the sample; "
+                             "the shard is corrupt: shard it again")
+        name = header[:100].rstrip(b"\0").decode()
+        if header[345:346] != b"\0":
+            name = header[345:500].rstrip(b"\0").decode() + "/" + name
+        key, ext = base_plus_ext(name)
+        data_at = pos + tarfile.BLOCKSIZE
+        if key is not None:
+            if sample.setdefault("__key__", key) != key:
+                raise ValueError(f"{url}: sample {position} holds members of two keys ({sample['__key__']!r}, "
+                                 f"{key!r}); its sample index does not match the shard: shard it again")
+            sample[ext.lower()] = blob[data_at:data_at + size]
+        pos = data_at + size + (-size % tarfile.BLOCKSIZE)
+    if "__key__" not in sample:
+        raise ValueError(f"{url}: sample {position} has no members; its sample index does not match the shard")
+    return sample
+
+
+def _tarfile_sample(blob: bytes, url: str, position: int) -> dict[str, Any]:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    files = tar_file_expander([{"url": url, "stream": io.BytesIO(blob)}], eof_value=None)
+    samples = list(group_by_keys(files))
+    if len(samples) != 1:
+        raise ValueError(f"{url}: sample {position} holds {len(samples)} keys; its sample index does not match "
+                         "the shard: shard it again")
+    return samples[0]
 
 
 def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -178,7 +239,9 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int, dict[str, A
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__', '?')} has no image")
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = Image.open(io.BytesIO(data))
+    if img.mode != "RGB":  # an RGB image is decoded by the transform's first step, with no converted copy
+        img = img.convert("RGB")
     meta = json.loads(sample["json"]) if "json" in sample else {}
     meta["key"] = sample["__key__"]
     return img, int(sample["cls"]), meta
@@ -264,7 +327,7 @@ class ShardLoader:
             if self.collate_fn is not None:
                 custom = self.collate_fn([(self.transform(img), label) for img, label, _ in decoded])
             else:
-                images = torch.stack([self.transform(img) for img, _, _ in decoded])
+                images = stack_images([self.transform(img) for img, _, _ in decoded])
         random.setstate(py_state)
         np.random.set_state(np_state)
         if self.collate_fn is not None:

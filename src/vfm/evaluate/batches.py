@@ -8,7 +8,7 @@ torch's default collate makes of dicts); `split_batch` returns it as a list of d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -32,6 +32,19 @@ def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[dict[str
     if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"evaluation batch: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
     return images, labels, _meta_rows(meta, labels.shape[0])
+
+
+def model_input(images: torch.Tensor, device: torch.device,
+                normalize: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """`images` on `device` as the model takes them: vfm's loaders give uint8 (timm's prefetcher convention),
+    which `normalize` (vfm.data.transforms.DeviceNormalize) converts there; other batches go as they are."""
+    images = images.to(device, non_blocking=True)
+    if normalize is not None:
+        return normalize(images)
+    if images.dtype == torch.uint8:
+        raise ValueError("evaluation batch: uint8 images and no normalize; pass "
+                         "normalize=vfm.data.transforms.device_normalize(data_config, device, is_training=False)")
+    return images
 
 
 def _meta_rows(meta: Any, n: int) -> list[dict[str, Any]] | None:

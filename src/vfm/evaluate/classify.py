@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vfm.dist import all_reduce_sum, is_distributed
-from vfm.evaluate.batches import Batch, iter_progress, split_batch
+from vfm.evaluate.batches import Batch, iter_progress, model_input, split_batch
 
 ALL = "all"
 
@@ -76,13 +76,15 @@ def classify(
     group_by: Callable[[dict[str, Any]], Hashable] | None = None,
     autocast_dtype: torch.dtype | None = None,
     description: str = "classify",
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[Hashable, TopkCounts]:
     """Run `model` over this rank's batches and return top-k counts summed over all ranks, per group.
 
     `columns` selects logit columns before top-k (a bool mask such as the ImageNet-R mask, or an index
     tensor) and `label_map` maps dataset labels to positions among them (see `align_classes`); a sample
     whose class maps to -1 is an error, never silently scored as wrong. `group_by(meta_row)` splits the counts, e.g.
-    by (corruption, severity) for ImageNet-C; without it there is one group, `ALL`.
+    by (corruption, severity) for ImageNet-C; without it there is one group, `ALL`. `normalize` turns the loader's
+    uint8 images into the model's input on the device (vfm.data.transforms.DeviceNormalize).
     """
     device = torch.device(device)
     was_training = model.training
@@ -92,7 +94,7 @@ def classify(
         for batch in iter_progress(batches, description):
             images, labels, meta = split_batch(batch)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(images.to(device, non_blocking=True))
+                logits = model(model_input(images, device, normalize))
             logits = logits.float()
             if columns is not None:
                 logits = logits[:, columns.to(logits.device)]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vfm.dist import all_gather_uneven, is_distributed, rank_and_world
-from vfm.evaluate.batches import Batch, iter_progress, split_batch
+from vfm.evaluate.batches import Batch, iter_progress, model_input, split_batch
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -142,8 +142,10 @@ def extract_features(
     feature_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = cls_features,
     autocast_dtype: torch.dtype | None = None,
     description: str = "features",
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features and labels of this rank's batches: (float32 [n, D], int64 [n]).
+    """L2-normalised features and labels of this rank's batches: (float32 [n, D], int64 [n]). `normalize` as
+    `classify` takes it.
 
     Features stay on `device` and on this rank; `knn_classify` does the cross-rank part.
     """
@@ -155,7 +157,7 @@ def extract_features(
         for batch in iter_progress(batches, description):
             images, target, _ = split_batch(batch)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = feature_fn(model, images.to(device, non_blocking=True))
+                out = feature_fn(model, model_input(images, device, normalize))
             feats.append(l2_normalise(out))
             labels.append(target.to(device, torch.int64))
     finally:

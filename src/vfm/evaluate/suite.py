@@ -117,20 +117,26 @@ def _need_head(meta: Any, suite: str) -> None:
                         "the fine-tuned export")
 
 
-def _transform(meta: Any):
-    from vfm.data.transforms import build_transform
+def _data_config(meta: Any):
     from vfm.recipes.schema import DataConfig
 
-    cfg = DataConfig(dataset="eval", resolution=meta.resolution, crop_pct=meta.crop_pct,
-                     mean=tuple(meta.mean), std=tuple(meta.std))
-    return build_transform(cfg, is_training=False)
+    return DataConfig(dataset="eval", resolution=meta.resolution, crop_pct=meta.crop_pct, mean=tuple(meta.mean),
+                      std=tuple(meta.std))
+
+
+def _normalize(meta: Any, device):
+    from vfm.data.transforms import device_normalize
+
+    return device_normalize(_data_config(meta), device, is_training=False)
 
 
 def _loader(manifest: Any, meta: Any, *, batch_size: int, num_workers: int, with_meta: bool = False):
     from vfm.data.loader import build_loader
+    from vfm.data.transforms import build_transform
 
     rank, world = rank_and_world()
-    return build_loader(manifest, transform=_transform(meta), batch_size=batch_size, rank=rank, world_size=world,
+    return build_loader(manifest, transform=build_transform(_data_config(meta), is_training=False),
+                        batch_size=batch_size, rank=rank, world_size=world,
                         seed=0, shuffle=False, drop_last=False, num_workers=num_workers, with_meta=with_meta)
 
 
@@ -142,7 +148,7 @@ def _classification(suite: str, model, manifest, meta, *, clean_err: float | Non
     group_by = _corruption_of if in_c else None
     loader = _loader(manifest, meta, batch_size=batch_size, num_workers=num_workers, with_meta=in_c)
     counts = classify(model, loader, device=device, columns=columns, label_map=label_map, group_by=group_by,
-                      autocast_dtype=autocast_dtype, description=f"eval {suite}")
+                      autocast_dtype=autocast_dtype, description=f"eval {suite}", normalize=_normalize(meta, device))
     _check_complete(suite, manifest, sum(c.total for c in counts.values()))
     if not in_c:
         return counts[ALL].accuracy()
@@ -169,7 +175,7 @@ def _check_complete(suite: str, manifest: Any, seen: int) -> None:
 
 def _knn(model, train_manifest, test_manifest, meta, *, ks, temperature, block_size, batch_size, num_workers,
          device, autocast_dtype) -> dict[str, float]:
-    kw = dict(device=device, autocast_dtype=autocast_dtype)
+    kw = dict(device=device, autocast_dtype=autocast_dtype, normalize=_normalize(meta, device))
     train_feats, train_labels = extract_features(
         model, _loader(train_manifest, meta, batch_size=batch_size, num_workers=num_workers),
         description="knn: train features", **kw)

@@ -10,6 +10,10 @@ grayscale p=0.2, then per-crop extras:
 Upstream has exactly two global crops; with more (seed 003 read literally: 10) the two recipes
 alternate so half the globals are blurred and half solarised-or-sharp, as with two.
 
+Crops leave the workers as uint8 tensors; `DinoTask.loss` normalises them on the device (timm's prefetcher
+convention, vfm.data.transforms), where upstream's `make_normalize_transform` runs per crop on the CPU: ten crops an
+image make the per-crop float conversion the largest part of a worker's time after decoding.
+
 The collate stacks crops crop-major (all images' crop 0, then crop 1, …) so `chunk(n_crops)` splits
 them by crop, and draws the iBOT block masks for the global crops.
 """
@@ -25,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
+from vfm.data.transforms import stack_images
 from vfm.recipes.schema import MultiCropConfig, SSLConfig
 from vfm.ssl.masking import BlockMasker, batch_masks
 
@@ -35,9 +40,9 @@ def _blur(p: float) -> T.RandomApply:
 
 
 class MultiCropTransform:
-    """PIL image → {"global": [n_global × (3, G, G)], "local": [n_local × (3, L, L)]}."""
+    """PIL image → {"global": [n_global × uint8 (3, G, G)], "local": [n_local × uint8 (3, L, L)]}."""
 
-    def __init__(self, cfg: MultiCropConfig, mean: tuple[float, float, float], std: tuple[float, float, float]):
+    def __init__(self, cfg: MultiCropConfig):
         self.cfg = cfg
         bicubic = T.InterpolationMode.BICUBIC
         self.geometric_global = T.Compose([
@@ -52,10 +57,10 @@ class MultiCropTransform:
             T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
         ])
-        normalize = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-        self.global_1 = T.Compose([colour, _blur(1.0), normalize])
-        self.global_2 = T.Compose([colour, _blur(0.1), T.RandomSolarize(threshold=128, p=0.2), normalize])
-        self.local = T.Compose([colour, _blur(0.5), normalize])
+        to_uint8 = T.PILToTensor()
+        self.global_1 = T.Compose([colour, _blur(1.0), to_uint8])
+        self.global_2 = T.Compose([colour, _blur(0.1), T.RandomSolarize(threshold=128, p=0.2), to_uint8])
+        self.local = T.Compose([colour, _blur(0.5), to_uint8])
 
     def __call__(self, image: Image.Image) -> dict[str, list[Tensor]]:
         image = image.convert("RGB")
@@ -86,8 +91,8 @@ class MultiCropCollate:
         crops = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
         labels = [int(s[1]) if isinstance(s, (tuple, list)) and len(s) > 1 else -1 for s in samples]
         n_global, n_local = len(crops[0]["global"]), len(crops[0]["local"])
-        glob = torch.stack([c["global"][i] for i in range(n_global) for c in crops])
-        local = torch.stack([c["local"][i] for i in range(n_local) for c in crops]) if n_local else None
+        glob = stack_images([c["global"][i] for i in range(n_global) for c in crops])
+        local = stack_images([c["local"][i] for i in range(n_local) for c in crops]) if n_local else None
         n_images = glob.shape[0]
         if self.ibot:
             # seeded from torch's RNG, which the loader seeds per worker/position like the crops'

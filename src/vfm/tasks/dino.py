@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vfm.data.transforms import DeviceNormalize, device_normalize
 from vfm.errors import UserError
 from vfm.export import ExportMeta
 from vfm.models import build_model, forward_flops, model_kwargs
@@ -88,6 +89,7 @@ class DinoTask(ManifestData):
                                        self.ssl.center_momentum).to(ctx.init_device)
         self.epoch_len = ctx.stage.steps_per_epoch  # DINOv2's fixed 1,250-iteration epoch (resolve_stage)
         self.patch_size = self.student.patch_size
+        self.normalize = DeviceNormalize(st.data.mean, st.data.std)  # the crops arrive as uint8
 
     def trainable(self) -> nn.Module:
         return self.student
@@ -128,7 +130,7 @@ class DinoTask(ManifestData):
         from vfm.data.loader import build_loader
 
         st = self.ctx.config
-        transform = MultiCropTransform(self.crops, st.data.mean, st.data.std)
+        transform = MultiCropTransform(self.crops)
         collate = make_collate(self.ssl, self.crops, self.patch_size)
         return build_loader(self.manifest, transform=transform, batch_size=st.batch.micro_batch, rank=rank,
                             world_size=world_size, seed=seed, shuffle=True, epoch_length=st.num_samples,
@@ -138,7 +140,8 @@ class DinoTask(ManifestData):
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
         ssl, total = self.ssl, self.ctx.stage.total_steps
         n_global = self.crops.global_crops_count
-        glob, local, masks = batch["global"], batch["local"], batch["masks"]
+        glob, masks = self.normalize(batch["global"]), batch["masks"]
+        local = self.normalize(batch["local"]) if batch["local"] is not None else None
         temp = schedules.teacher_temperature(ssl, step, total, self.epoch_len)
         with torch.no_grad():
             t_out = self.teacher(glob, None, masks, mask_input=False)
@@ -203,7 +206,8 @@ class DinoTask(ManifestData):
             loader = build_loader(m, transform=transform, batch_size=st.batch.micro_batch, rank=ctx.rank,
                                   world_size=ctx.world_size, seed=0, shuffle=False, drop_last=False)
             feats.append(extract_features(self.teacher, loader, device=ctx.device, description="k-NN features",
-                                          feature_fn=lambda t, x: t(x, cls_only=True)))
+                                          feature_fn=lambda t, x: t(x, cls_only=True),
+                                          normalize=device_normalize(data, ctx.device, is_training=False)))
         reshard(self.teacher)
         (tr_f, tr_l), (va_f, va_l) = feats
         ks = [k for k in self.ctx.recipe.eval.knn_k if k <= train_m.num_samples]

@@ -21,6 +21,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from vfm.data.transforms import device_normalize
 from vfm.errors import UserError
 from vfm.export import ExportMeta, load_export
 from vfm.models import build_model, forward_flops, model_kwargs
@@ -84,6 +85,7 @@ class SupervisedTask(ManifestData):
             # sharded like the trained model, so the EMA update is shard-by-shard local work
             self.ema = ctx.shard(copy.deepcopy(self.model).requires_grad_(False))
         self.channels_last = uses_channels_last(ctx.config.channels_last, ctx.recipe.model.family, ctx.device)
+        self.normalize = device_normalize(st.data, ctx.device, is_training=True)
 
     def _scale_head(self, scale: float) -> None:
         with torch.no_grad():
@@ -145,6 +147,7 @@ class SupervisedTask(ManifestData):
     # ---- step ----------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
         images, labels = batch
+        images = self.normalize(images)  # uint8 from the loader; normalised and random-erased here
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         metrics: dict[str, Tensor | float] = {}
