@@ -244,18 +244,62 @@ def walk_tar_of_tars(path: str, index: SourceIndex, progress: Callable[[str], No
             if not outer.name.endswith(".tar"):
                 index.fail(outer.name, path, "outer member is not a per-class .tar")
                 continue
-            window = _Window(f, outer.offset_data, outer.size)
-            try:
-                tf = tarfile.open(fileobj=window, mode="r:")
-                members = [m for m in tf if m.isfile()]
-            except (tarfile.TarError, OSError) as e:
-                index.fail(f"{wnid}/", path, f"inner archive {outer.name} unreadable at outer offset {outer.offset_data}: {e}")
-                continue
-            for m in members:
-                if m.offset_data + m.size > outer.size:
-                    index.fail(f"{wnid}/{m.name}", path, "member cut short inside its class tar")
+            members = plain_tar_files(f, outer.offset_data, outer.size)
+            if members is None:  # not plain ustar files only (or damaged): tarfile parses it, and reports damage
+                window = _Window(f, outer.offset_data, outer.size)
+                try:
+                    tf = tarfile.open(fileobj=window, mode="r:")
+                    members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+                except (tarfile.TarError, OSError) as e:
+                    index.fail(f"{wnid}/", path,
+                               f"inner archive {outer.name} unreadable at outer offset {outer.offset_data}: {e}")
                     continue
-                yield f"{wnid}/{Path(m.name).name}", outer.offset_data + m.offset_data, m.size
+            for name, offset, size in members:
+                if offset + size > outer.size:
+                    index.fail(f"{wnid}/{name}", path, "member cut short inside its class tar")
+                    continue
+                yield f"{wnid}/{Path(name).name}", outer.offset_data + offset, size
+
+
+_REGULAR_TYPES = (b"0", b"\0")
+_SKIPPED_TYPES = (b"5",)  # directories: no data, nothing to index
+
+
+def plain_tar_files(f, start: int, size: int) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of the regular files in the tar at [start, start + size) of `f`, as tarfile reads
+    them, when every header is a plain ustar/GNU one (regular files and directories, short names, valid
+    checksums); None otherwise, and tarfile then parses that tar.
+
+    Own code rather than tarfile for the common case: tarfile's header parser costs ~40 µs a member, most of the
+    index pass over ImageNet's per-class tars (1.28 M members for IN-1K, 14 M for IN-22K); this reads each
+    512-byte header and takes four fields, the same ones tarfile.TarInfo.frombuf takes."""
+    out: list[tuple[str, int, int]] = []
+    pos = 0
+    while pos + tarfile.BLOCKSIZE <= size:
+        f.seek(start + pos)
+        header = f.read(tarfile.BLOCKSIZE)
+        if len(header) < tarfile.BLOCKSIZE:
+            return None
+        if header.count(0) == tarfile.BLOCKSIZE:
+            return out  # the end-of-archive blocks
+        kind = header[156:157]
+        if header[257:262] != b"ustar" or (kind not in _REGULAR_TYPES and kind not in _SKIPPED_TYPES) \
+                or header[124] & 0x80:  # PAX/GNU extensions, links, base-256 sizes: tarfile's cases
+            return None
+        try:
+            checksum, length = int(header[148:156].strip(b"\0 "), 8), int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return None
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            return None
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        if kind in _REGULAR_TYPES and not name.endswith("/"):  # V7 tar: a "regular" name ending in / is a folder
+            out.append((name, pos + tarfile.BLOCKSIZE, length))
+        pos += tarfile.BLOCKSIZE + length + (-length % tarfile.BLOCKSIZE)
+    return out
 
 
 class _Counting:
