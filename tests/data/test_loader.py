@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -66,6 +67,32 @@ def test_resume_continues_exactly(dataset, num_workers):
             while len(got) < 15:
                 got += drain(resumed)
             assert same(got, flat), (rank, stop)
+
+
+def test_one_worker_pipeline_serves_every_training_epoch(dataset, monkeypatch):
+    """Training's DataLoader (its workers and their prefetched batches) lives across loader epochs; a moved
+    position starts a new one at the right batch; evaluation starts over each pass."""
+    made = []
+
+    def counting(*args, **kwargs):
+        made.append(args[0].start_batch)
+        return torch.utils.data.DataLoader(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "DataLoader", counting)
+    before = set(multiprocessing.active_children())
+    kw = dict(transform=TRAIN_TF, batch_size=4, rank=1, world_size=2, seed=5, shuffle=True, num_workers=2)
+    train = build_loader(dataset, **kw)
+    epochs = [drain(train) for _ in range(3)]
+    assert made == [0] and [len(e) for e in epochs] == [5, 5, 5]
+    train.load_state_dict({**train.state_dict(), "batches_yielded": 7})
+    again = drain(train)
+    assert made == [0, 7] and same(again, epochs[1][2:])
+    made.clear()
+    evaluation = build_loader(dataset, **{**kw, "transform": EVAL_TF, "shuffle": False}, drop_last=False)
+    assert same(drain(evaluation), drain(evaluation)) and made == [0, 0]
+    assert set(multiprocessing.active_children()) > before
+    del train
+    assert set(multiprocessing.active_children()) <= before  # no reference cycle keeps the workers up
 
 
 def test_slot_streams_cover_each_data_epoch_exactly_once_in_equal_shares(dataset):

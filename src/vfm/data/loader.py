@@ -12,7 +12,10 @@ not WebDataset's statistical `resampled=True` restart:
   an RNG keyed by (seed, e, slot).
 * Training (`drop_last=True`): each slot streams data epochs back to back and forms full batches; rank r
   yields `epoch_length // (batch_size * world_size)` batches per loader epoch, the same on every rank,
-  and batch k of a rank comes from its logical worker k % W (DataLoader's round robin).
+  and batch k of a rank comes from its logical worker k % W (DataLoader's round robin). The workers'
+  streams never end, so one DataLoader iterator serves every loader epoch: no worker restart and no
+  emptied prefetch queue at an epoch boundary (torch's `persistent_workers` keeps the processes but
+  still restarts their iteration, and so refills the pipeline).
 * The position is one number, the batches a rank has yielded. From it and the manifest's per-shard
   sample counts every slot's (data epoch, offset) follows without I/O, so `load_state_dict` then
   iteration continues exactly: no repeat, no skip (same world size and worker count). Augmentation is
@@ -23,6 +26,7 @@ not WebDataset's statistical `resampled=True` restart:
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import itertools
@@ -300,6 +304,9 @@ class ShardLoader:
         self.collate_fn = collate_fn
         self.epoch_length = epoch_length or manifest.num_samples
         self.batches_yielded = 0
+        # training's DataLoader iterator, kept across loader epochs while it stands at batches_yielded
+        self._live: Iterator | None = None
+        self._live_at = -1
         if drop_last and len(self) == 0:
             raise ValueError(f"{manifest.dataset}: epoch of {self.epoch_length} samples is smaller than one global "
                              f"batch ({batch_size} x {world_size} ranks)")
@@ -346,15 +353,22 @@ class ShardLoader:
             n = len(self) - self.batches_yielded
         if n <= 0:
             return
-        ds = _RankStream(self, self.batches_yielded)
-        # own generator: creating the iterator draws a base seed, which from the global RNG would shift the
-        # trainer's random stream (drop-path) whenever a resumed run opens a new iterator mid-epoch
-        # pinned host memory makes the trainer's non_blocking host-to-device copy asynchronous. Workers are
-        # not persistent: this loader is made once per epoch (or resume), each with its own start position
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
-                        generator=torch.Generator().manual_seed(self.seed))
-        it = iter(dl)
+        if self._live is not None and self._live_at != self.batches_yielded:
+            self.close()  # the position moved (load_state_dict): what the workers prefetched is for elsewhere
+        it = self._live
+        if it is None:
+            # a copy without `_live` (__getstate__): loader -> iterator -> dataset -> loader would be a cycle,
+            # which keeps the workers up until the cyclic collector happens to run
+            ds = _RankStream(copy.copy(self), self.batches_yielded)
+            # own generator: creating the iterator draws a base seed, which from the global RNG would shift the
+            # trainer's random stream (drop-path) whenever a resumed run opens a new iterator mid-epoch
+            # pinned host memory makes the trainer's non_blocking host-to-device copy asynchronous
+            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))
+            it = iter(dl)
+            if self.drop_last:  # training streams run on across epochs: the next `for` continues this iterator
+                self._live, self._live_at = it, self.batches_yielded
         try:
             for _ in range(n):
                 try:
@@ -362,9 +376,19 @@ class ShardLoader:
                 except StopIteration:
                     break
                 self.batches_yielded += 1
+                if self._live is it:
+                    self._live_at = self.batches_yielded
                 yield batch
         finally:
             del it
+
+    def close(self) -> None:
+        """Let go of training's DataLoader iterator: torch shuts its workers down once nothing holds it (an
+        unfinished `for` over this loader still does, until it ends)."""
+        self._live, self._live_at = None, -1
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned worker gets the loader, not the parent's iterator
+        return {**self.__dict__, "_live": None, "_live_at": -1}
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches_yielded": self.batches_yielded, "world_size": self.world_size,
