@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--corruptions", default="gaussian_noise,contrast,jpeg_compression")
     ap.add_argument("--workers", type=int, default=available_cpus())
     args = ap.parse_args()
+    if args.images < 8:
+        ap.error("--images must be at least 8 (one per class of the 8 synthetic classes)")
     corruptions = args.corruptions.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         src = make_synthetic_folder(Path(tmp) / "val", num_classes=8, per_class=args.images // 8, size=320, seed=0)
