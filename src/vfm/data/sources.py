@@ -258,7 +258,7 @@ def walk_tar_of_tars(path: str, index: SourceIndex, progress: Callable[[str], No
                 if offset + size > outer.size:
                     index.fail(f"{wnid}/{name}", path, "member cut short inside its class tar")
                     continue
-                yield f"{wnid}/{Path(name).name}", outer.offset_data + offset, size
+                yield f"{wnid}/{name.rsplit('/', 1)[-1]}", outer.offset_data + offset, size
 
 
 _REGULAR_TYPES = (b"0", b"\0")
