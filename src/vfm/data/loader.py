@@ -22,6 +22,16 @@ not WebDataset's statistical `resampled=True` restart:
   seeded per batch from (seed, rank, batch index), so even the random crops reproduce.
 * Evaluation (`drop_last=False`): one pass in stored order; each sample goes to exactly one rank, the
   last batch may be short, nothing is padded or duplicated.
+
+Own code rather than the libraries, where they fall short of the above:
+* webdataset's `split_by_node` / `split_by_worker` hand out whole shards, so slots get unequal shares
+  whenever shards do not divide evenly among slots (the uneven epochs this design removes), and a shard's
+  share is found by reading it from the start; here a share is positions of the stream, read by byte range.
+* torchdata's `StatefulDataLoader` fast-forwards an iterable dataset by the batches it yielded (reading and
+  decoding them again) unless the dataset keeps its own per-worker state, and it aggregates state across
+  workers only, not ranks (torchdata `stateful_dataloader/README.md`); with the position computed from one
+  number, as here, it would only add a per-worker snapshot. timm's `create_transform` builds the transforms
+  (vfm.data.transforms) and webdataset's tar reader parses any sample our splitter does not (`split_sample`).
 """
 
 from __future__ import annotations

@@ -258,6 +258,8 @@ def _write_shard(shard: PlannedShard) -> dict:
             if checked.data is None:
                 continue
             info = {"wnid": index.classes[label], "name": name, **meta}
+            # three members, not image + json: timm's `wds/` reader takes the label from `.cls` unless told a
+            # json field (timm/data/readers/reader_wds.py `_decode`), so plain `train.py --dataset wds/...` works
             offsets.append(writer.offset)
             writer.write(key, {checked.ext: checked.data, "cls": str(label).encode(),
                                "json": json.dumps(info, sort_keys=True).encode()})
