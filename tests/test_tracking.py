@@ -76,3 +76,44 @@ def test_metric_sender_keeps_failed_batches_and_bounds_its_queue():
     stuck = MetricSender(Flaky(fail=10**9), "r", max_pending=100, retry_s=0.01)
     stuck.put([Metric("loss", 1.0, 0, s) for s in range(150)])
     assert stuck.flush(timeout_s=0.2) == 100 and stuck.dropped == 50  # the oldest go first, and are counted
+
+
+def test_experiments_open_in_the_training_view_and_runs_carry_their_datasets(mlflow_uri, tmp_path):
+    """The `mlflow.experimentKind` tag (also set on an experiment made before it) and each manifest as a
+    dataset input with its context, digest and profile, as the UI's Dataset column reads them."""
+    import json
+
+    from vfm import storage
+    from vfm.data.manifest import Manifest
+    from vfm.data.shard import write_dataset
+    from vfm.data.sources import index_source
+    from vfm.data.synthetic import make_synthetic_folder
+    from vfm.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    client = MlflowClient(mlflow_uri)
+    recipe = load_recipe("convnext-xl", profile="smoke")
+    old = client.get_experiment_by_name(experiment_name(recipe.id))
+    old_id = old.experiment_id if old else client.create_experiment(experiment_name(recipe.id))  # untagged
+    make_synthetic_folder(tmp_path / "src", num_classes=3, per_class=2, size=16, seed=0)
+    write_dataset(index_source("folder", str(tmp_path / "src")), str(tmp_path / "shards"))
+    write_dataset(index_source("folder", str(tmp_path / "src")), str(tmp_path / "val"), seed=1, split="val")
+    manifest, val = Manifest.load(str(tmp_path / "shards")), Manifest.load(str(tmp_path / "val"))
+    with tracked_run(recipe, stage="finetune", run_key=f"datasets-{tmp_path.name}", uri=mlflow_uri) as run:
+        run.log_dataset(manifest, "training")
+        run.log_dataset(manifest, "training")  # a restarted run logs it again
+        run.log_dataset(val, "evaluation")
+        with pytest.raises(ValueError, match="context 'train'"):
+            run.log_dataset(manifest, "train")
+    assert client.get_experiment(old_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    assert sorted(i.tags[0].value for i in inputs) == ["evaluation", "training"]
+    [ds] = [i.dataset for i in inputs if i.tags[0].value == "training"]
+    profile = json.loads(ds.profile)
+    sha = __import__("hashlib").sha256(manifest.to_json().encode()).hexdigest()
+    assert ds.name == "folder-train" and ds.digest == sha[:12] and profile["sha256"] == sha
+    assert json.loads(ds.source)["uri"] == manifest.location and storage.exists(manifest.location)
+    assert profile["num_samples"] == 6 and profile["classes"] == list(manifest.classes) and len(profile["classes"]) == 3
+
+    fresh = open_run(load_recipe("dinov2-giant", profile="smoke"), stage="pretrain", run_key="kind", uri=mlflow_uri)
+    assert client.get_experiment(fresh.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    fresh.end()

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "vfm.run_key"
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+# MLflow 3's UI opens an experiment by this tag: untagged, a new experiment opens in the GenAI view (traces,
+# judges); this one opens the model-training view with the runs table (mlflow/server/js `ExperimentKind`)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DATASET_CONTEXTS = ("training", "evaluation")
+MAX_PROFILE_CLASSES = 1000  # beyond this (IN-22K's 21,841 wnids) the profile names classes.txt instead
 
 
 def experiment_name(recipe_id: str) -> str:
@@ -193,6 +198,57 @@ class TrackedRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dataset(self, manifest: Any, context: str) -> None:
+        """A `vfm shard` manifest as one of the run's MLflow dataset inputs (the UI's Dataset column): its URL as
+        the source, a digest of its content (the full sha256 in the profile), the sample and class counts and
+        the classes, tagged with `context` (training or evaluation). Logging the same manifest again, as a
+        restarted run does, adds nothing: MLflow keeps one input per dataset and run (with its first context)."""
+        if not self.enabled:
+            return
+        if context not in DATASET_CONTEXTS:
+            raise ValueError(f"dataset context {context!r}: use one of {', '.join(DATASET_CONTEXTS)}")
+        if not manifest.location:
+            raise ValueError(f"{manifest.dataset}/{manifest.split}: a manifest logged as a dataset needs its URL "
+                             "(load it with Manifest.load)")
+        import hashlib
+        import json
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        sha = hashlib.sha256(manifest.to_json().encode()).hexdigest()
+        profile = {"sha256": sha, "num_samples": manifest.num_samples, "num_classes": len(manifest.classes),
+                   "num_shards": len(manifest.shards), "split": manifest.split}
+        if len(manifest.classes) <= MAX_PROFILE_CLASSES:
+            profile["classes"] = list(manifest.classes)
+        else:
+            profile["classes_url"] = f"{manifest.base_url}/classes.txt"
+        with warnings.catch_warnings():  # a local path matches MLflow's two local sources, which are the same
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(manifest.location)
+
+        class ManifestDataset(MetaDataset):  # MetaDataset with a profile, as mlflow's PandasDataset adds one
+            @property
+            def profile(self) -> dict[str, Any]:
+                return profile
+
+            def to_dict(self) -> dict[str, str]:
+                return {**super().to_dict(), "profile": json.dumps(profile)}
+
+        dataset = ManifestDataset(source, name=f"{manifest.dataset}-{manifest.split}", digest=sha[:12])
+        # the entity conversion mlflow.log_input makes (mlflow/tracking/fluent.py), through the client here
+        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        try:
+            self.client.log_inputs(self.run_id, datasets=[entry])
+        except Exception as exc:
+            if self.sender is None:
+                raise
+            # a training run never stops for its record (see MetricSender)
+            log.warning("MLflow run %s: dataset %s not recorded: %s", self.run_id, manifest.location, exc)
+
     def log_dict(self, obj: Any, name: str) -> None:
         if self.enabled:
             self.client.log_dict(self.run_id, obj, name)
@@ -266,6 +322,9 @@ def open_run(
         name = experiment_name(recipe.id)
         exp = client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else _create_experiment(client, name)
+    experiment = client.get_experiment(exp_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before vfm tagged them, or by KFP's MLflow plugin
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     if found:
@@ -287,7 +346,7 @@ def _create_experiment(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created concurrently by another rank/task
         return client.get_experiment_by_name(name).experiment_id
 

@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vfm.cli import app
+from vfm.data.manifest import Manifest
 from vfm.evaluate.compare import collect_runs
 from vfm.recipes import load_recipe
 from vfm.tracking import open_run
@@ -39,6 +40,10 @@ def test_evaluate_logs_to_mlflow_and_compare_renders(world, mlflow_uri, tmp_path
     assert run.data.metrics["eval.num_seeds"] == 2
     assert run.info.status == "FINISHED"
     assert run.data.tags["vfm.stage"] == "eval" and run.data.tags["claim.top1"] == "89.1"
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert {json.loads(i.dataset.source)["uri"] for i in inputs} == {
+        str(Manifest.load(u).location) for u in (data["in1k"], data["in_r"], data["knn_train"])}
+    assert {i.tags[0].value for i in inputs} == {"evaluation"}
     assert saved["claims"]["eval.in1k.top1"]["claim"] == 89.1
     assert saved["data"]["in1k"] == data["in1k"] and len(saved["exports"]) == 2
     artifact = client.download_artifacts(run.info.run_id, "eval/results.json", str(tmp_path))

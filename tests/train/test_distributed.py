@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -82,6 +83,9 @@ def test_vit_huge_learns_under_fsdp2_and_logs_to_mlflow(shards, tmp_path, mlflow
         assert name in found.data.metrics, name
     arts = {a.path for a in client.list_artifacts(found.info.run_id, "export")}
     assert arts == {"export/model.json", "export/weights.pt"}
+    [data] = client.get_run(found.info.run_id).inputs.dataset_inputs  # the UI's Dataset column
+    assert data.tags[0].value == "training" and data.dataset.name.endswith("-train")
+    assert json.loads(data.dataset.source)["uri"].startswith(str(shards))
 
 
 def test_convnext_finetune_from_pretraining_under_ddp(convnext_pretrained, shards5, tmp_path):

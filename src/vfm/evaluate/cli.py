@@ -93,6 +93,10 @@ def register(app: typer.Typer) -> None:
             key = run_key or "eval:" + hashlib.sha256(json.dumps([checkpoints, suites, data_map]).encode()).hexdigest()[:16]
             with tracked_run(recipe, stage="eval", run_key=key, parent_run_id=parent_run_id, uri=tracking_uri,
                              run_name=run_name or f"{recipe.id}-eval", extra_tags=tags) as run:
+                from vfm.data.manifest import Manifest
+
+                for url in dict.fromkeys(data_map.values()):
+                    run.log_dataset(Manifest.load(url), "evaluation")
                 results = evaluate_seeds(checkpoints, suites, data_map, claims=claims, run=run, out_json=out, **kwargs)
         else:
             results = evaluate_seeds(checkpoints, suites, data_map, claims=claims, out_json=out, **kwargs)

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from vfm import dist as vdist
+from vfm.data.manifest import Manifest
 from vfm.errors import UserError
 from vfm.export import export_trained
 from vfm.recipes.gpus import GPU_SPECS
@@ -191,6 +192,8 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
     if (latest := ckpt.latest()) is not None:
         start = state.restore(ckpt, latest)
         log.info("resumed from %s/checkpoints step %d of %d", spec.out, start, total)
+    if isinstance(manifest := getattr(t.loader, "manifest", None), Manifest):  # a vfm shard loader's data
+        run.log_dataset(manifest, "training")
     run.log_params({"train.world_size": info.world_size, "train.grad_accum": accum, "train.total_steps": total,
                     "train.peak_lr": stage.peak_lr, "train.seed": spec.seed})
 
