@@ -65,6 +65,12 @@ def test_evaluate_logs_to_mlflow_and_compare_renders(world, mlflow_uri, tmp_path
     assert mine and "in1k.top1:" in mine[0]["claim vs achieved"] and "/ 89.1" in mine[0]["claim vs achieved"]
     with Image.open(png) as img:
         assert img.size[0] > 600 and img.size[1] > 300
+    assert "imagenet-r-val@" in mine[0]["datasets"] and mine[0]["datasets"].count("(evaluation)") == 3
+    # the HTML report beside the PNG: the same table, the plot inlined, nothing fetched from elsewhere
+    report = (tmp_path / "compare.html").read_text()
+    assert f"report: {tmp_path / 'compare.html'}" in result.output.replace("\n", "")
+    assert "<th>claim vs achieved</th>" in report and "/ 89.1" in report and mine[0]["run"] in report
+    assert report.count('src="data:image/png;base64,') == 1 and "http" not in report.replace("http-equiv", "")
     rows = collect_runs(["vit-huge"], tracking_uri=mlflow_uri)
     [train_row] = [r for r in rows if r.run_id == train.run_id]
     assert train_row.curves["train.loss"] == [(0, 2.3), (1, 1.9), (2, 1.4), (3, 1.1)]

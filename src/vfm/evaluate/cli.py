@@ -115,10 +115,13 @@ def register(app: typer.Typer) -> None:
         experiments: Annotated[list[str] | None, typer.Argument(help="Recipe ids or vfm/<id> names (default: all).")] = None,
         tracking_uri: UriOpt = None,
         out: Annotated[Path, typer.Option("--out", help="PNG with curves and eval bars.")] = Path("vfm-compare.png"),
+        html: Annotated[Path | None, typer.Option(
+            "--html", help="Self-contained HTML report (table + plot); default: the PNG's path with .html.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
     ) -> None:
-        """A table of runs (recipe, stage, key metrics, claim vs achieved) and a PNG, from the MLflow server."""
-        from vfm.evaluate.compare import collect_runs, render_png, table_rows
+        """A table of runs (recipe, stage, datasets, key metrics, claim vs achieved), a PNG and an HTML report,
+        from the MLflow server."""
+        from vfm.evaluate.compare import collect_runs, render_html, render_png, table_rows
 
         rows = collect_runs(list(experiments or []), tracking_uri=tracking_uri)
         table = table_rows(rows)
@@ -132,7 +135,9 @@ def register(app: typer.Typer) -> None:
             for r in table[1:]:
                 t.add_row(*r)
             Console(width=200).print(t)
-        print(f"plot: {render_png(rows, out)}")
+        png = render_png(rows, out)
+        print(f"plot: {png}")
+        print(f"report: {render_html(rows, png, html or out.with_suffix('.html'))}")
 
 
 def _recipe_of(export: str, profile: str | None = None, overrides: list[str] | None = None):

@@ -1,8 +1,9 @@
 """`vfm compare`: runs of one or more recipes side by side, read back from the MLflow server.
 
-A table (recipe, stage, status, key metrics, the paper's claim beside the achieved value) and a PNG
-with the training-loss curves and the evaluation metrics as bars (claims as markers) — what one would
-otherwise assemble by hand in the MLflow UI.
+A table (recipe, stage, status, the datasets each run read, key metrics, the paper's claim beside the
+achieved value), a PNG with the training-loss curves and the evaluation metrics as bars (claims as
+markers), and one self-contained HTML file with both, for people without the MLflow UI — what one would
+otherwise assemble by hand there.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class RunRow:
     parent_run_id: str
     claims: dict[str, dict[str, float | None]]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)  # "<name>@<digest> (<context>)" of its MLflow inputs
 
 
 def _client(uri: str | None):
@@ -82,7 +84,9 @@ def collect_runs(experiments: Sequence[str] = (), *, tracking_uri: str | None = 
                          recipe=tags.get("vfm.recipe", exp.name.removeprefix("vfm/")), stage=tags.get("vfm.stage", ""),
                          status=run.info.status, metrics=metrics, profile=tags.get("vfm.profile", ""),
                          parent_run_id=tags.get("mlflow.parentRunId", ""),
-                         claims=claims_table(metrics, claims))
+                         claims=claims_table(metrics, claims),
+                         datasets=[f"{i.dataset.name}@{i.dataset.digest} ({_context(i)})"
+                                   for i in (run.inputs.dataset_inputs if run.inputs else [])])
             for name in [m for m in sorted(metrics) if "loss" in m][:MAX_CURVES_PER_RUN]:
                 history = client.get_metric_history(run.info.run_id, name)
                 row.curves[name] = sorted((h.step, h.value) for h in history)
@@ -90,9 +94,16 @@ def collect_runs(experiments: Sequence[str] = (), *, tracking_uri: str | None = 
     return rows
 
 
+def _context(dataset_input: Any) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return next((t.value for t in dataset_input.tags if t.key == MLFLOW_DATASET_CONTEXT), "?")
+
+
 def table_rows(rows: Sequence[RunRow]) -> list[list[str]]:
-    """Header + one row per run: recipe, stage, run, status, key metrics, claim vs achieved."""
-    out = [["recipe", "stage", "run", "status", *[label for _, label in KEY_METRICS], "claim vs achieved"]]
+    """Header + one row per run: recipe, stage, run, status, datasets, key metrics, claim vs achieved."""
+    out = [["recipe", "stage", "run", "status", "datasets", *[label for _, label in KEY_METRICS],
+            "claim vs achieved"]]
     for r in rows:
         cells = []
         for metric, _ in KEY_METRICS:
@@ -104,8 +115,37 @@ def table_rows(rows: Sequence[RunRow]) -> list[list[str]]:
             achieved = "—" if c["achieved"] is None else f"{c['achieved']:.2f}"
             delta = "" if c["achieved"] is None else f" ({c['achieved'] - c['claim']:+.2f})"
             vs.append(f"{metric.removeprefix('eval.')}: {achieved} / {c['claim']:g}{delta}")
-        out.append([r.recipe, r.stage, r.name, r.status, *cells, "; ".join(vs)])
+        out.append([r.recipe, r.stage, r.name, r.status, ", ".join(r.datasets), *cells, "; ".join(vs)])
     return out
+
+
+def render_html(rows: Sequence[RunRow], png: str | Path, path: str | Path, *, title: str = "vfm runs") -> Path:
+    """One self-contained HTML file: the runs table and the PNG (`render_png`'s) inlined as a data URI, so it
+    can be mailed or attached to a ticket without the MLflow server."""
+    import base64
+    import html
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table_rows(rows)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table[0])
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table[1:])
+    image = base64.b64encode(Path(png).read_bytes()).decode()
+    path.write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
+th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#eee}}img{{max-width:100%}}</style>
+</head><body>
+<h1>{html.escape(title)}</h1>
+<p>{len(table) - 1} runs. Claims are the papers' figures at full scale.</p>
+<table><thead><tr>{head}</tr></thead><tbody>
+{body}
+</tbody></table>
+<h2>Training curves and evaluation</h2>
+<img alt="training curves and evaluation metrics, with the papers' claims" src="data:image/png;base64,{image}">
+</body></html>
+""", encoding="utf-8")
+    return path
 
 
 def render_png(rows: Sequence[RunRow], path: str | Path) -> Path:
