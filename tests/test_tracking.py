@@ -117,3 +117,14 @@ def test_experiments_open_in_the_training_view_and_runs_carry_their_datasets(mlf
     fresh = open_run(load_recipe("dinov2-giant", profile="smoke"), stage="pretrain", run_key="kind", uri=mlflow_uri)
     assert client.get_experiment(fresh.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     fresh.end()
+
+
+def test_system_metrics_are_on_for_real_runs_and_off_for_smoke_unless_asked(monkeypatch):
+    from vfm.tracking import SYSTEM_METRICS_ENV, system_metrics_wanted
+
+    monkeypatch.delenv(SYSTEM_METRICS_ENV, raising=False)
+    paper, smoke = load_recipe("vit-huge"), load_recipe("vit-huge", profile="smoke")
+    assert system_metrics_wanted(paper, None) and not system_metrics_wanted(smoke, None)
+    assert system_metrics_wanted(smoke, True) and not system_metrics_wanted(paper, False)
+    monkeypatch.setenv(SYSTEM_METRICS_ENV, "true")  # MLflow's own switch
+    assert system_metrics_wanted(smoke, None) and not system_metrics_wanted(smoke, False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,8 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
+    node_rank: int = 0
+    """This process's node: torchrun's GROUP_RANK (the PyTorchJob's pod index), else rank // LOCAL_WORLD_SIZE."""
 
     @property
     def is_main(self) -> bool:
@@ -77,7 +80,9 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+    node_rank = _env_int("GROUP_RANK", rank // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
+                    node_rank=node_rank)
 
 
 def shutdown() -> None:
@@ -118,6 +123,15 @@ def mean_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a picklable value); the value itself without a process group."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

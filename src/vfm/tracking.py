@@ -342,6 +342,44 @@ def open_run(
     return run
 
 
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"  # MLflow's own switch, honoured either way
+
+
+def system_metrics_wanted(recipe: Recipe, asked: bool | None) -> bool:
+    """On for real runs, off for the smoke profile (tests, laptops), unless asked (flag, else MLflow's env)."""
+    if asked is not None:
+        return asked
+    env = os.environ.get(SYSTEM_METRICS_ENV, "").strip().lower()
+    if env in ("true", "1", "false", "0"):
+        return env in ("true", "1")
+    return recipe.profile != "smoke"
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str | None, *, node_id: str, uri: str | None = None) -> Iterator[None]:
+    """MLflow's system metrics for this node into `run_id` while the block runs: CPU, memory, disk and network,
+    and the GPUs through pynvml where a driver is present, as `system/<node_id>/<metric>` (MLflow's
+    SystemMetricsMonitor, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds, 10 by default). A restart
+    continues the steps. One process per node runs it; a monitor that cannot start is a warning, not a stop."""
+    uri = tracking_uri(uri)
+    if run_id is None or uri is None:
+        yield
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri, resume_logging=True)
+        monitor.start()
+    except Exception as exc:  # MLflow away at start, or psutil missing: the run goes on without them
+        log.warning("MLflow system metrics for %s are off: %s", node_id, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def _create_experiment(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 

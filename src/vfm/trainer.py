@@ -44,6 +44,9 @@ def train_command(
     knn_train: Annotated[str | None, typer.Option("--knn-train", help="DINOv2: labelled manifest, k-NN reference "
                                                   "set for the teacher every eval.knn_every_steps.")] = None,
     knn_val: Annotated[str | None, typer.Option("--knn-val", help="DINOv2: labelled manifest, k-NN queries.")] = None,
+    system_metrics: Annotated[bool | None, typer.Option(
+        "--system-metrics/--no-system-metrics", help="MLflow system metrics (CPU, memory, GPU) from one rank per "
+        "node (default: on, off for the smoke profile; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING also sets it).")] = None,
 ) -> None:
     """Train a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow): supervised, or DINOv2 self-supervised
     pretraining for recipes with `ssl` (same loop; the teacher backbone is exported)."""
@@ -77,7 +80,7 @@ def train_command(
         train(task, RunSpec(stage=resolved, out=out, seed=st.seeds[0] if seed is None else seed, init=init,
                             max_steps=max_steps, run_key=run_key, parent_run_id=parent_run_id,
                             deterministic=deterministic, log_every=log_every,
-                            peak_flops=peak_tflops * 1e12 if peak_tflops else None))
+                            peak_flops=peak_tflops * 1e12 if peak_tflops else None, system_metrics=system_metrics))
     finally:
         shutdown()  # a clean exit of the process group (also after SIGTERM's SystemExit)
 

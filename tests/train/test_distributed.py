@@ -68,8 +68,9 @@ def test_vit_huge_learns_under_fsdp2_and_logs_to_mlflow(shards, tmp_path, mlflow
     from mlflow.tracking import MlflowClient
 
     key = f"train-test-{time.time_ns()}"
-    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "AWS_ENDPOINT_URL_S3": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    log = _ok(run(train_cmd("vit-huge", "pretrain", shards, tmp_path, "--run-key", key,
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "AWS_ENDPOINT_URL_S3": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    log = _ok(run(train_cmd("vit-huge", "pretrain", shards, tmp_path, "--run-key", key, "--system-metrics",
                             *stage_sets("pretrain", EASY)), env=env))
     _learned(log)
     client = MlflowClient(mlflow_uri)
@@ -83,6 +84,9 @@ def test_vit_huge_learns_under_fsdp2_and_logs_to_mlflow(shards, tmp_path, mlflow
         assert name in found.data.metrics, name
     arts = {a.path for a in client.list_artifacts(found.info.run_id, "export")}
     assert arts == {"export/model.json", "export/weights.pt"}
+    # system metrics from the first rank of each node (2 ranks on one node here: node0 only)
+    system = {m.split("/")[1] for m in found.data.metrics if m.startswith("system/")}
+    assert system == {"node0"} and "system/node0/cpu_utilization_percentage" in found.data.metrics
     [data] = client.get_run(found.info.run_id).inputs.dataset_inputs  # the UI's Dataset column
     assert data.tags[0].value == "training" and data.dataset.name.endswith("-train")
     assert json.loads(data.dataset.source)["uri"].startswith(str(shards))

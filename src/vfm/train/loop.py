@@ -29,7 +29,7 @@ from vfm.data.manifest import Manifest
 from vfm.errors import UserError
 from vfm.export import export_trained
 from vfm.recipes.gpus import GPU_SPECS
-from vfm.tracking import TrackedRun, tracked_run
+from vfm.tracking import TrackedRun, system_metrics, system_metrics_wanted, tracked_run
 from vfm.train.checkpoint import Checkpointer, TrainState
 from vfm.train.parallel import set_gradient_sync
 from vfm.train.setup import setup
@@ -68,6 +68,8 @@ class RunSpec:
     peak_flops: float | None = None
     """Per-device peak for the MFU estimate; None takes the recipe's hardware.gpu (vfm.recipes.gpus)."""
     options: dict[str, Any] = field(default_factory=dict)
+    system_metrics: bool | None = None
+    """MLflow system metrics from one rank per node; None: on unless the smoke profile (vfm.tracking)."""
 
 
 @dataclass
@@ -167,7 +169,11 @@ def train(task: Task, spec: RunSpec) -> TrainResult:
         else:
             opened = contextlib.nullcontext(TrackedRun(client=None, run_id=None))
         with opened as run:
-            return _run(task, spec, info, stop, run)
+            # rank 0 opens the run; the first rank of every node logs its system metrics into it
+            run_id = vdist.broadcast_object(run.run_id)
+            wanted = system_metrics_wanted(spec.stage.recipe, spec.system_metrics) and info.local_rank == 0
+            with system_metrics(run_id if wanted else None, node_id=f"node{info.node_rank}", uri=spec.tracking_uri):
+                return _run(task, spec, info, stop, run)
     finally:
         stop.restore()
 
