@@ -147,6 +147,7 @@ _AREAS: list[str] = [
     "vfm.trainer",
     "vfm.pipeline.cli",
     "vfm.deploy.cli",
+    "vfm.registry",
 ]
 
 

@@ -38,7 +38,8 @@ def parse_data(items: list[str]) -> dict[str, str]:
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_cmd(
-        checkpoints: Annotated[list[str], typer.Argument(help="Export dir(s) or s3:// prefix(es); several = seeds.")],
+        checkpoints: Annotated[list[str], typer.Argument(
+            help="Export dir(s), s3:// prefix(es) or registry models (models:/vfm-<recipe>@champion); several = seeds.")],
         suite: Annotated[str, typer.Option("--suite", help="Comma list of in1k,in_c,in_r,knn.")] = "in1k",
         data: Annotated[list[str] | None, typer.Option(
             "--data", help="SUITE=MANIFEST_URL (in1k, in_c, in_r, knn_train, knn), or a bare manifest URL.")] = None,
@@ -65,7 +66,9 @@ def register(app: typer.Typer) -> None:
         from vfm.dist import rank_and_world
         from vfm.evaluate.results import summary_rows
         from vfm.evaluate.suite import check_data, evaluate_seeds, parse_suites
+        from vfm.registry import resolve_model_uri
 
+        checkpoints = [resolve_model_uri(c, tracking_uri) for c in checkpoints]
         suites = parse_suites(suite)
         data_map = parse_data(list(data or []))
         check_data(suites, data_map)

@@ -25,10 +25,12 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from vfm import dist as vdist
+from vfm import storage
 from vfm.data.manifest import Manifest
 from vfm.errors import UserError
 from vfm.export import export_trained
 from vfm.recipes.gpus import GPU_SPECS
+from vfm.registry import log_export_model
 from vfm.tracking import TrackedRun, system_metrics, system_metrics_wanted, tracked_run
 from vfm.train.checkpoint import Checkpointer, TrainState
 from vfm.train.parallel import set_gradient_sync
@@ -260,7 +262,15 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
     module, meta = task.export()
     meta.step, meta.seed = step_reached, spec.seed
     # collective: every rank takes part in gathering sharded weights; rank 0 writes them
-    export = export_trained(module, meta, f"{spec.out.rstrip('/')}/export", is_main=info.is_main, run=run)
+    # storage.join, as the pipeline names it (steps.train): the export's URL is how the registry finds its run
+    export = export_trained(module, meta, storage.join(spec.out, "export"), is_main=info.is_main, run=run)
+    if export is not None and run.enabled:
+        try:  # the export as an MLflow LoggedModel of this run, its last loss linked to it
+            log_export_model(run.client, run.run_id, export, name=f"{recipe.id}-{stage.name}-seed{spec.seed}",
+                             tags={"vfm.recipe": recipe.id, "vfm.stage": stage.name, "vfm.seed": str(spec.seed)},
+                             metrics={"train/loss": losses[-1]} if losses else {}, step=step_reached)
+        except Exception as exc:  # the export stands; only its model record is missing
+            log.warning("the export %s could not be logged as an MLflow model of run %s: %s", export, run.run_id, exc)
     vdist.barrier()
     return TrainResult(step=step_reached, export=export, losses=losses, run_id=run.run_id)
 
