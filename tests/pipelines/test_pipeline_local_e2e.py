@@ -70,6 +70,14 @@ def test_readme_main_job_learns_and_prints_a_progress_list(services, tmp_path):
         assert name in metrics and f"{name}.std" in metrics, name  # mean ± std over the seeds
     stages = sorted(r.data.tags.get("vfm.stage") for r in children(client, run))
     assert stages.count("pretrain") == 1 and stages.count("finetune") == 3 and stages.count("eval") == 4 * 3
+    # every export is a LoggedModel of its run; the best fine-tune seed is vfm-vit-huge@candidate
+    from vfm.registry import CANDIDATE, EXPORT_TAG, MODEL_ID_TAG, PIPELINE_TAG, model_name
+
+    trained = [r for r in children(client, run) if r.data.tags.get("vfm.stage") in ("pretrain", "finetune")]
+    assert all(client.get_logged_model(r.data.tags[MODEL_ID_TAG]).source_run_id == r.info.run_id for r in trained)
+    mv = client.get_model_version_by_alias(model_name("vit-huge"), CANDIDATE)
+    assert mv.tags[PIPELINE_TAG] == run_id and client.get_run(mv.run_id).data.tags["vfm.stage"] == "finetune"
+    assert run.data.tags["vfm.registered_model"] == f"vfm-vit-huge/{mv.version}" and mv.tags[EXPORT_TAG]
 
     # the README's figure: this pipeline run as one bar per metric with its seed spread, and its curves
     from vfm.evaluate.compare import collect_runs, render_png

@@ -388,4 +388,11 @@ def report(*, recipe_id: str, profile: str, overrides: list[str], parent_run_id:
     table = report_table(rows, profile)
     run.client.log_text(parent_run_id, table + "\n", "report.md")
     print(table)
+    from vfm.registry import CANDIDATE, best_export, register_candidate
+
+    export, metric, value = best_export(run.client, run.client.get_run(parent_run_id).info.experiment_id, exports)
+    mv = register_candidate(run.client, recipe_id, export, pipeline_run_id=parent_run_id)
+    run.set_tags({"vfm.registered_model": f"{mv.name}/{mv.version}"})
+    print(f"registered {export} ({metric} {value:.2f}, the best of {len(exports)}) as {mv.name} version {mv.version} "
+          f"@{CANDIDATE}; `vfm promote {recipe_id} {parent_run_id}` makes it the champion")
     return table
