@@ -53,6 +53,8 @@ def test_best_seed_registered_promoted_and_evaluated_from_the_registry(world, ml
         ev.end()
 
     assert best_export(client, parent.experiment_id, exports) == (exports[1], "eval.in1k.top1", 74.5)
+    with pytest.raises(UserError, match="the best seed cannot be chosen"):  # the report then registers nothing
+        best_export(client, parent.experiment_id, [str(tmp_path / "never-evaluated")])
     mv = register_candidate(client, recipe.id, exports[1], pipeline_run_id=parent.run_id)
     assert register_candidate(client, recipe.id, exports[1], pipeline_run_id=parent.run_id).version == mv.version
     name = model_name(recipe.id)

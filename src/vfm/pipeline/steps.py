@@ -390,7 +390,11 @@ def report(*, recipe_id: str, profile: str, overrides: list[str], parent_run_id:
     print(table)
     from vfm.registry import CANDIDATE, best_export, register_candidate
 
-    export, metric, value = best_export(run.client, run.client.get_run(parent_run_id).info.experiment_id, exports)
+    try:
+        export, metric, value = best_export(run.client, run.client.get_run(parent_run_id).info.experiment_id, exports)
+    except UserError as exc:  # e.g. only ImageNet-C evaluated: the report stands, nothing is registered
+        print(f"no model registered: {exc}")
+        return table
     mv = register_candidate(run.client, recipe_id, export, pipeline_run_id=parent_run_id)
     run.set_tags({"vfm.registered_model": f"{mv.name}/{mv.version}"})
     print(f"registered {export} ({metric} {value:.2f}, the best of {len(exports)}) as {mv.name} version {mv.version} "
