@@ -87,6 +87,8 @@ def test_vit_huge_learns_under_fsdp2_and_logs_to_mlflow(shards, tmp_path, mlflow
     # system metrics from the first rank of each node (2 ranks on one node here: node0 only)
     system = {m.split("/")[1] for m in found.data.metrics if m.startswith("system/")}
     assert system == {"node0"} and "system/node0/cpu_utilization_percentage" in found.data.metrics
+    model = client.get_logged_model(found.data.tags["vfm.model_id"])  # the export as a model, its loss linked
+    assert [(m.key, m.value) for m in model.metrics] == [("train/final_loss", pytest.approx(losses(log)[-1], abs=1e-4))]
     [data] = client.get_run(found.info.run_id).inputs.dataset_inputs  # the UI's Dataset column
     assert data.tags[0].value == "training" and data.dataset.name.endswith("-train")
     assert json.loads(data.dataset.source)["uri"].startswith(str(shards))

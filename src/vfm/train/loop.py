@@ -265,10 +265,11 @@ def _run(task: Task, spec: RunSpec, info: vdist.DistInfo, stop: StopRequest, run
     # storage.join, as the pipeline names it (steps.train): the export's URL is how the registry finds its run
     export = export_trained(module, meta, storage.join(spec.out, "export"), is_main=info.is_main, run=run)
     if export is not None and run.enabled:
-        try:  # the export as an MLflow LoggedModel of this run, its last loss linked to it
+        try:  # the export as an MLflow LoggedModel of this run, its final loss linked to it (a key of its own:
+            # a second train/loss point at the last step would add to the curve the loop already logged)
             log_export_model(run.client, run.run_id, export, name=f"{recipe.id}-{stage.name}-seed{spec.seed}",
                              tags={"vfm.recipe": recipe.id, "vfm.stage": stage.name, "vfm.seed": str(spec.seed)},
-                             metrics={"train/loss": losses[-1]} if losses else {}, step=step_reached)
+                             metrics={"train/final_loss": losses[-1]} if losses else {}, step=step_reached)
         except Exception as exc:  # the export stands; only its model record is missing
             log.warning("the export %s could not be logged as an MLflow model of run %s: %s", export, run.run_id, exc)
     vdist.barrier()
