@@ -93,7 +93,10 @@ def test_experiments_open_in_the_training_view_and_runs_carry_their_datasets(mlf
     client = MlflowClient(mlflow_uri)
     recipe = load_recipe("convnext-xl", profile="smoke")
     old = client.get_experiment_by_name(experiment_name(recipe.id))
-    old_id = old.experiment_id if old else client.create_experiment(experiment_name(recipe.id))  # untagged
+    old_id = old.experiment_id if old else client.create_experiment(experiment_name(recipe.id))
+    if EXPERIMENT_KIND_TAG in client.get_experiment(old_id).tags:  # as an experiment made before vfm tagged them
+        client.delete_experiment_tag(old_id, EXPERIMENT_KIND_TAG)
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old_id).tags
     make_synthetic_folder(tmp_path / "src", num_classes=3, per_class=2, size=16, seed=0)
     write_dataset(index_source("folder", str(tmp_path / "src")), str(tmp_path / "shards"))
     write_dataset(index_source("folder", str(tmp_path / "src")), str(tmp_path / "val"), seed=1, split="val")

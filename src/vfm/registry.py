@@ -57,9 +57,9 @@ def best_export(client: Any, experiment_id: str, exports: list[str]) -> tuple[st
     """(export, metric, value) of the best of `exports` by the first SELECTION_METRICS their evaluation runs
     (tagged `vfm.export`) logged."""
     found: dict[str, dict[str, float]] = {e: {} for e in exports}
-    for run in client.search_runs([experiment_id], filter_string="tags.`vfm.stage` = 'eval'", max_results=5000):
-        export = run.data.tags.get(EXPORT_TAG)
-        if export in found:
+    for export in found:  # one query each: an experiment holds the evaluations of every pipeline run
+        for run in client.search_runs([experiment_id], filter_string=f"tags.`vfm.stage` = 'eval' and "
+                                      f"tags.`{EXPORT_TAG}` = '{export}'"):
             found[export].update(run.data.metrics)
     for metric in SELECTION_METRICS:
         scored = [(m[metric], e) for e, m in found.items() if metric in m]
@@ -86,9 +86,9 @@ def register_candidate(client: Any, recipe_id: str, export_url: str, *, pipeline
         if mv.tags.get(EXPORT_TAG) == export_url and mv.tags.get(PIPELINE_TAG) == pipeline_run_id:
             client.set_registered_model_alias(name, CANDIDATE, mv.version)
             return mv
-    [train_run] = client.search_runs(
-        [client.get_run(pipeline_run_id).info.experiment_id],
-        filter_string=f"tags.`{EXPORT_TAG}` = '{export_url}' and tags.`vfm.stage` != 'eval'", max_results=1) or [None]
+    trained = client.search_runs([client.get_run(pipeline_run_id).info.experiment_id], max_results=1,
+                                 filter_string=f"tags.`{EXPORT_TAG}` = '{export_url}' and tags.`vfm.stage` != 'eval'")
+    train_run = trained[0] if trained else None
     if train_run is None or MODEL_ID_TAG not in train_run.data.tags:
         raise UserError(f"{export_url}: no training run of this experiment logged it as a model; "
                         "register exports of vfm training runs")
@@ -119,13 +119,10 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> str:
     if not uri.startswith("models:/"):
         return uri
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from vfm.tracking import tracking_uri as resolve_tracking
+    from vfm.tracking import require_client
 
-    if resolve_tracking(tracking_uri) is None:
-        raise UserError(f"{uri}: a registry model needs the MLflow server; pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    client = MlflowClient(tracking_uri=resolve_tracking(tracking_uri))
+    client = require_client(tracking_uri, f"{uri}: a registry model needs the MLflow server")
     ref = uri.removeprefix("models:/")
     name, at, alias = ref.partition("@")
     try:
@@ -153,13 +150,8 @@ def register(app: typer.Typer) -> None:
                                                          help="MLflow server (default: $MLFLOW_TRACKING_URI).")] = None,
     ) -> None:
         """Point vfm-<recipe>@champion (or --alias) at the version a pipeline run registered as its candidate."""
-        from mlflow.tracking import MlflowClient
+        from vfm.tracking import require_client
 
-        from vfm.tracking import tracking_uri as resolve_tracking
-
-        uri = resolve_tracking(tracking_uri)
-        if uri is None:
-            raise UserError("vfm promote changes the MLflow registry: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-        mv = promote(MlflowClient(tracking_uri=uri), recipe_id, run, alias)
+        mv = promote(require_client(tracking_uri, "vfm promote changes the MLflow registry"), recipe_id, run, alias)
         print(f"{mv.name}@{alias} -> version {mv.version} ({mv.tags.get(EXPORT_TAG, mv.source)}); "
               f"evaluate it with `vfm evaluate models:/{mv.name}@{alias} ...`")

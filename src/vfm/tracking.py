@@ -273,6 +273,18 @@ def tracking_uri(uri: str | None = None) -> str | None:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def require_client(uri: str | None, needs: str) -> Any:
+    """An MlflowClient on `uri` (else $MLFLOW_TRACKING_URI); a UserError saying `needs` when neither is set."""
+    uri = tracking_uri(uri)
+    if uri is None:
+        from vfm.errors import UserError
+
+        raise UserError(f"{needs}: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 @dataclass(frozen=True)
 class PluginRun:
     """The run KFP's MLflow plugin made for this task, and the pipeline run it nests under."""

@@ -314,9 +314,9 @@ class ShardLoader:
         self.collate_fn = collate_fn
         self.epoch_length = epoch_length or manifest.num_samples
         self.batches_yielded = 0
-        # training's DataLoader iterator, kept across loader epochs while it stands at batches_yielded
+        # training's DataLoader iterator, kept across loader epochs; it stands at batches_yielded, since only
+        # iterating moves both (load_state_dict, the one other move, drops it)
         self._live: Iterator | None = None
-        self._live_at = -1
         if drop_last and len(self) == 0:
             raise ValueError(f"{manifest.dataset}: epoch of {self.epoch_length} samples is smaller than one global "
                              f"batch ({batch_size} x {world_size} ranks)")
@@ -363,8 +363,6 @@ class ShardLoader:
             n = len(self) - self.batches_yielded
         if n <= 0:
             return
-        if self._live is not None and self._live_at != self.batches_yielded:
-            self.close()  # the position moved (load_state_dict): what the workers prefetched is for elsewhere
         it = self._live
         if it is None:
             # a copy without `_live` (__getstate__): loader -> iterator -> dataset -> loader would be a cycle,
@@ -378,7 +376,7 @@ class ShardLoader:
                             generator=torch.Generator().manual_seed(self.seed))
             it = iter(dl)
             if self.drop_last:  # training streams run on across epochs: the next `for` continues this iterator
-                self._live, self._live_at = it, self.batches_yielded
+                self._live = it
         try:
             for _ in range(n):
                 try:
@@ -386,8 +384,6 @@ class ShardLoader:
                 except StopIteration:
                     break
                 self.batches_yielded += 1
-                if self._live is it:
-                    self._live_at = self.batches_yielded
                 yield batch
         finally:
             del it
@@ -395,10 +391,10 @@ class ShardLoader:
     def close(self) -> None:
         """Let go of training's DataLoader iterator: torch shuts its workers down once nothing holds it (an
         unfinished `for` over this loader still does, until it ends)."""
-        self._live, self._live_at = None, -1
+        self._live = None
 
     def __getstate__(self) -> dict[str, Any]:  # a spawned worker gets the loader, not the parent's iterator
-        return {**self.__dict__, "_live": None, "_live_at": -1}
+        return {**self.__dict__, "_live": None}
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches_yielded": self.batches_yielded, "world_size": self.world_size,
@@ -414,6 +410,7 @@ class ShardLoader:
         if not self.drop_last and self.num_workers > 1:
             raise ValueError("evaluation loaders (drop_last=False) with several workers restart from the beginning; "
                              "resume positions are kept for training streams")
+        self.close()  # the position moves: what the workers prefetched is for elsewhere
         self.batches_yielded = int(state["batches_yielded"])
 
 

@@ -270,9 +270,9 @@ def plain_tar_files(f, start: int, size: int) -> list[tuple[str, int, int]] | No
     them, when every header is a plain ustar/GNU one (regular files and directories, short names, valid
     checksums); None otherwise, and tarfile then parses that tar.
 
-    Own code rather than tarfile for the common case: tarfile's header parser costs ~40 µs a member, most of the
-    index pass over ImageNet's per-class tars (1.28 M members for IN-1K, 14 M for IN-22K); this reads each
-    512-byte header and takes four fields, the same ones tarfile.TarInfo.frombuf takes."""
+    Own code rather than tarfile for the common case: listing a member costs tarfile ~19 µs and this ~6 µs
+    (a 5,000-member tar here), over ImageNet's per-class tars 1.28 M members for IN-1K and 14 M for IN-22K;
+    this reads each 512-byte header and takes four fields, the same ones tarfile.TarInfo.frombuf takes."""
     out: list[tuple[str, int, int]] = []
     pos = 0
     while pos + tarfile.BLOCKSIZE <= size:

@@ -15,7 +15,7 @@ from typing import Any
 
 from vfm.errors import UserError
 from vfm.evaluate.results import CLAIM_TAG_PREFIX, claims_table
-from vfm.tracking import experiment_name
+from vfm.tracking import experiment_name, require_client
 
 KEY_METRICS: tuple[tuple[str, str], ...] = (
     ("eval.in1k.top1", "IN-1K top-1"),
@@ -43,17 +43,6 @@ class RunRow:
     datasets: list[str] = field(default_factory=list)  # "<name>@<digest> (<context>)" of its MLflow inputs
 
 
-def _client(uri: str | None):
-    from mlflow.tracking import MlflowClient
-
-    from vfm.tracking import tracking_uri
-
-    uri = tracking_uri(uri)
-    if uri is None:
-        raise UserError("vfm compare reads the MLflow server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    return MlflowClient(tracking_uri=uri)
-
-
 def _experiments(client: Any, names: Sequence[str]) -> list[Any]:
     if not names:
         found = [e for e in client.search_experiments() if e.name.startswith("vfm/")]
@@ -74,7 +63,7 @@ def _experiments(client: Any, names: Sequence[str]) -> list[Any]:
 def collect_runs(experiments: Sequence[str] = (), *, tracking_uri: str | None = None,
                  max_runs: int = 200) -> list[RunRow]:
     """Every run of the experiments (recipe ids or `vfm/<id>` names; all vfm experiments when empty)."""
-    client = _client(tracking_uri)
+    client = require_client(tracking_uri, "vfm compare reads the MLflow server")
     rows: list[RunRow] = []
     for exp in _experiments(client, experiments):
         for run in client.search_runs([exp.experiment_id], max_results=max_runs, order_by=["attributes.start_time ASC"]):

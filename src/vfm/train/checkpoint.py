@@ -46,7 +46,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from vfm import storage
-from vfm.dist import barrier
+from vfm.dist import barrier, broadcast_object
 from vfm.errors import UserError
 from vfm.train.dcp_s3 import S3Reader, S3Writer
 from vfm.train.optim import Schedules
@@ -90,13 +90,11 @@ class Checkpointer:
 
     def latest(self) -> int | None:
         """Newest complete step (decided on rank 0 and broadcast, so all ranks agree)."""
-        found: list[int | None] = [None]
+        found = None
         if self.rank == 0:
             complete, _ = self._steps()
-            found[0] = complete[-1] if complete else None
-        if dist.is_initialized() and self.world_size > 1:
-            dist.broadcast_object_list(found, src=0)
-        return found[0]
+            found = complete[-1] if complete else None
+        return broadcast_object(found) if self.world_size > 1 else found
 
     # ---- saving --------------------------------------------------------------------------------
     def save(self, step: int, tensors: dict[str, Any], objects: dict[str, Any], rank_objects: dict[str, Any],
