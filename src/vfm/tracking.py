@@ -378,9 +378,7 @@ def system_metrics(run_id: str | None, *, node_id: str, uri: str | None = None) 
         yield
         return
     try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri, resume_logging=True)
+        monitor = _node_monitor()(run_id, node_id=node_id, tracking_uri=uri, resume_logging=True)
         monitor.start()
     except Exception as exc:  # MLflow away at start, or psutil missing: the run goes on without them
         log.warning("MLflow system metrics for %s are off: %s", node_id, exc)
@@ -390,6 +388,30 @@ def system_metrics(run_id: str | None, *, node_id: str, uri: str | None = None) 
         yield
     finally:
         monitor.finish()
+
+
+def _node_monitor() -> type:
+    """MLflow's SystemMetricsMonitor that also logs at finish when nothing was published yet. Upstream's loop
+    (mlflow/system_metrics/system_metrics_monitor.py, `monitor`) returns on shutdown before publishing the
+    sample it holds, so a block shorter than one interval (a short fine-tune, a fast node) logged nothing."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class NodeMonitor(SystemMetricsMonitor):
+        published = False
+
+        def publish_metrics(self, metrics: dict[str, float]) -> None:
+            super().publish_metrics(metrics)
+            self.published = True
+
+        def finish(self) -> None:
+            started = self._process is not None
+            super().finish()  # stops and joins the sampling thread, then flushes what it published
+            if started and not self.published:
+                self.collect_metrics()  # a sample now, beside any the thread took before it stopped
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+
+    return NodeMonitor
 
 
 def _create_experiment(client: Any, name: str) -> str:
