@@ -38,15 +38,26 @@ log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "vfm.run_key"
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
-# MLflow 3's UI opens an experiment by this tag: untagged, a new experiment opens in the GenAI view (traces,
-# judges); this one opens the model-training view with the runs table (mlflow/server/js `ExperimentKind`)
+# MLflow 3's UI files an experiment under this kind ("Machine learning", not "GenAI apps & agents";
+# mlflow/server/js `ExperimentKind`). The view that opens is the UI's own switch (GenAI by default, kept in the
+# browser's localStorage as `mlflow.workflowType`) unless the link says `?workflowType=machine_learning`, as
+# every link vfm prints does (`ui_url`): the runs table, its Dataset and Models columns, the model registry.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 DATASET_CONTEXTS = ("training", "evaluation")
 MAX_PROFILE_CLASSES = 1000  # beyond this (IN-22K's 21,841 wnids) the profile names classes.txt instead
 
 
 def experiment_name(recipe_id: str) -> str:
     return f"vfm/{recipe_id}"
+
+
+def ui_url(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (its runs table) or of one run, in the model-training view."""
+    if experiment_id is None:
+        return uri
+    page = f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{page}/runs/{run_id}?{TRAINING_VIEW}" if run_id else f"{page}/runs?{TRAINING_VIEW}"
 
 
 def git_sha() -> str:
@@ -68,6 +79,15 @@ def recipe_tags(recipe: Recipe) -> dict[str, str]:
     for key, value in recipe.claims.model_dump().items():
         if value is not None:
             tags[f"claim.{key}"] = str(value)
+    return tags
+
+
+def source_tags(stage: str) -> dict[str, str]:
+    """MLflow's source tags (the UI's Source column), which its fluent API sets and MlflowClient.create_run does
+    not: what made the run and the vfm commit it ran."""
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": f"vfm {stage}"}
+    if (sha := git_sha()) != "unknown":
+        tags["mlflow.source.git.commit"] = sha
     return tags
 
 
@@ -344,7 +364,8 @@ def open_run(
         client.update_run(run_id, status="RUNNING")
         log.info("continuing MLflow run %s (%s)", run_id, run_key)
     else:
-        tags = {**recipe_tags(recipe), "vfm.stage": stage, RUN_KEY_TAG: run_key, **(extra_tags or {})}
+        tags = {**recipe_tags(recipe), **source_tags(stage), "vfm.stage": stage, RUN_KEY_TAG: run_key,
+                **(extra_tags or {})}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(exp_id, run_name=run_name or f"{recipe.id}-{stage}", tags=tags).info.run_id

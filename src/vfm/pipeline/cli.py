@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -88,6 +89,7 @@ def run_cmd(
         print(f"logs: {result.log_path}")
         if serve and result.embedded_store is not None:
             console.print("serving the embedded MLflow and S3 endpoint; Ctrl-C to stop")
+            sys.stdout.flush()  # the address above reaches a pipe (`| tee`, a test) before the wait, not after
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
 

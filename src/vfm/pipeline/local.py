@@ -58,9 +58,9 @@ class LocalRun:
 
     @property
     def mlflow_url(self) -> str:
-        if self.experiment_id and self.parent_run_id:
-            return f"{self.mlflow_uri}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
-        return self.mlflow_uri
+        from vfm.tracking import ui_url
+
+        return ui_url(self.mlflow_uri, self.experiment_id, self.parent_run_id)
 
 
 IMAGENET_C_ROLE = "imagenet_c"  # `--source imagenet_c=PATH`: the official tarballs (the imagenet_c_source parameter)
