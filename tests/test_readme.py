@@ -34,3 +34,11 @@ def test_main_job_is_the_local_pipeline_run_and_parses():
     for opt in argv[4:]:
         if opt.startswith("--"):
             assert opt in result.output
+
+
+def test_every_figure_the_readme_shows_is_in_the_repository():
+    """docs/*.png are made by the tests from their own runs (the main job, the MLflow UI in Chromium)."""
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
+    assert {"docs/main-job.png", "docs/mlflow-runs.png", "docs/mlflow-compare.png"} <= set(figures)
+    root = Path(__file__).resolve().parents[1]
+    assert all((root / f).is_file() for f in figures), [f for f in figures if not (root / f).is_file()]

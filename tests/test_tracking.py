@@ -20,6 +20,7 @@ def test_run_layout_params_tags_and_restart(mlflow_uri):
     assert client.get_experiment(got.info.experiment_id).name == experiment_name(recipe.id) == "vfm/meta-dinov2-giant"
     assert got.info.status == "FINISHED"
     assert got.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert got.data.tags["mlflow.source.name"] == "vfm pretrain" and got.data.tags["mlflow.source.type"] == "JOB"
     assert got.data.tags["vfm.recipe"] == "meta-dinov2-giant" and got.data.tags["claim.params_millions"] == "450.0"
     assert got.data.params["stages.pretrain.batch.global_batch"] == "8"
     assert got.data.params["ssl.momentum_start"] == "0.996"
@@ -146,3 +147,11 @@ def test_system_metrics_of_a_block_shorter_than_one_interval_are_still_logged(ml
                 pass
     history = MlflowClient(mlflow_uri).get_metric_history(run.run_id, "system/node3/cpu_utilization_percentage")
     assert [m.step for m in history] == [0, 1]
+
+
+def test_ui_links_open_the_model_training_view():
+    from vfm.tracking import ui_url
+
+    assert ui_url("http://m:5000/", "7") == "http://m:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_url("http://m:5000", "7", "ab") == "http://m:5000/#/experiments/7/runs/ab?workflowType=machine_learning"
+    assert ui_url("http://m:5000") == "http://m:5000"

@@ -94,6 +94,39 @@ def test_vit_huge_learns_under_fsdp2_and_logs_to_mlflow(shards, tmp_path, mlflow
     assert json.loads(data.dataset.source)["uri"].startswith(str(shards))
 
 
+def test_two_nodes_each_log_their_system_metrics_into_the_run(shards, tmp_path, mlflow_uri, s3_endpoint):
+    """Two torchrun agents with one rank each, as the two pods of a PyTorchJob (a static rendezvous at the master's
+    address, each agent its own node rank): rank 0 opens the run and the first rank of each node logs into it."""
+    from mlflow.tracking import MlflowClient
+
+    from vfm.services import free_port
+
+    key = f"two-nodes-{time.time_ns()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_uri, "AWS_ENDPOINT_URL_S3": s3_endpoint,
+           "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    cmd = train_cmd("vit-huge", "pretrain", shards, tmp_path, "--run-key", key, "--system-metrics",
+                    *stage_sets("pretrain", (*EASY, "steps=4")))
+    at = cmd.index("--nproc-per-node")
+    assert cmd[at:at + 3] == ["--nproc-per-node", "2", "--standalone"]
+    port = str(free_port())
+    nodes = [subprocess.Popen([*cmd[:at], "--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "1",
+                               "--master-addr", "127.0.0.1", "--master-port", port, *cmd[at + 3:]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for n in (0, 1)]
+    try:
+        outs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("vfm/vit-huge")
+    (found,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`vfm.run_key` = '{key}'")
+    assert found.info.status == "FINISHED" and found.data.params["train.world_size"] == "2"
+    system = {m.split("/")[1] for m in found.data.metrics if m.startswith("system/")}
+    assert system == {"node0", "node1"}, sorted(found.data.metrics)
+    assert {f"system/{n}/system_memory_usage_megabytes" for n in system} <= set(found.data.metrics)
+
+
 def test_convnext_finetune_from_pretraining_under_ddp(convnext_pretrained, shards5, tmp_path):
     """New head for 5 classes (one the pretraining lacked), EMA exported, layer decay, head_init_scale."""
     _ok(run(train_cmd("convnext-xl", "finetune", shards5, tmp_path, "--init", str(convnext_pretrained / "export"),
