@@ -428,9 +428,12 @@ def _node_monitor() -> type:
             started = self._process is not None
             super().finish()  # stops and joins the sampling thread, then flushes what it published
             if started and not self.published:
-                self.collect_metrics()  # a sample now, beside any the thread took before it stopped
-                self.publish_metrics(self.aggregate_metrics())
-                self.mlflow_logger.flush()
+                try:
+                    self.collect_metrics()  # a sample now, beside any the thread took before it stopped
+                    self.publish_metrics(self.aggregate_metrics())
+                    self.mlflow_logger.flush()
+                except Exception as exc:  # MLflow away at the end: the run's own result still stands
+                    log.warning("MLflow system metrics for %s: the last sample was not logged: %s", self.node_id, exc)
 
     return NodeMonitor
 
