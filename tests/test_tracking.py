@@ -137,14 +137,18 @@ def test_system_metrics_are_on_for_real_runs_and_off_for_smoke_unless_asked(monk
 def test_system_metrics_of_a_block_shorter_than_one_interval_are_still_logged(mlflow_uri, monkeypatch):
     """MLflow's monitor drops the sample it holds when stopped inside its first interval; ours logs it at finish,
     and a second block on the same run (a restart) continues the steps."""
+    import time
+
     from vfm.tracking import system_metrics
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "30")
     with tracked_run(load_recipe("vit-huge", profile="smoke"), stage="pretrain", run_key=f"sysm-{id(monkeypatch)}",
                      uri=mlflow_uri) as run:
         for _ in range(2):
+            start = time.monotonic()
             with system_metrics(run.run_id, node_id="node3", uri=mlflow_uri):
-                pass
+                time.sleep(0.5)  # the block: far shorter than the 30 s interval
+            assert time.monotonic() - start < 30  # finish() does not wait out the interval either
     history = MlflowClient(mlflow_uri).get_metric_history(run.run_id, "system/node3/cpu_utilization_percentage")
     assert [m.step for m in history] == [0, 1]
 

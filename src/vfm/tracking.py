@@ -82,11 +82,11 @@ def recipe_tags(recipe: Recipe) -> dict[str, str]:
     return tags
 
 
-def source_tags(stage: str) -> dict[str, str]:
+def source_tags(stage: str, sha: str) -> dict[str, str]:
     """MLflow's source tags (the UI's Source column), which its fluent API sets and MlflowClient.create_run does
-    not: what made the run and the vfm commit it ran."""
+    not: what made the run and the vfm commit `sha` it ran."""
     tags = {"mlflow.source.type": "JOB", "mlflow.source.name": f"vfm {stage}"}
-    if (sha := git_sha()) != "unknown":
+    if sha != "unknown":
         tags["mlflow.source.git.commit"] = sha
     return tags
 
@@ -364,7 +364,8 @@ def open_run(
         client.update_run(run_id, status="RUNNING")
         log.info("continuing MLflow run %s (%s)", run_id, run_key)
     else:
-        tags = {**recipe_tags(recipe), **source_tags(stage), "vfm.stage": stage, RUN_KEY_TAG: run_key,
+        base = recipe_tags(recipe)
+        tags = {**base, **source_tags(stage, base["vfm.git_sha"]), "vfm.stage": stage, RUN_KEY_TAG: run_key,
                 **(extra_tags or {})}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id

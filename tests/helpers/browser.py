@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+REQUIRE_ENV = "VFM_REQUIRE_BROWSER"  # .ci/run sets it: there the browser test must run, never skip
 INSTALL_HINT = ("install Chromium and its driver to run the MLflow UI browser test: "
                 "`apt-get install chromium chromium-driver` (Debian/Ubuntu; .ci/run does this)")
 
@@ -36,6 +37,8 @@ def chromium(width: int = 1600, height: int = 1000) -> Iterator[Any]:
     """A headless Chromium WebDriver; skips the test, saying how to install it, only when there is none."""
     found = _binaries()
     if found is None:
+        if os.environ.get(REQUIRE_ENV):  # CI installed them: a missing browser there is a broken CI, not a skip
+            pytest.fail(f"no Chromium/chromedriver on PATH although {REQUIRE_ENV} is set: {INSTALL_HINT}")
         pytest.skip(f"no Chromium/chromedriver on PATH: {INSTALL_HINT}")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
