@@ -88,7 +88,9 @@ def main_job(tmp_path_factory) -> Iterator[MainJob]:
         out = "".join(lines)
         assert proc.poll() is None and "Ctrl-C to stop" in out, \
             f"exit {proc.poll()} without serving:\n{out[-3000:]}\n{(workdir / 'stderr.txt').read_text()[-3000:]}"
-        (url,) = re.findall(r"^MLflow: (\S+)$", out, re.M)
+        urls = re.findall(r"^MLflow: (\S+)$", out, re.M)
+        assert len(urls) == 1, f"expected one 'MLflow: URL' line before serving, got {urls}:\n{out[-3000:]}"
+        (url,) = urls
         (run_id,) = re.findall(r"/runs/([0-9a-f]{32})", url)
         yield MainJob(stdout=out, mlflow_url=url, mlflow_uri=url.split("/#/")[0], run_id=run_id)
     finally:
