@@ -88,7 +88,8 @@ def main_job(tmp_path_factory) -> Iterator[MainJob]:
         out = "".join(lines)
         assert proc.poll() is None and "Ctrl-C to stop" in out, \
             f"exit {proc.poll()} without serving:\n{out[-3000:]}\n{(workdir / 'stderr.txt').read_text()[-3000:]}"
-        urls = re.findall(r"^MLflow: (\S+)$", out, re.M)
+        (workdir / "stdout.txt").write_text(out)  # kept with the run's logs for a failure's diagnosis
+        urls = re.findall(r"MLflow: (http://\S+)", out)
         assert len(urls) == 1, f"expected one 'MLflow: URL' line before serving, got {urls}:\n{out[-3000:]}"
         (url,) = urls
         (run_id,) = re.findall(r"/runs/([0-9a-f]{32})", url)

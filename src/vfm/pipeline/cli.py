@@ -85,8 +85,10 @@ def run_cmd(
         console.print(f"\n[bold]{recipe_id}[/] ({profile}): pipeline {result.state} in {result.seconds:.0f} s")
         if result.report:
             console.print(result.report, markup=False, highlight=False)
-        print(f"MLflow: {result.mlflow_url}")  # plain print: a terminal-wrapped URL is not clickable
-        print(f"logs: {result.log_path}")
+        # one plain write: a terminal-wrapped URL is not clickable, and print() writes the text and its
+        # newline separately, so another thread's output could land between them
+        sys.stdout.write(f"MLflow: {result.mlflow_url}\nlogs: {result.log_path}\n")
+        sys.stdout.flush()
         if serve and result.embedded_store is not None:
             console.print("serving the embedded MLflow and S3 endpoint; Ctrl-C to stop")
             sys.stdout.flush()  # the address above reaches a pipe (`| tee`, a test) before the wait, not after
