@@ -30,7 +30,7 @@ def sdk_version(name: str) -> str:
 
 def test_every_platform_kustomization_is_remote_and_pinned():
     found = remote_resources()
-    assert set(found) == {"training-operator", "kfp/cluster-scoped-resources", "kfp/platform-agnostic"}
+    assert set(found) == {"training-operator", "trainer-v2", "kfp/cluster-scoped-resources", "kfp/platform-agnostic"}
     for where, refs in found.items():
         assert refs, f"{where}: no remote base"
         for ref in refs:
@@ -47,6 +47,12 @@ def test_training_operator_matches_kubeflow_training_sdk():
     tag = ref.rsplit("ref=", 1)[1]
     assert tag.startswith("v1.9."), f"training operator must stay on v1.9.x (PyTorchJob v1), got {tag}"
     assert tag == "v" + sdk_version("kubeflow-training")
+
+
+def test_trainer_v2_matches_the_trainer_api_models():
+    (ref,) = remote_resources()["trainer-v2"]
+    assert ref.startswith("https://github.com/kubeflow/trainer.git//manifests/overlays/manager?")
+    assert ref.rsplit("ref=", 1)[1] == "v" + sdk_version("kubeflow-trainer-api")  # the TrainJob models we build with
 
 
 def test_kfp_matches_kfp_sdk():

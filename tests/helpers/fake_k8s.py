@@ -1,7 +1,8 @@
 """A small fake Kubernetes API on loopback: the endpoints the launcher uses, scripted job timelines.
 
-Each GET of a PyTorchJob advances its scripted timeline by one step (the last step repeats); when a
-step's conditions include Running, the master pod appears with its log. Every request is recorded so
+Each GET of a PyTorchJob or TrainJob advances its scripted timeline by one step (the last step
+repeats); when a PyTorchJob's step includes Running, its master pod appears with its log; a TrainJob's
+node 0 pod (JobSet's labels, `<job>-node-0-0`) appears once the TrainJob is no longer suspended. Every request is recorded so
 tests can assert what the launcher did (created, polled, deleted).
 
 For `vfm preflight --context`, any other object is served from `objects` by its API path (GET of the
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-JOBS = "/apis/kubeflow.org/v1/namespaces/"
+JOB_PATH = re.compile(r"^/apis/(?:kubeflow\.org/v1|trainer\.kubeflow\.org/v1alpha1)/namespaces/([^/]+)/"
+                      r"(pytorchjobs|trainjobs)(?:/([^/]+))?$")
 SAR = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 PODS = "/api/v1/namespaces/"
 
@@ -63,6 +66,16 @@ class FakeK8s:
         i = min(self._gets.get(name, 0), len(timeline) - 1)
         self._gets[name] = self._gets.get(name, 0) + 1
         conditions = timeline[i]
+        if self.jobs[(ns, name)].get("kind") == "TrainJob":
+            if conditions and not any(c["type"] == "Suspended" and c["status"] == "True" for c in conditions):
+                pod = f"{name}-node-0-0"
+                done = any(c["type"] in ("Complete", "Failed") and c["status"] == "True" for c in conditions)
+                self.pods.setdefault((ns, pod), {
+                    "metadata": {"name": pod, "namespace": ns, "uid": str(uuid.uuid4()), "labels": {
+                        "jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                        "jobset.sigs.k8s.io/job-index": "0", "batch.kubernetes.io/job-completion-index": "0"}},
+                    "status": {"phase": "Succeeded" if done else "Running"}})
+            return {"conditions": conditions}
         if any(c["type"] in ("Running", "Succeeded", "Failed") for c in conditions):
             pod = f"{name}-master-0"
             phase = "Running" if conditions[-1]["type"] == "Running" else "Succeeded"
@@ -72,6 +85,10 @@ class FakeK8s:
                     "training.kubeflow.org/replica-type": "master", "training.kubeflow.org/replica-index": "0"}},
                 "status": {"phase": phase}})
         return {"conditions": conditions}
+
+
+def _plural(job: dict) -> str:
+    return {"TrainJob": "trainjobs"}.get(job.get("kind", ""), "pytorchjobs")
 
 
 def _matches(labels: dict, selector: str) -> bool:
@@ -108,6 +125,8 @@ def make_handler(fake: FakeK8s):
                 if url.path == SAR:
                     return self._send(201, {**body, "status": fake.review(body)})
                 ns, name = parts[4], body["metadata"]["name"]
+                if not JOB_PATH.match(url.path):
+                    return self._send(404, {"kind": "Status", "code": 404})
                 if (ns, name) in fake.jobs:
                     return self._send(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409})
                 fake.jobs[(ns, name)] = body
@@ -135,16 +154,16 @@ def make_handler(fake: FakeK8s):
                 listed = [o for path, o in sorted(fake.objects.items()) if path.rsplit("/", 1)[0] == url.path]
                 if listed:
                     return self._send(200, {"kind": "List", "apiVersion": "v1", "items": listed, "metadata": {}})
-                if url.path.startswith(JOBS) and len(parts) == 7:
-                    job = fake.jobs.get((parts[4], parts[6]))
-                    if job is None:
+                if (m := JOB_PATH.match(url.path)) and m.group(3):
+                    job = fake.jobs.get((m.group(1), m.group(3)))
+                    if job is None or _plural(job) != m.group(2):
                         return self._send(404, {"kind": "Status", "reason": "NotFound", "code": 404})
-                    return self._send(200, {**job, "status": fake.status_of(parts[4], parts[6])})
-                if url.path.startswith(JOBS) and len(parts) == 6:
+                    return self._send(200, {**job, "status": fake.status_of(m.group(1), m.group(3))})
+                if m:
                     sel = query.get("labelSelector", [""])[0]
-                    items = [j for (ns, _), j in fake.jobs.items()
-                             if ns == parts[4] and _matches(j["metadata"].get("labels", {}), sel)]
-                    return self._send(200, {"kind": "PyTorchJobList", "items": items, "metadata": {}})
+                    items = [j for (ns, _), j in fake.jobs.items() if ns == m.group(1) and _plural(j) == m.group(2)
+                             and _matches(j["metadata"].get("labels", {}), sel)]
+                    return self._send(200, {"kind": "List", "items": items, "metadata": {}})
                 if url.path.startswith(PODS) and parts[-1] == "log":
                     return self._send(200, fake.logs.get(parts[5], ""), "text/plain")
                 if url.path.startswith(PODS) and parts[-1] == "pods":
@@ -158,8 +177,11 @@ def make_handler(fake: FakeK8s):
             url, parts, _ = self._route()
             with fake.lock:
                 fake.requests.append(("DELETE", url.path))
-                if fake.jobs.pop((parts[4], parts[6]), None) is None:
+                m = JOB_PATH.match(url.path)
+                job = fake.jobs.get((parts[4], parts[6])) if m else None
+                if job is None or _plural(job) != m.group(2):
                     return self._send(404, {"kind": "Status", "reason": "NotFound", "code": 404})
+                del fake.jobs[(parts[4], parts[6])]
                 fake.deleted.append(parts[6])
                 return self._send(200, {"kind": "Status", "status": "Success"})
 

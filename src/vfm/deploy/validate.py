@@ -6,6 +6,9 @@ OpenAPI schemas. `kubernetes-validate` has no custom-resource schemas, so:
 * PyTorchJob (kubeflow.org/v1) gets a schema *generated* from the kubeflow-training SDK models pinned in
   pyproject (1.9.4, generated from the training-operator v1.9 CRD), with the enums the v1.9 CRD declares;
   its replica `template` is checked against the real core/v1 PodTemplateSpec schema of that version.
+* TrainJob and ClusterTrainingRuntime (Kubeflow Trainer v2.3) are checked against the OpenAPI schema of
+  the release's own CRDs (src/vfm/deploy/crds/, copied from kubeflow/trainer v2.3.0), as the API server
+  with strict field validation would: unknown fields are rejected where the CRD does not preserve them.
 * The other custom resources our manifests render (Argo CD Application, Kueue queues) are checked against
   the hand-written subsets in `vfm.deploy.crd_schemas`, which reject unknown fields.
 """
@@ -39,6 +42,13 @@ _PYTORCHJOB_ENUMS = {
     ("KubeflowOrgV1ElasticPolicy", "rdzvBackend"): ["c10d", "etcd", "etcd-v2"],
 }
 _PYTORCHJOB_REQUIRED = {"KubeflowOrgV1PyTorchJobSpec": ["pytorchReplicaSpecs"], "KubeflowOrgV1RDZVConf": []}
+
+
+# (apiVersion, kind) → the CRD file under vfm/deploy/crds whose served version's schema validates it
+CRD_FILES = {
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+}
 
 
 class ManifestValidationError(ValueError):
@@ -108,6 +118,38 @@ def pytorchjob_schema() -> dict[str, Any]:
     return schema
 
 
+def _structural_to_json_schema(node: Any) -> Any:
+    """A CRD's structural OpenAPI v3 schema as JSON Schema: objects that declare properties reject other
+    fields unless the CRD marks them `x-kubernetes-preserve-unknown-fields` (the API server prunes or, under
+    strict field validation, rejects them); Kubernetes' `x-kubernetes-*` and `nullable` markers drop out."""
+    if isinstance(node, list):
+        return [_structural_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _structural_to_json_schema(v) for k, v in node.items()
+           if not k.startswith("x-kubernetes-") and k != "nullable" and k not in ("properties", "description")}
+    if "properties" in node:
+        out["properties"] = {k: _structural_to_json_schema(v) for k, v in node["properties"].items()}
+        if "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_schema(api_version: str, kind: str) -> dict[str, Any]:
+    """JSON schema of `kind` from its CRD's served version (CRD_FILES)."""
+    import yaml
+
+    crd = yaml.load(resources.files("vfm.deploy").joinpath("crds", CRD_FILES[(api_version, kind)]).read_text(),
+                    Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    group, version = api_version.split("/")
+    assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind, (api_version, kind)
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v.get("served")]
+    schema = _structural_to_json_schema(served["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"$ref": f"{_DEFS_ID}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+    return schema
+
+
 def _validate_with(schema: dict[str, Any], data: Mapping[str, Any], version: str) -> list[str]:
     import jsonschema
     from referencing import Registry, Resource
@@ -127,6 +169,8 @@ def validation_errors(obj: Any, k8s_version: str = DEFAULT_K8S_VERSION) -> list[
     api_kind = (data.get("apiVersion"), data.get("kind"))
     if api_kind == ("kubeflow.org/v1", "PyTorchJob"):
         errors = _validate_with(pytorchjob_schema(), data, k8s_version)
+    elif api_kind in CRD_FILES:
+        errors = _validate_with(crd_schema(*api_kind), data, k8s_version)
     elif api_kind in CRD_SCHEMAS:
         errors = _validate_with(CRD_SCHEMAS[api_kind], data, k8s_version)
     else:

@@ -1,9 +1,9 @@
-"""Run a PyTorchJob on a cluster and turn its outcome into the pipeline step's outcome.
+"""Run a PyTorchJob or a Trainer v2 TrainJob on a cluster and turn its outcome into the step's outcome.
 
     ClusterBackend.from_environment().run(manifest, timeout_s=..., max_restarts=3)
 
-create → wait with a real deadline (while streaming the master's log into this process's stdout) →
-`Succeeded` returns; `Failed`, a deadline, more restarts than the cap, or the job vanishing raise
+create → wait with a real deadline (while streaming the master's / node 0's log into this process's
+stdout) → `Succeeded` (PyTorchJob) or `Complete` (TrainJob) returns; `Failed`, a deadline, more restarts than the cap, or the job vanishing raise
 `JobFailed`/`JobTimeout` with the job's own reason. Any exit other than success (including SIGTERM
 from a cancelled KFP run) deletes the job, so no GPU pod outlives its pipeline step.
 
@@ -27,18 +27,54 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from vfm.errors import UserError
+from vfm.launch import trainjob as tj
 from vfm.launch.job import CONTAINER, GROUP, PLURAL, POD_TEMPLATE, RUN_LABEL, VERSION
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What the launcher needs to know of a job kind: where it lives, which condition means success, whose
+    log to follow."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    complete: str  # the status condition of success
+    container: str  # the trainer's container in its pods
+    counts_restarts: bool  # PyTorchJob: a Restarting condition per re-creation; TrainJob: the JobSet counts
+
+    def log_selector(self, name: str, elastic: bool = False) -> str:
+        if self.kind == tj.KIND:  # JobSet's pod labels; node 0 is completion index 0 of the `node` job
+            return (f"jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name={tj.NODE},"
+                    "batch.kubernetes.io/job-completion-index=0")
+        role = ("training.kubeflow.org/replica-type=worker,training.kubeflow.org/replica-index=0" if elastic
+                else "training.kubeflow.org/job-role=master")
+        return f"training.kubeflow.org/job-name={name},{role}"
+
+
+PYTORCHJOB = JobKind("PyTorchJob", GROUP, VERSION, PLURAL, "Succeeded", CONTAINER, counts_restarts=True)
+TRAINJOB = JobKind(tj.KIND, tj.GROUP, tj.VERSION, tj.PLURAL, "Complete", tj.NODE, counts_restarts=False)
+KINDS = {k.kind: k for k in (PYTORCHJOB, TRAINJOB)}
+
+
+def kind_of(manifest: dict[str, Any]) -> JobKind:
+    kind = KINDS.get(manifest.get("kind", ""))
+    if kind is None:
+        raise ValueError(f"job kind {manifest.get('kind')!r}: the launcher runs {', '.join(KINDS)}")
+    return kind
 
 SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 REQUEST_TIMEOUT = 30  # seconds per API call; the *wait* budget is `timeout_s`
 # (API group, resource, verb, name) of every call below, in the job's namespace: what the pipeline runner's
 # service account must be allowed (manifests/base/rbac.yaml grants it; `vfm preflight` checks it)
-LAUNCHER_PERMISSIONS = (
-    (GROUP, PLURAL, "create", None), (GROUP, PLURAL, "get", None), (GROUP, PLURAL, "list", None),
-    (GROUP, PLURAL, "delete", None), ("", "podtemplates", "get", POD_TEMPLATE), ("", "pods", "list", None),
-    ("", "pods/log", "get", None),
-)
+_READS = (("", "podtemplates", "get", POD_TEMPLATE), ("", "pods", "list", None), ("", "pods/log", "get", None))
+LAUNCHER_PERMISSIONS = {
+    "pytorchjob": tuple((GROUP, PLURAL, verb, None) for verb in ("create", "get", "list", "delete")) + _READS,
+    # the vfm runtime is cluster-scoped: its check has no namespace (manifests/components/trainer-v2/rbac.yaml)
+    "trainjob": tuple((tj.GROUP, tj.PLURAL, verb, None) for verb in ("create", "get", "list", "delete")) + _READS,
+}
 
 
 def current_namespace(default: str = "default") -> str:
@@ -103,10 +139,10 @@ class ClusterBackend:
         return self.api.sanitize_for_serialization(obj)["template"]
 
     # --- job CRUD -------------------------------------------------------------------------------
-    def get(self, name: str, namespace: str) -> dict[str, Any] | None:
+    def get(self, name: str, namespace: str, kind: JobKind = PYTORCHJOB) -> dict[str, Any] | None:
         try:
             return self._custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT)
+                kind.group, kind.version, namespace, kind.plural, name, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -114,106 +150,121 @@ class ClusterBackend:
 
     def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Create the job; if a previous attempt of the same step created it, adopt it unless it failed."""
+        kind = kind_of(manifest)
         meta = manifest["metadata"]
         name, ns = meta["name"], meta["namespace"]
         try:
             return self._custom.create_namespaced_custom_object(
-                GROUP, VERSION, ns, PLURAL, manifest, _request_timeout=REQUEST_TIMEOUT)
+                kind.group, kind.version, ns, kind.plural, manifest, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status != 409:
                 raise JobFailed(name, "CreateFailed", f"API server refused the job: {exc.status} {exc.reason}: "
-                                f"{(exc.body or '')[:500]}") from None
-        existing = self.get(name, ns)
+                                f"{(exc.body or '')[:500]}", kind=kind.kind) from None
+        existing = self.get(name, ns, kind)
         mine = (existing or {}).get("metadata", {}).get("labels", {}).get(RUN_LABEL)
         if existing is not None and mine == meta.get("labels", {}).get(RUN_LABEL) and not _last(existing, "Failed"):
-            self.log(f"adopting PyTorchJob {ns}/{name} created by an earlier attempt of this step")
+            self.log(f"adopting {kind.kind} {ns}/{name} created by an earlier attempt of this step")
             return existing
-        self.log(f"PyTorchJob {ns}/{name} exists from a failed or foreign attempt; replacing it")
-        self.delete(name, ns, wait_s=120)
+        self.log(f"{kind.kind} {ns}/{name} exists from a failed or foreign attempt; replacing it")
+        self.delete(name, ns, wait_s=120, kind=kind)
         return self._custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, manifest, _request_timeout=REQUEST_TIMEOUT)
+            kind.group, kind.version, ns, kind.plural, manifest, _request_timeout=REQUEST_TIMEOUT)
 
-    def delete(self, name: str, namespace: str, wait_s: float = 0.0) -> bool:
+    def delete(self, name: str, namespace: str, wait_s: float = 0.0, kind: JobKind = PYTORCHJOB) -> bool:
         """Delete with foreground propagation (pods go with it); True if it existed."""
         try:
             self._custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Foreground",
+                kind.group, kind.version, namespace, kind.plural, name, propagation_policy="Foreground",
                 _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
         deadline = time.monotonic() + wait_s
-        while wait_s and time.monotonic() < deadline and self.get(name, namespace) is not None:
+        while wait_s and time.monotonic() < deadline and self.get(name, namespace, kind) is not None:
             time.sleep(min(self.poll_s, 2.0))
         return True
 
     def delete_run_jobs(self, run_label: str, namespace: str) -> list[str]:
-        """Delete every job of one pipeline run (the exit handler's cleanup); returns their names."""
-        found = self._custom.list_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, label_selector=f"{RUN_LABEL}={run_label}",
-            _request_timeout=REQUEST_TIMEOUT)
-        names = [item["metadata"]["name"] for item in found.get("items", [])]
-        for name in names:
-            self.delete(name, namespace)
+        """Delete every job of one pipeline run, of either kind (the exit handler's cleanup); returns their
+        names. A kind whose CRD the cluster lacks (404 on the list) has no jobs to delete, nor one the
+        runner may not list (403: the run could not have created any)."""
+        names = []
+        for kind in KINDS.values():
+            try:
+                found = self._custom.list_namespaced_custom_object(
+                    kind.group, kind.version, namespace, kind.plural, label_selector=f"{RUN_LABEL}={run_label}",
+                    _request_timeout=REQUEST_TIMEOUT)
+            except ApiException as exc:
+                if exc.status == 404:  # the cluster has no such CRD
+                    continue
+                if exc.status == 403:  # RBAC for one launcher only (no manifests/components/trainer-v2)
+                    self.log(f"may not list {kind.plural} in {namespace}; no {kind.kind} of this run deleted")
+                    continue
+                raise
+            for item in found.get("items", []):
+                self.delete(item["metadata"]["name"], namespace, kind=kind)
+                names.append(item["metadata"]["name"])
         return names
 
     # --- run ------------------------------------------------------------------------------------
     def run(self, manifest: dict[str, Any], *, timeout_s: float, max_restarts: int) -> JobResult:
+        kind = kind_of(manifest)
         name, ns = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         start = time.monotonic()
         succeeded = False
         with _sigterm_raises():
             self.create(manifest)
-            self.log(f"created PyTorchJob {ns}/{name}; waiting up to {timeout_s / 3600:.2f} h")
-            streamer = _LogStreamer(self, name, ns, elastic="elasticPolicy" in manifest.get("spec", {}))
+            self.log(f"created {kind.kind} {ns}/{name}; waiting up to {timeout_s / 3600:.2f} h")
+            streamer = _LogStreamer(self, name, ns, kind, elastic="elasticPolicy" in manifest.get("spec", {}))
             streamer.start()
             try:
-                restarts = self._wait(name, ns, start + timeout_s, timeout_s, max_restarts)
+                restarts = self._wait(kind, name, ns, start + timeout_s, timeout_s, max_restarts)
                 succeeded = True
-                return JobResult(name=name, state="Succeeded", restarts=restarts,
+                return JobResult(name=name, state=kind.complete, restarts=restarts,
                                  seconds=time.monotonic() - start)
             finally:
                 if not succeeded:
-                    self.log(f"deleting PyTorchJob {ns}/{name}")
+                    self.log(f"deleting {kind.kind} {ns}/{name}")
                     try:
-                        self.delete(name, ns)
+                        self.delete(name, ns, kind=kind)
                     except Exception as exc:  # report it, but the step's own error is the one to raise
-                        self.log(f"could not delete PyTorchJob {ns}/{name}: {exc}; delete it by hand")
+                        self.log(f"could not delete {kind.kind} {ns}/{name}: {exc}; delete it by hand")
                 streamer.stop(drain=succeeded)
 
-    def _wait(self, name: str, ns: str, deadline: float, timeout_s: float, max_restarts: int) -> int:
+    def _wait(self, kind: JobKind, name: str, ns: str, deadline: float, timeout_s: float, max_restarts: int) -> int:
         seen_restarts: set[str] = set()
         while True:
-            job = self.get(name, ns)
+            job = self.get(name, ns, kind)
             if job is None:
-                raise JobFailed(name, "Deleted", "the PyTorchJob was deleted before it finished")
-            if _last(job, "Succeeded"):
-                self.log(f"PyTorchJob {ns}/{name} Succeeded")
+                raise JobFailed(name, "Deleted", f"the {kind.kind} was deleted before it finished", kind=kind.kind)
+            if _last(job, kind.complete):
+                self.log(f"{kind.kind} {ns}/{name} {kind.complete}")
                 return len(seen_restarts)
             if failed := _last(job, "Failed"):
-                raise JobFailed(name, failed.get("reason") or "Failed", failed.get("message") or "")
+                raise JobFailed(name, failed.get("reason") or "Failed", failed.get("message") or "", kind=kind.kind)
             for cond in _conditions(job):  # each Restarting transition is one (re)creation of failed pods
-                if cond.get("type") == "Restarting":
+                if kind.counts_restarts and cond.get("type") == "Restarting":
                     seen_restarts.add(str(cond.get("lastTransitionTime") or cond.get("lastUpdateTime")))
             if len(seen_restarts) > max_restarts:
                 raise JobFailed(name, "RestartCapExceeded",
-                                f"restarted {len(seen_restarts)} times, more than the cap of {max_restarts}")
+                                f"restarted {len(seen_restarts)} times, more than the cap of {max_restarts}",
+                                kind=kind.kind)
             if time.monotonic() >= deadline:
                 state = (_conditions(job) or [{}])[-1].get("type", "Pending")
-                raise JobTimeout(name, f"not finished after {timeout_s:.0f} s (last condition: {state})")
+                raise JobTimeout(name, f"not finished after {timeout_s:.0f} s (last condition: {state})",
+                                 kind=kind.kind)
             time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
 
 
 class _LogStreamer(threading.Thread):
-    """Follows the master pod's log (worker-0 for elastic jobs), across pod re-creations."""
+    """Follows the master pod's log (worker-0 for elastic jobs, node 0 of a TrainJob), across pod
+    re-creations."""
 
-    def __init__(self, backend: ClusterBackend, name: str, namespace: str, elastic: bool):
+    def __init__(self, backend: ClusterBackend, name: str, namespace: str, kind: JobKind, elastic: bool):
         super().__init__(daemon=True, name=f"logs-{name}")
-        self.backend, self.name_, self.ns = backend, name, namespace
-        role = ("training.kubeflow.org/replica-type=worker,training.kubeflow.org/replica-index=0" if elastic
-                else "training.kubeflow.org/job-role=master")
-        self.selector = f"training.kubeflow.org/job-name={name},{role}"
+        self.backend, self.name_, self.ns, self.container = backend, name, namespace, kind.container
+        self.selector = kind.log_selector(name, elastic)
         self._done = threading.Event()
         self._drain = False
         self._streamed: set[str] = set()
@@ -249,7 +300,7 @@ class _LogStreamer(threading.Thread):
     def _follow(self, pod: Any) -> None:
         self._streamed.add(pod.metadata.uid)
         resp = self.backend._core.read_namespaced_pod_log(
-            pod.metadata.name, self.ns, container=CONTAINER, follow=True, _preload_content=False)
+            pod.metadata.name, self.ns, container=self.container, follow=True, _preload_content=False)
         try:
             for line in _lines(resp):
                 self.backend.log(f"[{pod.metadata.name}] {line}")

@@ -339,9 +339,8 @@ def _snake(obj: dict[str, Any]) -> dict[str, Any]:
     return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in obj.items()}
 
 
-def build_job(recipe: Recipe, opts: JobOptions, pod_template: dict[str, Any] | None = None) -> kt.KubeflowOrgV1PyTorchJob:
-    """The PyTorchJob for `recipe` under `opts` (validated: name, image, node arithmetic). With
-    `pod_template` (a PodTemplate's `template`, K8s JSON) every replica is built from it."""
+def validate_options(opts: JobOptions) -> None:
+    """The checks every launcher makes before it builds a job: a DNS-safe name, a pinned image, a cap ≥ 0."""
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", opts.name) or len(opts.name) > MAX_NAME:
         raise UserError(f"job name {opts.name!r}: use ≤ {MAX_NAME} lowercase letters, digits and '-'")
     if not opts.image or opts.image.endswith(":latest") or ":" not in opts.image.rsplit("/", 1)[-1]:
@@ -349,6 +348,12 @@ def build_job(recipe: Recipe, opts: JobOptions, pod_template: dict[str, Any] | N
             raise UserError(f"image {opts.image!r}: pin a tag or digest (not latest) so pods and caches agree")
     if opts.max_restarts < 0:
         raise UserError(f"max_restarts={opts.max_restarts}: must be ≥ 0")
+
+
+def build_job(recipe: Recipe, opts: JobOptions, pod_template: dict[str, Any] | None = None) -> kt.KubeflowOrgV1PyTorchJob:
+    """The PyTorchJob for `recipe` under `opts` (validated: name, image, node arithmetic). With
+    `pod_template` (a PodTemplate's `template`, K8s JSON) every replica is built from it."""
+    validate_options(opts)
     nodes = recipe.hardware.nodes
     procs = recipe.hardware.procs_per_node
     labels = {**opts.labels, "vfm.io/recipe": label_value(recipe.id)}

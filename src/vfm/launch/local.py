@@ -1,4 +1,4 @@
-"""Run a PyTorchJob spec as local processes, with the environment the training operator injects.
+"""Run a PyTorchJob or TrainJob spec as local processes, with the environment its operator injects.
 
     LocalBackend().run(manifest, timeout_s=600, max_restarts=2)
 
@@ -11,9 +11,17 @@ PET_MAX_RESTARTS). The trainer cannot tell the difference, except that the maste
 127.0.0.1 instead of the `<job>-master-0` Service, and Secret-backed env vars come from this process's
 environment (that is where local credentials live).
 
+A TrainJob (Kubeflow Trainer v2.3) becomes `trainer.numNodes` processes of its trainer container with
+the env the torch plugin injects (kubeflow/trainer pkg/runtime/framework/plugins/torch/torch.go at
+v2.3.0): PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK (the node's Job completion index),
+PET_MASTER_ADDR (`<job>-node-0-0.<job>` there, 127.0.0.1 here) and PET_MASTER_PORT (29500 there, a free
+port here) — and nothing else: no MASTER_ADDR, RANK or WORLD_SIZE, which torchrun derives.
+
 The `ExitCode` restart policy is honoured as the operator does: a replica exiting 1–127 fails the job;
 ≥ 128 (or killed by a signal) restarts it, up to `max_restarts` (our cap; the operator has none). A
-restart re-creates every replica because the surviving ranks of a non-elastic job cannot re-join.
+restart re-creates every replica because the surviving ranks of a non-elastic job cannot re-join. The
+vfm TrainJob runtime has the same semantics (its podFailurePolicy and JobSet failurePolicy), so a
+TrainJob restarts the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vfm.launch.cluster import _sigterm_raises
+from vfm.launch import trainjob as tj
+from vfm.launch.cluster import _sigterm_raises, kind_of
 from vfm.launch.job import CONTAINER
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
 from vfm.services import free_port
@@ -56,7 +65,12 @@ class _Replica:
 
 
 def replicas_of(manifest: dict[str, Any]) -> list[_Replica]:
-    """Master first (node rank 0), then Workers 1..n, as the operator numbers them."""
+    """Master first (node rank 0), then Workers 1..n, as the operator numbers them; a TrainJob's nodes
+    0..numNodes-1 (the completion indexes of its `node` Job)."""
+    if kind_of(manifest).kind == tj.KIND:
+        trainer = manifest["spec"].get("trainer") or {}
+        container = {"name": tj.NODE, **{k: trainer[k] for k in ("command", "args", "env") if k in trainer}}
+        return [_Replica("Node", i, i, container) for i in range(int(trainer.get("numNodes") or 1))]
     specs = manifest["spec"]["pytorchReplicaSpecs"]
     unknown = set(specs) - {"Master", "Worker"}
     if unknown:
@@ -77,8 +91,19 @@ def replicas_of(manifest: dict[str, Any]) -> list[_Replica]:
     return out
 
 
+def trainer_v2_env(manifest: dict[str, Any], replica: _Replica, total: int, port: int) -> dict[str, str]:
+    """The variables Trainer v2's torch plugin adds to the `node` container of `replica`. `numProcPerNode`
+    unset is `auto`, which the plugin resolves to the CPU count per node when the node has no GPU."""
+    trainer = manifest["spec"].get("trainer") or {}
+    nproc = trainer.get("numProcPerNode")
+    return {"PET_NNODES": str(total), "PET_NPROC_PER_NODE": str(nproc if nproc is not None else "auto"),
+            "PET_NODE_RANK": str(replica.node_rank), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+
+
 def operator_env(manifest: dict[str, Any], replica: _Replica, total: int, port: int) -> dict[str, str]:
-    """The variables the operator adds to the `pytorch` container of `replica`."""
+    """The variables the operator adds to the `pytorch` container of `replica` (Trainer v2's for a TrainJob)."""
+    if kind_of(manifest).kind == tj.KIND:
+        return trainer_v2_env(manifest, replica, total, port)
     spec = manifest["spec"]
     nproc = str(spec.get("nprocPerNode", "auto"))
     env = {"PYTHONUNBUFFERED": "1", "PET_NPROC_PER_NODE": nproc}
@@ -132,8 +157,9 @@ class LocalBackend:
     poll_s: float = 0.2
 
     def run(self, manifest: dict[str, Any], *, timeout_s: float, max_restarts: int) -> JobResult:
-        name = manifest["metadata"]["name"]
-        deadline_s = manifest["spec"].get("runPolicy", {}).get("activeDeadlineSeconds")
+        name, kind = manifest["metadata"]["name"], kind_of(manifest)
+        spec = manifest["spec"]
+        deadline_s = spec.get("activeDeadlineSeconds") or spec.get("runPolicy", {}).get("activeDeadlineSeconds")
         timeout_s = min(timeout_s, deadline_s) if deadline_s else timeout_s
         start = time.monotonic()
         restarts = 0
@@ -142,23 +168,23 @@ class LocalBackend:
                 reps = replicas_of(manifest)
                 try:
                     self._start(manifest, reps)
-                    failed = self._wait(name, reps, start + timeout_s, timeout_s)
+                    failed = self._wait(name, kind.kind, reps, start + timeout_s, timeout_s)
                 finally:
                     self._stop(reps)
                 if failed is None:
-                    self.log(f"PyTorchJob {name} Succeeded (local, {len(reps)} replicas, {restarts} restarts)")
-                    return JobResult(name=name, state="Succeeded", restarts=restarts,
+                    self.log(f"{kind.kind} {name} {kind.complete} (local, {len(reps)} replicas, {restarts} restarts)")
+                    return JobResult(name=name, state=kind.complete, restarts=restarts,
                                      seconds=time.monotonic() - start)
                 code = exit_code_of(failed.proc.returncode)
                 tail = "\n".join(failed.tail)
                 if code < 128:
                     raise JobFailed(name, "ExitCode", f"{failed.pod} exited with code {code} (1-127: permanent, "
-                                    f"not restarted); last lines:\n{tail}")
+                                    f"not restarted); last lines:\n{tail}", kind=kind.kind)
                 if restarts >= max_restarts:
                     raise JobFailed(name, "RestartCapExceeded", f"{failed.pod} exited with retryable code {code} "
-                                    f"after {restarts} restarts (cap {max_restarts}); last lines:\n{tail}")
+                                    f"after {restarts} restarts (cap {max_restarts}); last lines:\n{tail}", kind=kind.kind)
                 restarts += 1
-                self.log(f"PyTorchJob {name}: {failed.pod} exited {code} (retryable); restart {restarts}/"
+                self.log(f"{kind.kind} {name}: {failed.pod} exited {code} (retryable); restart {restarts}/"
                          f"{max_restarts} of all replicas")
 
     def _start(self, manifest: dict[str, Any], reps: list[_Replica]) -> None:
@@ -182,7 +208,7 @@ class LocalBackend:
             rep.tail.append(line)
             self.log(f"[{prefix}] {line}")
 
-    def _wait(self, name: str, reps: list[_Replica], deadline: float, timeout_s: float) -> _Replica | None:
+    def _wait(self, name: str, kind: str, reps: list[_Replica], deadline: float, timeout_s: float) -> _Replica | None:
         """None when every replica exited 0; else the first replica that failed."""
         while True:
             codes = [r.proc.poll() for r in reps if r.proc is not None]
@@ -192,7 +218,7 @@ class LocalBackend:
             if all(c == 0 for c in codes):
                 return None
             if time.monotonic() >= deadline:
-                raise JobTimeout(name, f"not finished after {timeout_s:.0f} s (local backend)")
+                raise JobTimeout(name, f"not finished after {timeout_s:.0f} s (local backend)", kind=kind)
             time.sleep(self.poll_s)
 
     def _stop(self, reps: list[_Replica]) -> None:

@@ -1,4 +1,4 @@
-"""Outcome of a PyTorchJob, shared by the cluster and local backends."""
+"""Outcome of a PyTorchJob or TrainJob, shared by the cluster and local backends."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ class JobResult:
 class JobFailed(RuntimeError):
     """The job ended Failed (or was cancelled, deleted, or restarted past the cap): the step fails."""
 
-    def __init__(self, name: str, reason: str, message: str):
-        super().__init__(f"PyTorchJob {name} {reason}: {message}".replace("  ", " "))
-        self.job, self.reason, self.message = name, reason, message
+    def __init__(self, name: str, reason: str, message: str, kind: str = "PyTorchJob"):
+        super().__init__(f"{kind} {name} {reason}: {message}".replace("  ", " "))
+        self.job, self.reason, self.message, self.kind = name, reason, message, kind
 
 
 class JobTimeout(TimeoutError):
     """The job did not finish within the launcher's deadline: the step fails and the job is deleted."""
 
-    def __init__(self, name: str, message: str):
-        super().__init__(f"PyTorchJob {name} timed out: {message}")
-        self.job = name
+    def __init__(self, name: str, message: str, kind: str = "PyTorchJob"):
+        super().__init__(f"{kind} {name} timed out: {message}")
+        self.job, self.kind = name, kind

@@ -64,6 +64,9 @@ def run_cmd(
                                           "(they always go to the log file).")] = False,
     serve: Annotated[bool, typer.Option("--serve", help="Keep the embedded MLflow/S3 up after the run "
                                         "(until Ctrl-C) to browse it in the MLflow UI.")] = False,
+    launcher: Annotated[str, typer.Option("--launcher", help="The job kind each stage runs as: pytorchjob "
+                                          "(training operator v1) or trainjob (Kubeflow Trainer v2), with "
+                                          "that operator's environment.")] = "pytorchjob",
 ) -> None:
     """Run the recipe's pipeline end to end; `--local` is the only mode (use `submit` for a cluster)."""
     from rich.console import Console
@@ -97,7 +100,7 @@ def run_cmd(
 
     result = run_local(recipe_id, workdir=workdir.resolve(), profile=profile, overrides=list(overrides or []),
                        seeds=seed_list, data_dir=data_dir.resolve() if data_dir else None, while_serving=show,
-                       verbose=verbose, sources=list(source or []))
+                       verbose=verbose, sources=list(source or []), launcher=launcher)
     if result.embedded_store is not None and not serve:
         # the embedded servers stopped with the run; runs, params and metrics stay in their SQLite store
         print(f"The embedded MLflow has stopped. Browse the runs with: mlflow ui --backend-store-uri "

@@ -189,6 +189,7 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
         overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
         seeds: list = plan.seeds,  # noqa: B006
         backend: str = "cluster",
+        launcher: str = "pytorchjob",  # or trainjob: Kubeflow Trainer v2 (manifests/components/trainer-v2)
         train_timeout_hours: float = 24.0 * 30,
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -229,7 +230,7 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
 
             train = dict(**common, image=image, run_id=run_id, runs_prefix=runs_prefix, namespace=namespace,
                          backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
-                         mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, queue=kueue_queue)
+                         mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, queue=kueue_queue, launcher=launcher)
 
             def launch(stage: str, **kw: Any) -> Any:
                 t = c["train"](**train, stage=stage, **kw).set_display_name(stage)
@@ -268,7 +269,7 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                                       seed=item.seed, parent_run_id=item.parent_run_id, mlflow_uri=mlflow_uri,
                                       s3_endpoint=s3_endpoint, image=image, run_id=run_id, namespace=namespace,
                                       backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
-                                      queue=kueue_queue)
+                                      queue=kueue_queue, launcher=launcher)
                     e.set_display_name(f"evaluate {suite}")
                     # the launcher of the evaluation job: no GPU here, the job's pods hold them
                     _credentials(_io_task(e, retries=2), credentials_secret).set_caching_options(False)

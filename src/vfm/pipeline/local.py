@@ -272,7 +272,7 @@ def services(workdir: Path) -> Iterator[tuple[str, str, bool]]:
 
 def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], bucket: str, mlflow_uri: str,
                        s3_endpoint: str, profile: str, overrides: list[str], seeds: list[int] | None,
-                       val_labels: str = "") -> dict[str, Any]:
+                       val_labels: str = "", launcher: str = "pytorchjob") -> dict[str, Any]:
     """Parameters of the recipe's pipeline for a local run (backend=local, no Secret, no PVC)."""
     from vfm.pipeline.dag import plan_dag
 
@@ -280,7 +280,7 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
     args: dict[str, Any] = dict(
         runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
         s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile, overrides=list(overrides),
-        backend="local", shard_size="8MB", shard_workers=1, imagenet_c_workers=1, train_timeout_hours=1.0,
+        backend="local", launcher=launcher, shard_size="8MB", shard_workers=1, imagenet_c_workers=1, train_timeout_hours=1.0,
         val_labels=val_labels if "val" in plan.data else "",
         imagenet_c_corruptions=LOCAL_IMAGENET_C[0], imagenet_c_severities=LOCAL_IMAGENET_C[1])
     for role in plan.data:
@@ -295,7 +295,8 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
 def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", overrides: list[str] | None = None,
               seeds: list[int] | None = None, data_dir: Path | None = None,
               while_serving: Callable[[LocalRun], None] | None = None, verbose: bool = False,
-              log_path: Path | None = None, sources: list[str] | None = None) -> LocalRun:
+              log_path: Path | None = None, sources: list[str] | None = None,
+              launcher: str = "pytorchjob") -> LocalRun:
     """Run the pipeline; `while_serving(result)` is called before embedded services stop (e.g. to keep
     the MLflow UI up for browsing, artifacts included). The KFP and trainer output goes to `log_path`
     (default `<workdir>/logs/<id>-<time>.log`, `LocalRun.log_path`) with a line per task on stdout."""
@@ -307,6 +308,10 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
     overrides = list(overrides or [])
     overrides += local_world_overrides(overrides) if profile != "smoke" else []  # smoke ranks are CPU ranks
     load_recipe(recipe_id, overrides, profile)  # fail fast on a bad id/override, before starting servers
+    from vfm.launch import LAUNCHERS
+
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
     given, given_labels = parse_sources(recipe_id, list(sources or []))
     # the embedded servers log every request at INFO; the run's own output is what matters here
     for name in ("werkzeug", "moto", "botocore"):
@@ -335,7 +340,7 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
         with captured_output(log_path, verbose, display_names(pipeline)) as tasks, thread_safe_kfp_logging():
             pipeline(**pipeline_arguments(recipe_id, sources=role_sources, bucket=LOCAL_BUCKET, mlflow_uri=mlflow_uri,
                                           s3_endpoint=s3_endpoint, profile=profile, overrides=list(overrides or []),
-                                          seeds=seeds, val_labels=val_labels))
+                                          seeds=seeds, val_labels=val_labels, launcher=launcher))
             result = _collect(recipe_id, mlflow_uri, time.monotonic() - start)  # its download bar goes to the log
         result.log_path, result.tasks = log_path, list(tasks.finished)
         if embedded:

@@ -189,8 +189,9 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
           recipe_sha: str, image: str, run_id: str, parent_run_id: str, runs_prefix: str, init: str = "",
           seed: int = -1, namespace: str = "", backend: str = "cluster", timeout_hours: float = 24.0,
           secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "", knn_train: str = "",
-          knn_val: str = "", queue: str = "", task_config: Any = None) -> str:
-    """Run one training stage as a PyTorchJob (cluster or local backend); returns its export URL."""
+          knn_val: str = "", queue: str = "", task_config: Any = None, launcher: str = "pytorchjob") -> str:
+    """Run one training stage as a PyTorchJob or TrainJob (`launcher`; cluster or local backend); returns
+    its export URL."""
     from vfm import storage
     from vfm.export import META
     from vfm.launch import JobFailed, trainer_args
@@ -213,7 +214,8 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
     opts = train_options(recipe_id, stage, run_id=run_id, seed=seed_arg, namespace=namespace or _namespace(backend),
                          image=image, secret=secret, env=env, timeout_hours=timeout_hours, queue=queue,
                          run_key=run_key, data_digest=data_digest, recipe_sha=recipe_sha, task_config=task_config)
-    result = _run_as_job(recipe, stage, opts, backend=backend, timeout_hours=timeout_hours, env=env, args_for=lambda w:
+    result = _run_as_job(recipe, stage, opts, backend=backend, launcher=launcher, timeout_hours=timeout_hours, env=env,
+                         args_for=lambda w:
                          trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides,
                                       init=init or None, seed=seed_arg, run_key=run_key,
                                       parent_run_id=stage_parent(parent_run_id) if parent_run_id else None,
@@ -265,23 +267,24 @@ def _queue(queue: str) -> Any:
 
 
 def job_manifest(recipe: Any, stage: str, opts: Any, template: dict[str, Any] | None,
-                 args_for: Callable[[int], list[str]]) -> dict[str, Any]:
-    """The job as the launcher submits it: its pods from the namespace's PodTemplate `template` (GitOps owns
-    it; None on the local backend), its command line from `args_for(loader workers)`, as many workers as
-    the pod's CPU request allows."""
+                 args_for: Callable[[int], list[str]], launcher: str = "pytorchjob") -> dict[str, Any]:
+    """The job as the launcher submits it (a PyTorchJob or a TrainJob, `launcher`): its pods from the
+    namespace's PodTemplate `template` (GitOps owns it; None on the local backend), its command line from
+    `args_for(loader workers)`, as many workers as the pod's CPU request allows."""
     from vfm import launch
     from vfm.launch.job import loader_workers
 
     opts = replace(opts, args=args_for(loader_workers(recipe, stage, opts, template)))
-    return launch.to_manifest(launch.build_job(recipe, opts, template))
+    return launch.build_manifest(recipe, opts, template, launcher=launcher)
 
 
-def _run_as_job(recipe: Any, stage: str, opts: Any, *, backend: str, timeout_hours: float, env: dict[str, str],
-                args_for: Callable[[int], list[str]]) -> Any:
+def _run_as_job(recipe: Any, stage: str, opts: Any, *, backend: str, launcher: str, timeout_hours: float,
+                env: dict[str, str], args_for: Callable[[int], list[str]]) -> Any:
     """Build and run one job the way every stage and evaluation runs; returns the launcher's JobResult."""
     from vfm import launch
 
-    manifest = job_manifest(recipe, stage, opts, launch.read_pod_template(opts.namespace, backend=backend), args_for)
+    manifest = job_manifest(recipe, stage, opts, launch.read_pod_template(opts.namespace, backend=backend), args_for,
+                            launcher)
     return launch.run_job(manifest, backend=backend, timeout_s=timeout_hours * 3600, max_restarts=opts.max_restarts,
                           env=env)
 
@@ -319,7 +322,7 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
              imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "", seed: int, parent_run_id: str,
              mlflow_uri: str = "", s3_endpoint: str = "", image: str = "", run_id: str = "", namespace: str = "",
              backend: str = "cluster", timeout_hours: float = 24.0, secret: str = "vfm-credentials",
-             queue: str = "") -> dict[str, Any]:
+             queue: str = "", launcher: str = "pytorchjob") -> dict[str, Any]:
     """One suite on one export as a job in the trainer image, on the GPUs of one node (bf16, loader
     workers, ranks sharing the data), logged to its own MLflow child run; returns {seed, suite, metrics}."""
     from vfm import launch, storage
@@ -334,7 +337,8 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
     opts = eval_options(recipe_id, suite, run_id=run_id, seed=seed, namespace=namespace or _namespace(backend),
                         image=image, secret=secret, env=env, timeout_hours=timeout_hours, ranks=node.hardware.gpus,
                         queue=queue)
-    _run_as_job(node, list(recipe.stages)[-1], opts, backend=backend, timeout_hours=timeout_hours, env=env,
+    _run_as_job(node, list(recipe.stages)[-1], opts, backend=backend, launcher=launcher, timeout_hours=timeout_hours,
+                env=env,
                 args_for=lambda w: launch.evaluator_args(
                     export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}",
                     parent_run_id=stage_parent(parent_run_id), run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
