@@ -16,7 +16,7 @@ from vfm.deploy.validate import validation_errors
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 K8S_VERSION = "1.32"  # the Kubernetes version every rendered object is validated against
-OVERLAYS = ("overlays/local", "overlays/h100")
+OVERLAYS = ("overlays/local", "overlays/h100", "overlays/h100-trainer-v2")
 
 
 def all_objects(rendered):
@@ -53,7 +53,7 @@ def test_restricted_fields_on_every_pod_template(rendered):
     templates = 0
     for where, obj in all_objects(rendered):
         templates += len(list(pod_specs(obj)))
-        rdma = where == "overlays/h100" and obj["kind"] == "PodTemplate"
+        rdma = where in ("overlays/h100", "overlays/h100-trainer-v2") and obj["kind"] == "PodTemplate"
         violations += restricted_violations(obj, {"IPC_LOCK"} if rdma else set())
     assert templates >= 5
     assert not violations, "\n".join(violations)
@@ -189,7 +189,8 @@ def test_every_referenced_secret_has_a_valid_example(rendered):
         assert validation_errors(doc, K8S_VERSION) == []
     defined = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in examples}
     for where, obj in all_objects(rendered):
-        ns = obj["metadata"].get("namespace")
+        # the cluster-scoped runtime's pods run in their TrainJob's namespace: vfm, where the jobs go
+        ns = obj["metadata"].get("namespace") or ("vfm" if obj["kind"] == "ClusterTrainingRuntime" else None)
         for name in _secret_refs(obj, set()):
             assert (ns, name) in defined, (
                 f"{where}: {obj['kind']} uses Secret {ns}/{name} missing from *.example"

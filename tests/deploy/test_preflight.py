@@ -24,6 +24,8 @@ from vfm.recipes import load_recipe
 ROOT = Path(__file__).resolve().parents[2]
 OLD = Path(__file__).parent / "old_main"
 H100 = ROOT / "manifests" / "overlays" / "h100"
+H100_TRAINER_V2 = ROOT / "manifests" / "overlays" / "h100-trainer-v2"
+RUNTIME_PATH = "/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes/vfm-torch"
 SECRETS_EXAMPLE = ROOT / "manifests" / "secrets" / "vfm-secrets.yaml.example"
 
 
@@ -241,8 +243,22 @@ def _healthy_cluster(fake, plan, template):
     user = pf.SA_USER.format(namespace="kubeflow", name="vfm-pipeline-runner")
     from vfm.launch.cluster import LAUNCHER_PERMISSIONS
 
-    for group, resource, verb, name in LAUNCHER_PERMISSIONS:
+    for group, resource, verb, name in LAUNCHER_PERMISSIONS[plan.launcher]:
         fake.grants.add((user, "vfm", verb, group, resource, name))
+    fake.objects["/apis/apiextensions.k8s.io/v1/customresourcedefinitions/trainjobs.trainer.kubeflow.org"] = {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "trainjobs.trainer.kubeflow.org"},
+        "spec": {"group": "trainer.kubeflow.org", "scope": "Namespaced",
+                 "names": {"kind": "TrainJob", "plural": "trainjobs"},
+                 "versions": [{"name": "v1alpha1", "served": True, "storage": True}]}}
+    fake.objects["/apis/apps/v1/namespaces/kubeflow-system/deployments/kubeflow-trainer-controller-manager"] = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "kubeflow-trainer-controller-manager", "namespace": "kubeflow-system"},
+        "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": "trainer"}},
+                 "template": {"spec": {"containers": [{"name": "manager"}]}}},
+        "status": {"availableReplicas": 1, "replicas": 1}}
+    fake.objects[RUNTIME_PATH] = yaml.safe_load(
+        (ROOT / "manifests/components/trainer-v2/cluster-training-runtime.yaml").read_text())
     fake.pod_templates[("vfm", "vfm-trainer")] = template
     fake.objects["/apis/apiextensions.k8s.io/v1/customresourcedefinitions/pytorchjobs.kubeflow.org"] = {
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -342,3 +358,43 @@ def test_cli_live_against_the_fake_cluster(live_plan, mlflow_uri, s3_endpoint, t
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "and cluster fake" in ok.stdout and "ok: refs" in ok.stdout and "live" in ok.stdout
     assert missing.returncode == 2 and "PersistentVolumeClaim kubeflow/vfm-raw-datasets" in missing.stdout
+
+
+# --- launcher=trainjob (Kubeflow Trainer v2) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def trainjob_plan(kubectl):
+    return pf.offline_plan("vit-huge", H100_TRAINER_V2, params={"launcher": "trainjob", "kueue_queue": "vfm-h100"})
+
+
+def test_trainjobs_on_the_trainer_v2_overlay_pass_every_check(trainjob_plan):
+    plan, objects, template = trainjob_plan
+    assert {j.manifest["kind"] for j in plan.jobs} == {"TrainJob"}
+    pretrain = next(j for j in plan.jobs if j.what == "pretrain")
+    # the pods the checks ran on: the runtime's node pod with the job's trainer and the PodTemplate's patches
+    ((role, pod, count),) = pretrain.replicas
+    assert (role, count) == ("node", 8) and pf.trainer_container(pod)["image"] == plan.params["image"]
+    assert pod["spec"]["priorityClassName"] == "vfm-training"
+    assert "IPC_LOCK" in pf.trainer_container(pod)["securityContext"]["capabilities"]["add"]  # the RDMA exemption
+    assert run_offline(plan, objects, template) == []
+
+
+def test_trainjobs_without_the_runtime_or_their_rbac_are_found(kubectl):
+    plan, objects, template = pf.offline_plan("vit-huge", H100, params={"launcher": "trainjob"})
+    found = run_offline(plan, objects, template)
+    _find(found, "template", "ClusterTrainingRuntime vfm-torch metadata.name: the overlay has no vfm runtime")
+    _find(found, "rbac", "may not create trainjobs")
+
+
+def test_live_trainjob_cluster_passes_and_a_missing_runtime_is_found(trainjob_plan, s3_endpoint, bucket, mlflow_uri):
+    plan, _, template = trainjob_plan
+    plan = copy.deepcopy(plan)
+    plan.params.update(data_prefix=f"s3://{bucket}/data", runs_prefix=f"s3://{bucket}/runs")
+    with fake_k8s_server() as fake:
+        _healthy_cluster(fake, plan, template)
+        assert _live(fake, plan, mlflow_uri, s3_endpoint) == []
+        assert {r["resourceAttributes"]["resource"] for r in fake.reviews} >= {"trainjobs"}
+        del fake.objects[RUNTIME_PATH]
+        del fake.objects["/apis/apps/v1/namespaces/kubeflow-system/deployments/kubeflow-trainer-controller-manager"]
+        text = "\n".join(map(str, _live(fake, plan, mlflow_uri, s3_endpoint)))
+    assert "ClusterTrainingRuntime vfm-torch metadata.name: does not exist" in text, text
+    assert "Deployment kubeflow-system/kubeflow-trainer-controller-manager status.availableReplicas" in text, text

@@ -1,9 +1,10 @@
 """`vfm preflight`: what a platform engineer runs before booking GPUs.
 
 Offline (`check_offline`), from the repository alone: render an overlay, compile a recipe's pipeline,
-build the PyTorchJobs the launcher would create at paper scale from the overlay's `vfm-trainer`
-PodTemplate (vfm.pipeline.steps.train_options / eval_options / job_manifest, the launcher's own code),
-then check that every reference resolves and every pod has what its work needs. Live
+build the jobs the launcher would create at paper scale from the overlay's `vfm-trainer` PodTemplate
+(vfm.pipeline.steps.train_options / eval_options / job_manifest, the launcher's own code) — PyTorchJobs,
+or TrainJobs with `launcher=trainjob`, whose pods are resolved against the overlay's vfm
+ClusterTrainingRuntime as Trainer v2 would build them (vfm.launch.trainjob.node_pod_template) — then check that every reference resolves and every pod has what its work needs. Live
 (`check_live`, `--context`): the same plan against a cluster through the kubernetes client.
 
 Every failed check is a `Finding` naming the object, the field and the fix; the command exits 2 when
@@ -146,10 +147,22 @@ class PlannedJob:
     manifest: dict[str, Any]
     recipe: Any
     stage: str
+    replicas: list[tuple[str, dict[str, Any], int]] = field(default_factory=list)
+    """(role, pod template, pod count): a PyTorchJob's replica specs; a TrainJob's `node` pods as Trainer v2
+    builds them from the runtime (none when the overlay has no runtime)."""
+
+    def __post_init__(self) -> None:
+        if not self.replicas:  # a PyTorchJob carries its pods
+            self.replicas = job_replicas(self.manifest)
 
     @property
     def pods(self) -> int:
-        return sum(int(r.get("replicas") or 1) for r in self.manifest["spec"]["pytorchReplicaSpecs"].values())
+        return sum(n for _, _, n in self.replicas)
+
+    @property
+    def procs_per_pod(self) -> int:
+        spec = self.manifest.get("spec") or {}
+        return int(str(spec.get("nprocPerNode") or (spec.get("trainer") or {}).get("numProcPerNode") or 1))
 
 
 @dataclass
@@ -162,10 +175,16 @@ class Plan:
     runner: str = "vfm-pipeline-runner"
     """The service account KFP runs the pipeline's steps as, in `kfp_namespace`."""
 
+    @property
+    def launcher(self) -> str:
+        """The pipeline's `launcher` parameter: pytorchjob or trainjob."""
+        return str(self.params.get("launcher") or "pytorchjob")
+
 
 def build_jobs(recipe_id: str, params: dict[str, Any], template: dict[str, Any] | None,
-               kfp_namespace: str = "kubeflow") -> list[PlannedJob]:
-    """Every PyTorchJob one run of the pipeline creates (one seed), built by the launcher's own code. An
+               kfp_namespace: str = "kubeflow", runtime: dict[str, Any] | None = None) -> list[PlannedJob]:
+    """Every job one run of the pipeline creates (one seed), built by the launcher's own code, of the
+    `launcher` parameter's kind (TrainJob pods from `runtime`, the overlay's ClusterTrainingRuntime). An
     empty `namespace` parameter sends them where the launcher pod runs, as the steps do."""
     from vfm import launch, storage
     from vfm.launch.job import uses_gpus
@@ -184,6 +203,11 @@ def build_jobs(recipe_id: str, params: dict[str, Any], template: dict[str, Any] 
                   timeout_hours=float(params.get("train_timeout_hours") or 24), queue=str(params.get("kueue_queue") or ""))
     data_prefix, runs = str(params.get("data_prefix")), str(params.get("runs_prefix"))
     seed = int(float((params.get("seeds") or plan.seeds or [0])[0]))
+    launcher = str(params.get("launcher") or "pytorchjob")
+
+    def planned(what: str, manifest: dict[str, Any], recipe: Any, stage: str) -> PlannedJob:
+        return PlannedJob(what, manifest, recipe, stage, job_replicas(manifest, runtime))
+
     jobs = []
     for stage in plan.stages:
         data = storage.join(storage.join(data_prefix, recipe.stages[stage].data.dataset), "manifest.json")
@@ -192,8 +216,8 @@ def build_jobs(recipe_id: str, params: dict[str, Any], template: dict[str, Any] 
         opts = steps.train_options(recipe_id, stage, seed=seed if last else None, **common)
         manifest = steps.job_manifest(recipe, stage, opts, template, lambda w, stage=stage, data=data, out=out: launch.trainer_args(
             recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides, workers=w,
-            seed=seed if stage == plan.last else None))
-        jobs.append(PlannedJob(stage, manifest, recipe, stage))
+            seed=seed if stage == plan.last else None), launcher)
+        jobs.append(planned(stage, manifest, recipe, stage))
     node = launch.one_node(recipe)
     for suite in plan.suites:
         opts = steps.eval_options(recipe_id, suite, seed=seed, ranks=node.hardware.gpus, **common)
@@ -201,8 +225,8 @@ def build_jobs(recipe_id: str, params: dict[str, Any], template: dict[str, Any] 
             storage.join(runs, "preflight/export"), suite, {suite: storage.join(data_prefix, "manifest.json")},
             out=storage.join(runs, "preflight/results.json"), run_key="preflight", parent_run_id="preflight",
             run_name="preflight", tags={}, profile=profile, overrides=overrides, workers=w,
-            gpu=uses_gpus(node)))
-        jobs.append(PlannedJob(f"eval {suite}", manifest, node, plan.last))
+            gpu=uses_gpus(node)), launcher)
+        jobs.append(planned(f"eval {suite}", manifest, node, plan.last))
     return jobs
 
 
@@ -213,21 +237,42 @@ def pod_template_of(objects: Objects, namespace: str) -> dict[str, Any] | None:
     return None if obj is None else obj.get("template")
 
 
+def runtime_of(objects: Objects) -> dict[str, Any] | None:
+    from vfm.launch.trainjob import RUNTIME, RUNTIME_KIND
+
+    return objects.get(RUNTIME_KIND, None, RUNTIME)
+
+
 # --- helpers over job manifests -----------------------------------------------------------------
-def replicas(job: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    for role, spec in sorted(((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items()):
-        yield role, (spec.get("template") or {})
+def job_replicas(job: dict[str, Any], runtime: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any], int]]:
+    """(role, pod template, count) of a PyTorchJob's replica specs, or of a TrainJob's nodes on `runtime`."""
+    from vfm.launch import trainjob as tj
+
+    if job.get("kind") == tj.KIND:
+        if runtime is None:
+            return []
+        n = int(((job.get("spec") or {}).get("trainer") or {}).get("numNodes") or 1)
+        return [(tj.NODE, tj.node_pod_template(job, runtime), n)]
+    return [(role, spec.get("template") or {}, int(spec.get("replicas") or 1))
+            for role, spec in sorted(((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).items())]
+
+
+def replicas(pj: PlannedJob) -> Iterator[tuple[str, dict[str, Any]]]:
+    for role, pod, _ in pj.replicas:
+        yield role, pod
 
 
 def trainer_container(pod: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's container: `pytorch` in a PyTorchJob replica (and the PodTemplate), `node` on Trainer v2."""
     from vfm.launch.job import CONTAINER
+    from vfm.launch.trainjob import NODE
 
-    return next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == CONTAINER), {})
+    return next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") in (CONTAINER, NODE)), {})
 
 
 def _job_ref(job: dict[str, Any], role: str | None = None) -> str:
     meta = job.get("metadata") or {}
-    return f"PyTorchJob {meta.get('namespace')}/{meta.get('name')}" + (f" replica {role}" if role else "")
+    return f"{job.get('kind', 'PyTorchJob')} {meta.get('namespace')}/{meta.get('name')}" + (f" replica {role}" if role else "")
 
 
 def _arg(args: list[str], flag: str) -> str | None:
@@ -300,7 +345,7 @@ def check_references(plan: Plan, objects: Objects) -> list[Finding]:
             out.append(Finding("refs", _job_ref(job), f"metadata.labels[{QUEUE_LABEL}]", f"LocalQueue {ns}/{queue} "
                                "does not exist; Kueue never admits the job", "include manifests/components/kueue in "
                                "the overlay or pass --param kueue_queue=<an existing LocalQueue>"))
-        for role, pod in replicas(job):
+        for role, pod in replicas(pj):
             out += _pod_references(objects, _job_ref(job, role), ns, pod.get("spec") or {})
     return out
 
@@ -366,14 +411,16 @@ def check_rbac(plan: Plan, objects: Objects) -> list[Finding]:
 
     out = []
     user = SA_USER.format(namespace=plan.kfp_namespace, name=plan.runner)
+    permissions = LAUNCHER_PERMISSIONS[plan.launcher]
     for ns in sorted({(j.manifest.get("metadata") or {}).get("namespace") or "" for j in plan.jobs}):
-        denied = [f"{verb} {resource}{'/' + name if name else ''}" for group, resource, verb, name in LAUNCHER_PERMISSIONS
+        denied = [f"{verb} {resource}{'/' + name if name else ''}" for group, resource, verb, name in permissions
                   if not allowed(objects, plan.kfp_namespace, plan.runner, ns, group, resource, verb, name)]
         if denied:
             out.append(Finding("rbac", f"ServiceAccount {plan.kfp_namespace}/{plan.runner}", f"namespace {ns}",
                                f"{user} may not {', '.join(denied)} in {ns}; the launcher does (403 at the first job)",
-                               f"bind it a Role with those rules in {ns} (manifests/base/rbac.yaml grants them in vfm), "
-                               "or send the jobs where it may: --param namespace=vfm"))
+                               f"bind it a Role with those rules in {ns} (manifests/base/rbac.yaml grants them in vfm"
+                               + (", manifests/components/trainer-v2 for TrainJobs" if plan.launcher == "trainjob" else "")
+                               + "), or send the jobs where it may: --param namespace=vfm"))
     return out
 
 
@@ -424,10 +471,16 @@ def check_template(plan: Plan, objects: Objects, template: dict[str, Any] | None
                         "PodTemplate in the jobs' namespace; the launcher builds every replica from it",
                         "render an overlay that includes manifests/base (trainer-podtemplate.yaml)")]
     out = []
+    if plan.launcher == "trainjob" and runtime_of(objects) is None:
+        from vfm.launch.trainjob import RUNTIME, RUNTIME_KIND
+
+        out.append(Finding("template", f"{RUNTIME_KIND} {RUNTIME}", "metadata.name", "the overlay has no vfm runtime, "
+                           "which every TrainJob names (launcher=trainjob)", "render an overlay with "
+                           "manifests/components/trainer-v2 (e.g. manifests/overlays/h100-trainer-v2)"))
     t_spec = template.get("spec") or {}
     t_container = trainer_container(template)
     for pj in plan.jobs:
-        for role, pod in replicas(pj.manifest):
+        for role, pod in replicas(pj):
             who, spec, c = _job_ref(pj.manifest, role), pod.get("spec") or {}, trainer_container(pod)
             for key in ("nodeSelector", "tolerations", "priorityClassName", "serviceAccountName"):
                 if t_spec.get(key) and spec.get(key) != t_spec.get(key):
@@ -467,7 +520,7 @@ def check_template(plan: Plan, objects: Objects, template: dict[str, Any] | None
                                        f"is {per_pod!r}, the job runs {pj.recipe.hardware.procs_per_node} ranks per "
                                        "pod", "let the launcher set the GPU count per pod"))
         labels = (pj.manifest.get("metadata") or {}).get("labels") or {}
-        for _role, pod in replicas(pj.manifest):
+        for _role, pod in replicas(pj):
             if QUEUE_LABEL in ((pod.get("metadata") or {}).get("labels") or {}) and QUEUE_LABEL not in labels:
                 out.append(Finding("template", _job_ref(pj.manifest), f"metadata.labels[{QUEUE_LABEL}]",
                                    "is on the pods only; Kueue reads it from the job's own metadata",
@@ -495,7 +548,7 @@ def check_images(plan: Plan, objects: Objects, template: dict[str, Any] | None,
                                f"components image you built ({components_image})", "vfm pipeline compile "
                                f"{plan.recipe_id} --components-image {components_image}"))
     for pj in plan.jobs:
-        for role, pod in replicas(pj.manifest):
+        for role, pod in replicas(pj):
             c = trainer_container(pod)
             gpus = ((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu")
             if gpus and c.get("image") in components:
@@ -525,8 +578,8 @@ def check_pods(plan: Plan, objects: Objects) -> list[Finding]:
     out = []
     for pj in plan.jobs:
         job = pj.manifest
-        procs = int(str((job.get("spec") or {}).get("nprocPerNode") or 1))
-        for role, pod in replicas(job):
+        procs = pj.procs_per_pod
+        for role, pod in replicas(pj):
             who, spec, c = _job_ref(job, role), pod.get("spec") or {}, trainer_container(pod)
             args = [str(a) for a in c.get("args") or []]
             workers = int(_arg(args, "--workers") or 0)
@@ -563,7 +616,7 @@ def check_pods(plan: Plan, objects: Objects) -> list[Finding]:
                 out.append(Finding("grace", who, "spec.terminationGracePeriodSeconds", f"{grace} s; ranks take up to "
                                    f"{SHUTDOWN_TIMEOUT_S} s to checkpoint after SIGTERM, so a preempted pod is killed "
                                    "mid-save", f"set ≥ {SHUTDOWN_TIMEOUT_S + GRACE_MARGIN_S} s"))
-        out += _policy(job, objects)
+        out += _policy(pj, objects)
     return out
 
 
@@ -577,7 +630,8 @@ def _batch_bytes(pj: PlannedJob, args: list[str]) -> float:
     return batch * 3 * pixels * 4
 
 
-def _policy(job: dict[str, Any], objects: Objects) -> list[Finding]:
+def _policy(pj: PlannedJob, objects: Objects) -> list[Finding]:
+    job = pj.manifest
     ns = (job.get("metadata") or {}).get("namespace") or ""
     namespace = objects.get("Namespace", None, ns) or {}
     enforce = ((namespace.get("metadata") or {}).get("labels") or {}).get(ENFORCE_LABEL, "privileged")
@@ -586,7 +640,10 @@ def _policy(job: dict[str, Any], objects: Objects) -> list[Finding]:
         return [Finding("policy", f"Namespace {ns}", f"metadata.labels[{ENFORCE_LABEL}]", f"is {enforce!r}: nothing "
                         "holds the training pods to `restricted`", "label the namespace restricted "
                         "(manifests/base/namespace.yaml), or add components/rdma-exemption for IPC_LOCK")]
-    found = restricted_violations(job, {"IPC_LOCK"} if exempt else set())
+    # the pods as the API server admits them (a TrainJob's come from its runtime and patches)
+    pods = {"kind": job.get("kind"), "metadata": job.get("metadata"), "spec": {
+        role: {"template": pod} for role, pod in replicas(pj)}}
+    found = restricted_violations(pods, {"IPC_LOCK"} if exempt else set())
     fix = ("fix the PodTemplate (manifests/base/trainer-podtemplate.yaml)" if not exempt else
            "only IPC_LOCK is exempt (components/rdma-exemption); fix the PodTemplate")
     return [Finding("policy", _job_ref(job), v.split(": ", 1)[0].split(" ", 1)[-1], v.split(": ", 1)[-1],
@@ -612,8 +669,7 @@ def check_queue(plan: Plan, objects: Objects) -> list[Finding]:
                                "spec.clusterQueue", f"ClusterQueue {cq_name} does not exist", "define it"))
             continue
         total: dict[str, float] = {}
-        for role, pod in replicas(pj.manifest):
-            n = int(((pj.manifest["spec"]["pytorchReplicaSpecs"][role]).get("replicas")) or 1)
+        for _role, pod, n in pj.replicas:
             for res, q in (((trainer_container(pod).get("resources") or {}).get("requests")) or {}).items():
                 total[res] = total.get(res, 0.0) + n * _amount(res, q)
         quota: dict[str, float] = {}
@@ -673,13 +729,18 @@ def offline_plan(recipe_id: str, overlay: Path, *, package: Path | None = None, 
     values = {**pkg.defaults(), **(params or {})}
     template = pod_template_of(objects, str(values.get("namespace") or kfp_namespace))
     plan = Plan(recipe_id, values, pkg.tasks(values), kfp_namespace=kfp_namespace, runner=runner)
-    plan.jobs = build_jobs(recipe_id, values, template, kfp_namespace)
+    plan.jobs = build_jobs(recipe_id, values, template, kfp_namespace, runtime_of(objects))
     return plan, objects, template
 
 
 # --- live checks (--context) --------------------------------------------------------------------
-CRD_NAME = "pytorchjobs.kubeflow.org"
-OPERATOR = ("kubeflow", "training-operator")  # manifests/platform/training-operator (kubeflow/training-operator v1.9)
+# launcher → (its CRD, the Deployment that runs its jobs, the install that provides both)
+OPERATORS = {
+    "pytorchjob": ("pytorchjobs.kubeflow.org", ("kubeflow", "training-operator"),  # kubeflow/training-operator v1.9
+                   "manifests/platform/training-operator", "PyTorchJobs"),
+    "trainjob": ("trainjobs.trainer.kubeflow.org", ("kubeflow-system", "kubeflow-trainer-controller-manager"),
+                 "manifests/platform/trainer-v2", "TrainJobs"),  # kubeflow/trainer v2.3 manifests/base/manager
+}
 
 
 def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoint: str | None = None,
@@ -705,23 +766,31 @@ def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoi
                                "who may read it (kubectl auth can-i get ...)"))
             return False
 
-    crd = read(f"CustomResourceDefinition {CRD_NAME}", k8s.ApiextensionsV1Api(api).read_custom_resource_definition,
-               CRD_NAME)
+    crd_name, (op_ns, op_name), install, jobs = OPERATORS[plan.launcher]
+    crd = read(f"CustomResourceDefinition {crd_name}", k8s.ApiextensionsV1Api(api).read_custom_resource_definition,
+               crd_name)
     if crd is None:
-        out.append(Finding("live", f"CustomResourceDefinition {CRD_NAME}", "metadata.name", "is not installed",
-                           "kubectl apply --server-side -k manifests/platform/training-operator"))
-    op = read(f"Deployment {OPERATOR[0]}/{OPERATOR[1]}", k8s.AppsV1Api(api).read_namespaced_deployment,
-              OPERATOR[1], OPERATOR[0])
+        out.append(Finding("live", f"CustomResourceDefinition {crd_name}", "metadata.name", "is not installed",
+                           f"kubectl apply --server-side -k {install}"))
+    op = read(f"Deployment {op_ns}/{op_name}", k8s.AppsV1Api(api).read_namespaced_deployment, op_name, op_ns)
     if op is None or (op and not (op.status.available_replicas or 0)):
-        out.append(Finding("live", f"Deployment {OPERATOR[0]}/{OPERATOR[1]}", "status.availableReplicas",
-                           "the training operator is not running: PyTorchJobs are accepted but never start",
-                           "kubectl apply --server-side -k manifests/platform/training-operator; then kubectl -n "
-                           "kubeflow get pods"))
+        out.append(Finding("live", f"Deployment {op_ns}/{op_name}", "status.availableReplicas",
+                           f"the {jobs[:-1]} controller is not running: {jobs} are accepted but never start",
+                           f"kubectl apply --server-side -k {install}; then kubectl -n {op_ns} get pods"))
+    if plan.launcher == "trainjob":
+        from vfm.launch import trainjob as tj
+
+        runtime = read(f"{tj.RUNTIME_KIND} {tj.RUNTIME}", k8s.CustomObjectsApi(api).get_cluster_custom_object,
+                       tj.GROUP, tj.VERSION, "clustertrainingruntimes", tj.RUNTIME)
+        if runtime is None:
+            out.append(Finding("live", f"{tj.RUNTIME_KIND} {tj.RUNTIME}", "metadata.name", "does not exist: every "
+                               "TrainJob names it", "kubectl apply -k manifests/overlays/h100-trainer-v2 (or an "
+                               "overlay with manifests/components/trainer-v2)"))
     nodes = read("nodes", core.list_node)
     if nodes is None or (nodes and not nodes.items):
         out.append(Finding("live", "nodes", "items", "the cluster lists no nodes", "check the kubeconfig context"))
     for pj in plan.jobs:
-        for role, pod in replicas(pj.manifest):
+        for role, pod, count in pj.replicas:
             limits = (trainer_container(pod).get("resources") or {}).get("limits") or {}
             if GPU_RESOURCE not in limits or not nodes:
                 continue
@@ -729,7 +798,6 @@ def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoi
             selector = (pod.get("spec") or {}).get("nodeSelector") or {}
             fit = [n for n in nodes.items if all((n.metadata.labels or {}).get(k) == v for k, v in selector.items())
                    and int((n.status.allocatable or {}).get(GPU_RESOURCE, 0)) >= want]
-            count = int(pj.manifest["spec"]["pytorchReplicaSpecs"][role].get("replicas") or 1)
             if len(fit) < count:
                 out.append(Finding("live", _job_ref(pj.manifest, role), "spec.nodeSelector", f"{len(fit)} node(s) "
                                    f"match {selector or 'any'} with ≥ {want} allocatable {GPU_RESOURCE}; the replica "
@@ -738,7 +806,7 @@ def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoi
     user = SA_USER.format(namespace=plan.kfp_namespace, name=plan.runner)
     authz = k8s.AuthorizationV1Api(api)
     for ns in sorted({pj.manifest["metadata"]["namespace"] for pj in plan.jobs}):
-        for group, resource, verb, name in LAUNCHER_PERMISSIONS:
+        for group, resource, verb, name in LAUNCHER_PERMISSIONS[plan.launcher]:
             res, _, sub = resource.partition("/")
             review = k8s.V1SubjectAccessReview(spec=k8s.V1SubjectAccessReviewSpec(
                 user=user, groups=["system:serviceaccounts", f"system:serviceaccounts:{plan.kfp_namespace}"],

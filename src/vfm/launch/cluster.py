@@ -72,7 +72,7 @@ REQUEST_TIMEOUT = 30  # seconds per API call; the *wait* budget is `timeout_s`
 _READS = (("", "podtemplates", "get", POD_TEMPLATE), ("", "pods", "list", None), ("", "pods/log", "get", None))
 LAUNCHER_PERMISSIONS = {
     "pytorchjob": tuple((GROUP, PLURAL, verb, None) for verb in ("create", "get", "list", "delete")) + _READS,
-    # the vfm runtime is cluster-scoped: its check has no namespace (manifests/components/trainer-v2/rbac.yaml)
+    # manifests/components/trainer-v2/rbac.yaml; the launcher never reads the (cluster-scoped) runtime
     "trainjob": tuple((tj.GROUP, tj.PLURAL, verb, None) for verb in ("create", "get", "list", "delete")) + _READS,
 }
 

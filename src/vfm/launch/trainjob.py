@@ -160,3 +160,75 @@ def build_trainjob(recipe: Recipe, opts: JobOptions, pod_template: dict[str, Any
 def trainjob_manifest(job: tm.TrainerV1alpha1TrainJob) -> dict[str, Any]:
     """The wire format (camelCase, no nulls) of a TrainJob model."""
     return job.to_dict()
+
+
+def node_pod_template(manifest: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
+    """The pod template (K8s JSON) of a TrainJob's nodes as Trainer v2 builds it from `runtime` (the
+    ClusterTrainingRuntime object): the runtime's `node` pod, the trainer's image, command, args, env and
+    resources, the torch plugin's PET_* env and port, then the TrainJob's runtime patches. What `vfm
+    preflight` checks a TrainJob's pods on (they exist only once the controller has made them)."""
+    jobs = ((runtime.get("spec") or {}).get("template") or {}).get("spec", {}).get("replicatedJobs") or []
+    node = next((j for j in jobs if j.get("name") == NODE), None)
+    if node is None:
+        raise UserError(f"ClusterTrainingRuntime {runtime.get('metadata', {}).get('name')}: no replicatedJob "
+                        f"`{NODE}`; the torch plugin configures only that one (manifests/components/trainer-v2)")
+    pod = copy.deepcopy(((node.get("template") or {}).get("spec") or {}).get("template") or {})
+    spec = pod.setdefault("spec", {})
+    container = next((c for c in spec.get("containers") or [] if c.get("name") == NODE), None)
+    if container is None:
+        raise UserError(f"ClusterTrainingRuntime {runtime.get('metadata', {}).get('name')}: no container `{NODE}`")
+    trainer = (manifest.get("spec") or {}).get("trainer") or {}
+    name = manifest["metadata"]["name"]
+    for key in ("image", "command", "args"):
+        if trainer.get(key):
+            container[key] = copy.deepcopy(trainer[key])
+    if trainer.get("resourcesPerNode"):
+        container["resources"] = copy.deepcopy(trainer["resourcesPerNode"])
+    nproc = trainer.get("numProcPerNode")
+    plugin_env = [{"name": "PET_NNODES", "value": str(trainer.get("numNodes") or 1)},
+                  {"name": "PET_NPROC_PER_NODE", "value": str(nproc if nproc is not None else "auto")},
+                  {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
+                      "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+                  {"name": "PET_MASTER_ADDR", "value": f"{name}-{NODE}-0-0.{name}"},
+                  {"name": "PET_MASTER_PORT", "value": str(TRAINER_PORT)}]
+    container["env"] = _merge_by_name(container.get("env"), list(trainer.get("env") or []) + plugin_env)
+    container["ports"] = _merge_by_name(container.get("ports"), [{"containerPort": TRAINER_PORT, "name": "trainer"}],
+                                        key="containerPort")
+    for patch in (manifest.get("spec") or {}).get("runtimePatches") or []:
+        tpl = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+        for rj in tpl.get("replicatedJobs") or []:
+            if rj.get("name") != NODE:
+                continue
+            p = ((rj.get("template") or {}).get("spec") or {}).get("template") or {}
+            meta = pod.setdefault("metadata", {})
+            for key in ("labels", "annotations"):
+                if (p.get("metadata") or {}).get(key):
+                    meta[key] = {**(meta.get(key) or {}), **p["metadata"][key]}
+            ps = p.get("spec") or {}
+            if ps.get("nodeSelector"):
+                spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), **ps["nodeSelector"]}
+            if ps.get("tolerations"):
+                spec["tolerations"] = list(spec.get("tolerations") or []) + list(ps["tolerations"])
+            if ps.get("volumes"):
+                spec["volumes"] = _merge_by_name(spec.get("volumes"), ps["volumes"])
+            for key in ("serviceAccountName", "terminationGracePeriodSeconds", "securityContext"):
+                if key in ps:
+                    spec[key] = ps[key]
+            for cp in ps.get("containers") or []:
+                target = next((c for c in spec.get("containers") or [] if c.get("name") == cp.get("name")), None)
+                if target is None:
+                    raise UserError(f"TrainJob {name}: runtimePatches name container {cp.get('name')!r}, which the "
+                                    "runtime does not have")
+                if "securityContext" in cp:
+                    target["securityContext"] = cp["securityContext"]
+                for key in ("env", "volumeMounts"):
+                    if cp.get(key):
+                        target[key] = _merge_by_name(target.get(key), cp[key])
+    return pod
+
+
+def _merge_by_name(base: list[dict[str, Any]] | None, extra: list[dict[str, Any]], key: str = "name") -> list[dict[str, Any]]:
+    """List-map merge as the API server applies it: an item of `extra` replaces the one with its key."""
+    out = {item[key]: item for item in base or []}
+    out.update({item[key]: item for item in extra})
+    return list(out.values())
