@@ -245,3 +245,14 @@ def test_a_two_node_local_trainjob_all_reduces_with_trainer_v2s_env(tmp_path):
     # torchrun derives its workers' WORLD_SIZE from PET_NNODES × PET_NPROC_PER_NODE
     assert {r["env"]["WORLD_SIZE"] for r in ranks} == {"2"}
     assert any("TrainJob local-trainjob Complete (local, 2 replicas" in line for line in lines)
+
+
+def test_an_unknown_launcher_is_refused_before_anything_starts(tmp_path):
+    recipe, o = opts()
+    with pytest.raises(UserError, match="launcher 'mpijob': use one of pytorchjob, trainjob"):
+        build_manifest(recipe, o, None, launcher="mpijob")
+    from vfm.pipeline.local import run_local
+
+    with pytest.raises(UserError, match="--launcher 'mpijob'"):
+        run_local("vit-huge", workdir=tmp_path, launcher="mpijob")
+    assert not (tmp_path / "services").exists()  # no embedded server was started

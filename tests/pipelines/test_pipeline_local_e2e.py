@@ -167,11 +167,17 @@ def test_the_mlflow_ui_shows_the_main_job_in_chromium(main_job):
 
 
 @pytest.mark.scale
-def test_dinov2_giant_smoke_dag_end_to_end(services, tmp_path):
+def test_dinov2_giant_smoke_dag_end_to_end_as_trainjobs(services, tmp_path):
+    """The same DAG with launcher=trainjob: every stage and evaluation a Kubeflow Trainer v2 TrainJob, its
+    nodes run locally with the torch plugin's env (the vit-huge main job covers the PyTorchJob launcher)."""
     seen = []  # `--serve` hook: called with the outcome while the services are still up
     result = run_local("dinov2-giant", workdir=tmp_path, profile="smoke",
-                       overrides=[] if FULL else REDUCED_SETS["dinov2-giant"], while_serving=seen.append)
+                       overrides=[] if FULL else REDUCED_SETS["dinov2-giant"], while_serving=seen.append,
+                       launcher="trainjob")
     assert result.state == "FINISHED", result
+    log = result.log_path.read_text()
+    assert re.search(r"TrainJob dinov2-giant-pr\S+ Complete \(local, 1 replicas", log), log[-3000:]
+    assert "PyTorchJob" not in log
     assert seen == [result] and result.embedded_store is None  # configured services, not embedded ones
     client = MlflowClient(tracking_uri=services.mlflow_uri)
     run = client.get_run(result.parent_run_id)
