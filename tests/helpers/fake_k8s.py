@@ -201,3 +201,22 @@ def fake_k8s_server() -> Iterator[FakeK8s]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def cancel_with_sigterm(run, after_s: float = 0.5) -> None:
+    """Call `run()` while this process receives SIGTERM after `after_s`, as a cancelled KFP step's launcher
+    pod does; it must fail with the launcher's `Cancelled`."""
+    import os
+    import signal
+
+    import pytest
+
+    from vfm.launch import JobFailed
+
+    timer = threading.Timer(after_s, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(JobFailed, match="Cancelled"):
+            run()
+    finally:
+        timer.cancel()

@@ -3,14 +3,13 @@ Succeeded passes, Failed / timeout / restart cap / cancel fail the step and dele
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
 import pytest
 from kubernetes import client as k8s
 
-from tests.helpers.fake_k8s import cond
+from tests.helpers.fake_k8s import cancel_with_sigterm, cond
 from vfm.launch import JobFailed, JobOptions, JobTimeout, build_job, job_name, to_manifest, trainer_args
 from vfm.launch.cluster import ClusterBackend, kube_configuration
 from vfm.recipes import load_recipe
@@ -77,13 +76,7 @@ def test_restarts_past_our_cap_fail_the_step(fake_k8s):
 def test_cancel_sigterm_deletes_the_job(fake_k8s):
     m = job()
     fake_k8s.timelines[m["metadata"]["name"]] = [[cond("Created"), cond("Running")]]
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        with pytest.raises(JobFailed, match="Cancelled"):
-            backend(fake_k8s, []).run(m, timeout_s=60, max_restarts=2)
-    finally:
-        timer.cancel()
+    cancel_with_sigterm(lambda: backend(fake_k8s, []).run(m, timeout_s=60, max_restarts=2))
     assert fake_k8s.deleted == [m["metadata"]["name"]]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 

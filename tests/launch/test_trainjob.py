@@ -6,17 +6,14 @@ all-reduce on the local backend with the env Trainer v2's torch plugin injects."
 from __future__ import annotations
 
 import json
-import os
-import signal
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
 from kubernetes import client as k8s
 
-from tests.helpers.fake_k8s import cond
+from tests.helpers.fake_k8s import cancel_with_sigterm, cond
 from vfm.deploy.validate import validation_errors
 from vfm.errors import UserError
 from vfm.launch import (
@@ -173,13 +170,7 @@ def test_timeout_and_cancel_delete_the_trainjob(fake_k8s):
     with pytest.raises(JobTimeout, match="TrainJob .* not finished after 1 s"):
         backend(fake_k8s, []).run(m, timeout_s=1, max_restarts=2)
     assert fake_k8s.deleted == [name]
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        with pytest.raises(JobFailed, match="Cancelled"):
-            backend(fake_k8s, []).run(m, timeout_s=60, max_restarts=2)
-    finally:
-        timer.cancel()
+    cancel_with_sigterm(lambda: backend(fake_k8s, []).run(m, timeout_s=60, max_restarts=2))
     assert fake_k8s.deleted == [name, name]
 
 
