@@ -87,6 +87,36 @@ def test_knn_matches_reference(world):
     assert {k.removeprefix("eval.knn."): v for k, v in metrics.items()} == pytest.approx(ref)
 
 
+def test_linear_suite_is_the_probe_on_the_exports_cls_features_and_exports_a_classifier(world, tmp_path):
+    from vfm.evaluate.linear import ProbeConfig, key_hashes, linear_probe
+
+    export = world["exports"][0]
+    cfg = ProbeConfig(weight_decays=(1e-2, 1e-3))
+    metrics = evaluate(export, ["linear"], world["data"], batch_size=5, probe=cfg, linear_export=str(tmp_path / "clf"))
+    from vfm.export import load_export
+
+    model, _ = load_export(export)
+    tf = _transform(world["meta"])
+
+    def feats(files):
+        x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in files])
+        with torch.no_grad():  # the final-norm CLS token, not normalised: the probe standardises its inputs
+            return model.forward_features(x)[:, 0], torch.tensor([IN1K.index(w) for _, w in files])
+
+    tr, trl = feats(world["files"]["train"])
+    te, tel = feats(world["files"]["val"])
+    # the sample keys the shard writer gave the train files: their paths under the folder root, less the suffix
+    root = world["root"] / "train"
+    keys = [str(p.relative_to(root).with_suffix("")) for p, _ in world["files"]["train"]]
+    ref, _ = linear_probe((tr, trl, key_hashes(keys)), (te, tel), 1000, cfg, device=torch.device("cpu"))
+    assert {k.removeprefix("eval.linear."): v for k, v in metrics.items()} == pytest.approx(ref, abs=1e-3)
+    # the exported classifier is an ordinary export: in1k runs on it unchanged and agrees with the probe
+    clf, clf_meta = load_export(tmp_path / "clf")
+    assert clf_meta.stage == "linear" and clf_meta.num_classes == 1000 and clf_meta.wnids == IN1K
+    assert evaluate(str(tmp_path / "clf"), ["in1k"], world["data"], batch_size=5)["eval.in1k.top1"] == pytest.approx(
+        metrics["eval.linear.top1"], abs=1e-3)
+
+
 def test_seeds_aggregate_and_json(world, tmp_path):
     out = tmp_path / "results.json"
     res = evaluate_seeds(world["exports"], ["in1k"], {"in1k": world["data"]["in1k"]}, batch_size=6,
@@ -119,3 +149,6 @@ def test_cli_user_errors(world, tmp_path):
     assert isinstance(res.exception, UserError) and "dataset 'folder' does not name a suite" in str(res.exception)
     res = runner.invoke(app, ["evaluate", world["exports"][0], "--suite", "in_c", "--data", world["data"]["in_r"]])
     assert isinstance(res.exception, UserError) and "no data for in_c" in str(res.exception)
+    res = runner.invoke(app, ["evaluate", world["exports"][0], "--suite", "linear", "--linear-weight-decays", "0,1e-4",
+                              "--data", f"in1k={world['data']['in1k']}", "--data", f"knn_train={world['data']['knn_train']}"])
+    assert isinstance(res.exception, UserError) and "--linear-weight-decays '0,1e-4'" in str(res.exception)

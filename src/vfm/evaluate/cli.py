@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
     def evaluate_cmd(
         checkpoints: Annotated[list[str], typer.Argument(
             help="Export dir(s), s3:// prefix(es) or registry models (models:/vfm-<recipe>@champion); several = seeds.")],
-        suite: Annotated[str, typer.Option("--suite", help="Comma list of in1k,in_c,in_r,knn.")] = "in1k",
+        suite: Annotated[str, typer.Option("--suite", help="Comma list of in1k,in_c,in_r,knn,linear (linear: a "
+                                           "probe trained on knn_train, scored on in1k).")] = "in1k",
         data: Annotated[list[str] | None, typer.Option(
             "--data", help="SUITE=MANIFEST_URL (in1k, in_c, in_r, knn_train, knn), or a bare manifest URL.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
@@ -49,6 +50,18 @@ def register(app: typer.Typer) -> None:
         bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast.")] = False,
         knn_k: Annotated[str, typer.Option("--knn-k", help="Comma list of k.")] = "10,20,100,200",
         knn_t: Annotated[float, typer.Option("--knn-temperature")] = 0.07,
+        linear_blocks: Annotated[int, typer.Option("--linear-blocks", help="Linear probe: CLS tokens of the last "
+                                                   "N blocks (DINOv2 uses 1 or 4).")] = 1,
+        linear_avgpool: Annotated[bool, typer.Option("--linear-avgpool", help="Linear probe: add the mean patch "
+                                                     "token.")] = False,
+        linear_wds: Annotated[str | None, typer.Option("--linear-weight-decays", help="Linear probe: comma list of "
+                                                       "L2 penalties, one head each, chosen on held-out train "
+                                                       "(default 1e-7 … 1e-2).")] = None,
+        linear_max_iter: Annotated[int, typer.Option("--linear-max-iter", help="Linear probe: L-BFGS iterations "
+                                                     "per head.")] = 1000,
+        linear_export: Annotated[str | None, typer.Option("--linear-export", help="Linear probe: write the backbone "
+                                                          "with the chosen head here (a path or s3:// prefix), a "
+                                                          "classifier export the in1k/in_c/in_r suites read.")] = None,
         out: Annotated[str, typer.Option("--out", help="Results JSON: a path or s3:// URL.")] = "eval-results.json",
         tracking_uri: UriOpt = None,
         run_key: Annotated[str | None, typer.Option("--run-key", help="MLflow run key (re-opens that run).")] = None,
@@ -76,6 +89,19 @@ def register(app: typer.Typer) -> None:
             ks = [int(k) for k in knn_k.split(",") if k.strip()]
         except ValueError:
             raise UserError(f"--knn-k {knn_k!r}: expected a comma list of integers such as 10,20,100,200") from None
+        from vfm.evaluate.linear import DEFAULT_WEIGHT_DECAYS, ProbeConfig, grid
+
+        try:
+            wds = grid([float(v) for v in linear_wds.split(",")] if linear_wds else DEFAULT_WEIGHT_DECAYS)
+        except ValueError as exc:
+            raise UserError(f"--linear-weight-decays {linear_wds!r}: {exc}") from None
+        if linear_blocks < 1 or linear_max_iter < 1:
+            raise UserError(f"--linear-blocks {linear_blocks} / --linear-max-iter {linear_max_iter}: give 1 or more")
+        probe = ProbeConfig(n_last_blocks=linear_blocks, avgpool=linear_avgpool, weight_decays=wds,
+                            max_iter=linear_max_iter)
+        if linear_export and ("linear" not in suites or len(checkpoints) != 1):
+            raise UserError(f"--linear-export {linear_export}: needs --suite linear and exactly one checkpoint "
+                            "(one classifier per backbone)")
         _init_distributed()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and dev.index is None:
@@ -88,7 +114,7 @@ def register(app: typer.Typer) -> None:
             tags[k] = v
         recipe, claims = _recipe_of(checkpoints[0], profile, list(overrides or []))
         kwargs = dict(batch_size=batch_size, num_workers=workers, device=dev, knn_ks=ks, knn_temperature=knn_t,
-                      autocast_dtype=torch.bfloat16 if bf16 else None)
+                      autocast_dtype=torch.bfloat16 if bf16 else None, probe=probe, linear_export=linear_export)
         rank, _ = rank_and_world()
         if rank == 0 and recipe is not None:
             from vfm.tracking import tracked_run

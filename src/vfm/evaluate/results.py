@@ -19,7 +19,7 @@ from typing import Any
 # (dinov2/eval/knn.py: "20 is usually working the best").
 CLAIM_METRICS: dict[str, str] = {"top1": "eval.in1k.top1", "knn_top1": "eval.knn.k20.top1"}
 CLAIM_TAG_PREFIX = "claim."
-SUITES: tuple[str, ...] = ("in1k", "in_c", "in_r", "knn")
+SUITES: tuple[str, ...] = ("in1k", "in_c", "in_r", "knn", "linear")
 
 
 def prefixed(suite: str, metrics: Mapping[str, float]) -> dict[str, float]:

@@ -6,6 +6,10 @@ Data: `data` maps a suite to the manifest it reads —
   in_r       ImageNet-R (`vfm shard imagenet-r`; labels are IN-1K indices, scored through the 200-class mask)
   knn_train  the k-NN memory bank (IN-1K train); `knn` is the k-NN query set (defaults to `in1k`)
 
+The `linear` suite trains a linear probe on `knn_train` (vfm.evaluate.linear: DINOv2's linear protocol, solved
+by L-BFGS, the L2 penalty chosen on a held-out tenth of train) and reports it on `in1k`; with `linear_export`
+the backbone and its probe are written as a classifier export, on which in1k, in_c and in_r run unchanged.
+
 Every suite uses the export's eval transform (resize to resolution / crop_pct, centre-crop resolution,
 the recipe's mean/std), including ImageNet-C, whose 224-px JPEGs are therefore resized like val
 images (the AugMix convention: Resize(256) + CenterCrop(224), google-research/augmix@9b9824c
@@ -25,6 +29,7 @@ from vfm.dist import rank_and_world
 from vfm.errors import UserError
 from vfm.evaluate.classify import ALL, align_classes, classify
 from vfm.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, extract_features, knn_classify
+from vfm.evaluate.linear import ProbeConfig
 from vfm.evaluate.results import SUITES, EvalResults, aggregate_seeds, claims_table, prefixed
 from vfm.evaluate.robustness import imagenet_c_report, imagenet_r_mask
 
@@ -48,9 +53,11 @@ def parse_suites(text: str | Sequence[str]) -> list[str]:
 
 
 def required_data(suites: Sequence[str]) -> set[str]:
-    need = {s for s in suites if s != "knn"}
+    need = {s for s in suites if s not in ("knn", "linear")}
     if "knn" in suites:
         need |= {"knn_train"}
+    if "linear" in suites:
+        need |= {"knn_train", "in1k"}
     return need
 
 
@@ -75,6 +82,8 @@ def evaluate(
     knn_ks: Sequence[int] = DEFAULT_KS,
     knn_temperature: float = DEFAULT_TEMPERATURE,
     knn_block_size: int = 4096,
+    probe: ProbeConfig | None = None,
+    linear_export: str | None = None,
 ) -> dict[str, float]:
     """Evaluate one export (a directory/s3 prefix, or an already loaded `(model, ExportMeta)`) on
     `suites`; returns `eval.<suite>.*` metrics, identical on every rank. Call on all ranks together."""
@@ -91,11 +100,14 @@ def evaluate(
                 autocast_dtype=autocast_dtype)
     metrics: dict[str, float] = {}
     clean_err: float | None = None
-    for suite in ("in1k", "in_c", "in_r", "knn"):  # in1k first: ImageNet-C's relative mCE needs its error
+    for suite in ("in1k", "in_c", "in_r", "knn", "linear"):  # in1k first: ImageNet-C's relative mCE needs its error
         if suite not in suites:
             continue
         try:
-            if suite == "knn":
+            if suite == "linear":
+                got = _linear(model, manifests["knn_train"], manifests["in1k"], meta, probe or ProbeConfig(),
+                              export_to=linear_export, **opts)
+            elif suite == "knn":
                 got = _knn(model, manifests["knn_train"], manifests["knn"], meta, ks=knn_ks,
                            temperature=knn_temperature, block_size=knn_block_size, **opts)
             else:
@@ -190,6 +202,40 @@ def _knn(model, train_manifest, test_manifest, meta, *, ks, temperature, block_s
                 raise ValueError("knn: the test set has classes the train set lacks; use the same class list")
     return knn_classify(train_feats, train_labels, test_feats, test_labels, ks=ks, temperature=temperature,
                         num_classes=len(train_manifest.classes), block_size=block_size)
+
+
+def _linear(model, train_manifest, val_manifest, meta, cfg: ProbeConfig, *, batch_size, num_workers, device,
+            autocast_dtype, export_to: str | None = None) -> dict[str, float]:
+    """The probe's metrics; with `export_to`, rank 0 also writes the backbone + chosen head there as a
+    classifier export."""
+    from functools import partial
+
+    from vfm.evaluate.linear import all_sum, extract, linear_probe, probe_features
+
+    feature_fn = partial(probe_features, n_last_blocks=cfg.n_last_blocks, avgpool=cfg.avgpool)
+    kw = dict(device=device, autocast_dtype=autocast_dtype, normalize=_normalize(meta, device))
+    train = extract(model, _loader(train_manifest, meta, batch_size=batch_size, num_workers=num_workers,
+                                   with_meta=True), feature_fn, description="linear: train features", **kw)
+    _check_complete("linear", train_manifest, int(all_sum(torch.tensor([len(train[1])]), device).item()))
+    val_feats, val_labels, _ = extract(model, _loader(val_manifest, meta, batch_size=batch_size,
+                                                      num_workers=num_workers, with_meta=True),
+                                       feature_fn, description="linear: val features", **kw)
+    _, label_map = align_classes(train_manifest.classes, val_manifest.classes, where="linear probe val set")
+    if label_map is not None:
+        val_labels = label_map[val_labels]
+        if (val_labels < 0).any():
+            raise ValueError("linear probe: the val set has classes the train set lacks; use the same class list")
+    metrics, head = linear_probe(train, (val_feats, val_labels), len(train_manifest.classes), cfg, device=device)
+    if export_to is not None and rank_and_world()[0] == 0:
+        from dataclasses import replace
+
+        from vfm.evaluate.linear import with_head
+        from vfm.export import save_export
+
+        classes = list(train_manifest.classes)
+        save_export(with_head(model, head, cfg), replace(meta, num_classes=len(classes), wnids=classes, stage="linear",
+                                                        extra={**meta.extra, "linear_probe": metrics}), export_to)
+    return metrics
 
 
 def evaluate_seeds(
