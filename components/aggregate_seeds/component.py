@@ -6,8 +6,9 @@ from vfm.pipeline.config import COMPONENTS_IMAGE
 
 
 @dsl.component(base_image=COMPONENTS_IMAGE)
-def aggregate_seeds(in1k: list, in_c: list, in_r: list, knn: list) -> dict:
-    """Each argument is the collected output of one suite's evaluate tasks (empty when not evaluated)."""
+def aggregate_seeds(in1k: list, in_c: list, in_r: list, knn: list, linear: list) -> dict:
+    """Each argument is the collected output of one suite's evaluate (or linear probe) tasks (empty when not
+    evaluated)."""
     from vfm.pipeline import steps
 
-    return steps.aggregate(in1k + in_c + in_r + knn)
+    return steps.aggregate(in1k + in_c + in_r + knn + linear)

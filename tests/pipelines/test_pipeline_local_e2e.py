@@ -181,6 +181,11 @@ def test_dinov2_giant_smoke_dag_end_to_end_as_trainjobs(services, tmp_path):
     assert seen == [result] and result.embedded_store is None  # configured services, not embedded ones
     client = MlflowClient(tracking_uri=services.mlflow_uri)
     run = client.get_run(result.parent_run_id)
-    assert "eval.knn.k20.top1" in run.data.metrics and run.data.metrics["eval.num_seeds"] == 1
+    metrics = run.data.metrics
+    assert "eval.knn.k20.top1" in metrics and metrics["eval.num_seeds"] == 1
+    # the headless backbone's classification suites ran on its linear probe's classifier
+    for name in ("eval.linear.top1", "eval.linear.heldout_top1", "eval.in1k.top1", "eval.in_r.top1"):
+        assert name in metrics, sorted(metrics)
+    assert metrics["eval.in1k.top1"] == pytest.approx(metrics["eval.linear.top1"], abs=1e-3)  # the same head on val
     stages = sorted(r.data.tags.get("vfm.stage") for r in children(client, run))
-    assert stages == ["eval", "pretrain"]
+    assert stages == ["eval"] * 4 + ["pretrain"]  # linear, in1k, in_r, knn

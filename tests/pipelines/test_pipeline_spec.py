@@ -79,11 +79,22 @@ def test_last_stage_fans_out_over_seeds_and_every_suite_is_evaluated(recipe_id):
     assert defaults["backend"]["defaultValue"] == "cluster"
 
 
-def test_headless_ssl_backbones_are_only_knn_evaluated_and_say_why():
+def test_headless_ssl_backbones_get_every_suite_through_a_linear_probe():
     plan = plan_dag("dinov2-giant")
-    assert plan.stages == ["pretrain"] and plan.suites == ["knn"]
-    assert set(plan.skipped) == {"in1k", "in_r"} and "linear probe" in plan.skipped["in1k"]
+    assert plan.stages == ["pretrain"] and plan.suites == ["in1k", "in_r", "knn"]
+    assert plan.linear_probe and plan.skipped == {}
     assert "knn_train" in plan.data and plan.data["pretrain"].layout == "folder"  # uncurated-142m is a folder of images
+    spec, _ = compiled("dinov2-giant")
+    loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
+    tasks = loop["dag"]["tasks"]
+    probe = next(k for k, t in tasks.items() if t["componentRef"]["name"] == "comp-linear-probe")
+    exports = {t["inputs"]["parameters"]["suite"]["runtimeValue"]["constant"]: t["inputs"]["parameters"]["export"]
+               for t in tasks.values() if t["componentRef"]["name"].startswith("comp-evaluate")}
+    # in1k and in_r read the probe's classifier export; k-NN reads the backbone itself
+    for suite in ("in1k", "in_r"):
+        assert exports[suite]["taskOutputParameter"] == {"producerTask": probe, "outputParameterKey": "classifier"}
+    assert exports["knn"]["taskOutputParameter"]["producerTask"].startswith("train")
+    assert not plan_dag("meta-dinov2-giant").linear_probe  # k-NN only: nothing needs a classifier
     vit = plan_dag("vit-huge")
     assert vit.stages == ["pretrain", "finetune"] and vit.suites == ["in1k", "in_c", "in_r", "knn"] and vit.seeds == [0, 1, 2]
 

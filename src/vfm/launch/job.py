@@ -168,7 +168,7 @@ def trainer_args(
 
 def evaluator_args(export: str, suite: str, data: dict[str, str], *, out: str, run_key: str, parent_run_id: str,
                    run_name: str, tags: dict[str, str], profile: str, overrides: list[str] | None, workers: int,
-                   gpu: bool) -> list[str]:
+                   gpu: bool, linear_export: str = "") -> list[str]:
     """The `vfm evaluate` command line of one suite on one export (after EVALUATOR_COMMAND): bf16 autocast
     and a larger batch on GPUs, the results JSON written to `out` (local or s3://)."""
     args = [export, "--suite", suite, "--out", out, "--run-key", run_key, "--parent-run-id", parent_run_id,
@@ -180,6 +180,8 @@ def evaluator_args(export: str, suite: str, data: dict[str, str], *, out: str, r
         args += ["--tag", f"{key}={value}"]
     for item in overrides or []:
         args += ["--set", item]
+    if linear_export:  # the linear probe also writes backbone + head as a classifier export
+        args += ["--linear-export", linear_export]
     return args + (["--bf16"] if gpu else [])
 
 

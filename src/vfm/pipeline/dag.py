@@ -69,6 +69,9 @@ class DagPlan:
     gpus_per_node: int = 8
     knn_during_training: bool = False
     """The last stage evaluates k-NN of its backbone every `eval.knn_every_steps` (DINOv2 pretraining)."""
+    linear_probe: bool = False
+    """The last stage exports a headless backbone: a linear probe (IN-1K train → val) makes the classifier
+    that the in1k / in_c / in_r suites evaluate."""
 
     @property
     def last(self) -> str:
@@ -84,10 +87,9 @@ def plan_dag(recipe_id: str) -> DagPlan:
     last = stages[-1]
     suites = [s for s in SUITE_ORDER if s in recipe.eval.suites]
     skipped = {}
-    if task_for(recipe, last).headless:  # e.g. DINOv2 pretraining exports a backbone without a classifier
-        for s in [s for s in suites if s != "knn"]:
-            skipped[s] = "needs a classifier; a headless SSL backbone needs a linear probe, which vfm evaluate does not run"
-        suites = [s for s in suites if s == "knn"]
+    # e.g. DINOv2 pretraining exports a backbone without a classifier: the classification suites run on its
+    # linear probe (DINOv2's linear protocol, vfm.evaluate.linear)
+    probe = bool(task_for(recipe, last).headless and set(suites) - {"knn"})
     for d in recipe.downstream:  # paper 001's COCO / ADE20K transfer
         skipped[f"{d.task}:{d.dataset}"] = "declared by the paper; vfm has no dense-transfer stage yet"
     if recipe.ablation is not None:  # paper 002's kernel × expansion grid
@@ -96,16 +98,16 @@ def plan_dag(recipe_id: str) -> DagPlan:
     for stage in stages:
         ds = recipe.stages[stage].data.dataset
         data[stage] = DataRole(stage, ds, ds if ds in SHARD_LAYOUTS else "folder")
-    if set(suites) & {"in1k", "in_c", "knn"}:
+    if set(suites) & {"in1k", "in_c", "knn"} or probe:
         data["val"] = DataRole("val", "in1k-val", "in1k-val")
     if "in_r" in suites:
         data["imagenet_r"] = DataRole("imagenet_r", "imagenet-r", "imagenet-r")
-    if "knn" in suites and "finetune" not in data:
+    if ("knn" in suites or probe) and "finetune" not in data:  # the k-NN memory bank; the probe's train set
         data["knn_train"] = DataRole("knn_train", "in1k", "in1k")
     knn_during = bool(task_for(recipe, last).headless and recipe.eval.knn_every_steps and "knn" in suites)
     return DagPlan(recipe_id=recipe.id, stages=stages, seeds=list(recipe.stages[last].seeds), suites=suites,
                    data=data, skipped=skipped, gpus_per_node=recipe.hardware.procs_per_node,
-                   knn_during_training=knn_during)
+                   knn_during_training=knn_during, linear_probe=probe)
 
 
 @cache
@@ -150,9 +152,10 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
 
     plan = plan_dag(recipe_id)
     c = {n: _with_image(component(n), components_image)
-         for n in ("start_run", "shard_dataset", "imagenet_c", "train", "fan_out_seeds", "evaluate",
+         for n in ("start_run", "shard_dataset", "imagenet_c", "train", "fan_out_seeds", "evaluate", "linear_probe",
                    "aggregate_seeds", "report", "on_exit")}
-    desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), evaluate {', '.join(plan.suites)}"
+    desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), "
+            + ("linear probe, " if plan.linear_probe else "") + f"evaluate {', '.join(plan.suites)}"
             + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items()))
     src = {role: d.default_source for role, d in plan.data.items()}
     lay = {role: d.layout for role, d in plan.data.items()}
@@ -254,7 +257,8 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                 val=shards["val"].outputs["manifest"] if "val" in shards else "",
                 imagenet_c=imagenet_c.outputs["manifest"] if imagenet_c is not None else "",
                 imagenet_r=shards["imagenet_r"].outputs["manifest"] if "imagenet_r" in shards else "",
-                knn_train=knn_train.outputs["manifest"] if "knn" in plan.suites and knn_train is not None else "")
+                knn_train=knn_train.outputs["manifest"] if ("knn" in plan.suites or plan.linear_probe)
+                and knn_train is not None else "")
             fan.set_caching_options(False)
             with dsl.ParallelFor(fan.output, name="seeds") as item:
                 # the k-NN curve during DINOv2 pretraining (eval.knn_every_steps; paper 004 reports it)
@@ -262,20 +266,31 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                 last = launch(plan.last, data=item.data, data_digest=item.data_digest, recipe_sha=item.recipe_sha,
                               parent_run_id=item.parent_run_id, init=item.init, seed=item.seed,
                               knn_train=item.knn_train if knn else "", knn_val=item.val if knn else "")
+                job = dict(seed=item.seed, parent_run_id=item.parent_run_id, mlflow_uri=mlflow_uri,
+                           s3_endpoint=s3_endpoint, image=image, run_id=run_id, namespace=namespace, backend=backend,
+                           timeout_hours=train_timeout_hours, secret=credentials_secret, queue=kueue_queue,
+                           launcher=launcher)
+
+                def eval_task(t: Any, name: str) -> Any:
+                    t.set_display_name(name)
+                    # the launcher of the evaluation job: no GPU here, the job's pods hold them
+                    _credentials(_io_task(t, retries=2), credentials_secret).set_caching_options(False)
+                    return t.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
+
+                probe = None
+                if plan.linear_probe:
+                    probe = eval_task(c["linear_probe"](**common, **job, export=last.output, val=item.val,
+                                                        knn_train=item.knn_train), "linear probe")
                 evals = {}
                 for suite in plan.suites:
-                    e = c["evaluate"](**common, export=last.output, suite=suite, val=item.val,
-                                      imagenet_c=item.imagenet_c, imagenet_r=item.imagenet_r, knn_train=item.knn_train,
-                                      seed=item.seed, parent_run_id=item.parent_run_id, mlflow_uri=mlflow_uri,
-                                      s3_endpoint=s3_endpoint, image=image, run_id=run_id, namespace=namespace,
-                                      backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
-                                      queue=kueue_queue, launcher=launcher)
-                    e.set_display_name(f"evaluate {suite}")
-                    # the launcher of the evaluation job: no GPU here, the job's pods hold them
-                    _credentials(_io_task(e, retries=2), credentials_secret).set_caching_options(False)
-                    e.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
-                    evals[suite] = e
-            agg = c["aggregate_seeds"](**{s: dsl.Collected(evals[s].output) if s in evals else [] for s in SUITE_ORDER})
+                    # a headless backbone's classification suites run on its probe's classifier export
+                    export = probe.outputs["classifier"] if probe is not None and suite != "knn" else last.output
+                    evals[suite] = eval_task(c["evaluate"](**common, **job, export=export, suite=suite, val=item.val,
+                                                           imagenet_c=item.imagenet_c, imagenet_r=item.imagenet_r,
+                                                           knn_train=item.knn_train), f"evaluate {suite}")
+            collected = {s: dsl.Collected(evals[s].output) if s in evals else [] for s in SUITE_ORDER}
+            collected["linear"] = dsl.Collected(probe.outputs["result"]) if probe is not None else []
+            agg = c["aggregate_seeds"](**collected)
             _io_task(agg).set_caching_options(False)
             rep = c["report"](**common, parent_run_id=start.outputs["parent_run_id"], summary=agg.output,
                               exports=dsl.Collected(last.output), mlflow_uri=mlflow_uri)

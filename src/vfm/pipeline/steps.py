@@ -308,7 +308,7 @@ def _namespace(backend: str) -> str:
 def suite_data(suite: str, *, val: str, imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "") -> dict[str, str]:
     """The manifests one suite reads (see vfm.evaluate.suite)."""
     table = {"in1k": {"in1k": val}, "in_c": {"in_c": imagenet_c}, "in_r": {"in_r": imagenet_r},
-             "knn": {"knn_train": knn_train, "knn": val}}
+             "knn": {"knn_train": knn_train, "knn": val}, "linear": {"knn_train": knn_train, "in1k": val}}
     if suite not in table:
         raise UserError(f"unknown suite {suite!r}; choose from {', '.join(table)}")
     data = table[suite]
@@ -324,7 +324,8 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
              backend: str = "cluster", timeout_hours: float = 24.0, secret: str = "vfm-credentials",
              queue: str = "", launcher: str = "pytorchjob") -> dict[str, Any]:
     """One suite on one export as a job in the trainer image, on the GPUs of one node (bf16, loader
-    workers, ranks sharing the data), logged to its own MLflow child run; returns {seed, suite, metrics}."""
+    workers, ranks sharing the data), logged to its own MLflow child run; returns {seed, suite, metrics}, and
+    for the `linear` probe also `classifier`: the backbone with its probe, a classifier export."""
     from vfm import launch, storage
     from vfm.evaluate.results import EvalResults
     from vfm.launch.job import uses_gpus
@@ -333,7 +334,9 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
     data = suite_data(suite, val=val, imagenet_c=imagenet_c, imagenet_r=imagenet_r, knn_train=knn_train)
     recipe = _recipe(recipe_id, profile, overrides)
     node = launch.one_node(recipe)
-    results_url = storage.join(storage.join(storage.join(storage.parent(export), "eval"), suite), "results.json")
+    suite_dir = storage.join(storage.join(storage.parent(export), "eval"), suite)
+    results_url = storage.join(suite_dir, "results.json")
+    classifier = storage.join(suite_dir, "classifier") if suite == "linear" else ""
     opts = eval_options(recipe_id, suite, run_id=run_id, seed=seed, namespace=namespace or _namespace(backend),
                         image=image, secret=secret, env=env, timeout_hours=timeout_hours, ranks=node.hardware.gpus,
                         queue=queue)
@@ -343,9 +346,15 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
                     export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}",
                     parent_run_id=stage_parent(parent_run_id), run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
                     tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}, profile=profile,
-                    overrides=overrides, workers=w, gpu=uses_gpus(node)))
+                    overrides=overrides, workers=w, gpu=uses_gpus(node), linear_export=classifier))
     metrics = EvalResults.read_json(results_url).metrics
     print(json.dumps(metrics, indent=1, sort_keys=True))
+    if classifier:
+        from vfm.export import META
+
+        if not storage.exists(storage.join(classifier, META)):
+            raise RuntimeError(f"the linear probe job succeeded but wrote no classifier at {classifier}")
+        return {"seed": seed, "suite": suite, "metrics": metrics, "classifier": classifier}
     return {"seed": seed, "suite": suite, "metrics": metrics}
 
 
