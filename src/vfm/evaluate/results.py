@@ -103,6 +103,11 @@ class EvalResults:
                       if v["achieved"] is not None})
 
 
+def _fmt(v: float) -> str:
+    """Percentages to 2 decimals; a small setting such as the probe's weight decay (1e-05) keeps its digits."""
+    return f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.3g}"
+
+
 def summary_rows(results: EvalResults, keys: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
     """(metric, achieved [± std], claim) rows for printing."""
     names = keys or [k for k in sorted(results.metrics) if not k.endswith(".std") and _headline(k)]
@@ -110,9 +115,9 @@ def summary_rows(results: EvalResults, keys: Sequence[str] | None = None) -> lis
     for name in names:
         if name not in results.metrics:
             continue
-        value = f"{results.metrics[name]:.2f}"
+        value = _fmt(results.metrics[name])
         if f"{name}.std" in results.metrics:
-            value += f" ± {results.metrics[f'{name}.std']:.2f}"
+            value += f" ± {_fmt(results.metrics[f'{name}.std'])}"
         claim = results.claims.get(name, {}).get("claim")
         rows.append((name, value, "" if claim is None else f"{claim:g}"))
     return rows
