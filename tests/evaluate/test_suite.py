@@ -152,3 +152,7 @@ def test_cli_user_errors(world, tmp_path):
     res = runner.invoke(app, ["evaluate", world["exports"][0], "--suite", "linear", "--linear-weight-decays", "0,1e-4",
                               "--data", f"in1k={world['data']['in1k']}", "--data", f"knn_train={world['data']['knn_train']}"])
     assert isinstance(res.exception, UserError) and "--linear-weight-decays '0,1e-4'" in str(res.exception)
+    res = runner.invoke(app, ["evaluate", world["exports"][0], "--suite", "linear", "--linear-blocks", "4",
+                              "--linear-export", str(tmp_path / "clf"), "--data", f"in1k={world['data']['in1k']}",
+                              "--data", f"knn_train={world['data']['knn_train']}"])
+    assert isinstance(res.exception, UserError) and "export with --linear-blocks 1" in str(res.exception)

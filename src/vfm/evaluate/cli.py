@@ -102,6 +102,10 @@ def register(app: typer.Typer) -> None:
         if linear_export and ("linear" not in suites or len(checkpoints) != 1):
             raise UserError(f"--linear-export {linear_export}: needs --suite linear and exactly one checkpoint "
                             "(one classifier per backbone)")
+        if linear_export and (linear_blocks != 1 or linear_avgpool):
+            raise UserError(f"--linear-export with --linear-blocks {linear_blocks}"
+                            + (" --linear-avgpool" if linear_avgpool else "") + ": only the final CLS token (or "
+                            "ConvNeXt's pooled features) feeds a timm classifier; export with --linear-blocks 1")
         _init_distributed()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and dev.index is None:
