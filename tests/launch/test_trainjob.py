@@ -147,7 +147,7 @@ def test_complete_creates_the_built_spec_and_streams_node_0s_log(fake_k8s):
     fake_k8s.logs[f"{name}-node-0-0"] = "step 1 loss=6.9\nstep 2 loss=6.1\n"
     lines: list[str] = []
     result = backend(fake_k8s, lines).run(m, timeout_s=30, max_restarts=2)
-    assert result.state == "Complete"
+    assert result.state == "Complete" and result.restarts is None  # the JobSet counts them, not the launcher
     assert fake_k8s.created == [m] and ("POST", TRAINJOBS) in fake_k8s.requests
     assert f"[{name}-node-0-0] step 2 loss=6.1" in lines
     assert fake_k8s.deleted == []

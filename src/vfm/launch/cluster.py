@@ -221,7 +221,7 @@ class ClusterBackend:
             try:
                 restarts = self._wait(kind, name, ns, start + timeout_s, timeout_s, max_restarts)
                 succeeded = True
-                return JobResult(name=name, state=kind.complete, restarts=restarts,
+                return JobResult(name=name, state=kind.complete, restarts=restarts if kind.counts_restarts else None,
                                  seconds=time.monotonic() - start)
             finally:
                 if not succeeded:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class JobResult:
     name: str
     state: str
-    restarts: int
+    restarts: int | None
+    """Re-creations of the job's pods; None where the launcher cannot see them (a TrainJob: its JobSet counts)."""
     seconds: float
 
 

@@ -223,7 +223,8 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
                                       knn_val=knn_val or None, workers=w))
     if not storage.exists(storage.join(export, META)):
         raise JobFailed(result.name, "NoExport", f"the job succeeded but wrote no export at {export}")
-    print(f"{stage} done in {result.seconds:.0f} s ({result.restarts} restarts): {export}")
+    restarts = "restarts counted by its JobSet" if result.restarts is None else f"{result.restarts} restarts"
+    print(f"{stage} done in {result.seconds:.0f} s ({restarts}): {export}")
     return export
 
 
