@@ -102,14 +102,14 @@ def export_trained(module: nn.Module, meta: ExportMeta, dest: str, *, is_main: b
 
 
 def load_export(src: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportMeta]:
-    import timm
+    from vfm.models import create_model
 
     meta_url, weights_url = storage.join(str(src), META), storage.join(str(src), WEIGHTS)
     if not storage.exists(meta_url):
         raise UserError(f"{src}: not a vfm export (no {META}); pass the `export/` directory a training run wrote")
     meta = ExportMeta(**json.loads(storage.read_bytes(meta_url)))
     state = torch.load(io.BytesIO(storage.read_bytes(weights_url)), map_location="cpu", weights_only=True)
-    model = timm.create_model(meta.timm_name, pretrained=False, num_classes=meta.num_classes, **meta.kwargs)
+    model = create_model(meta.timm_name, num_classes=meta.num_classes, **meta.kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{src}: weights do not fit {meta.timm_name} {meta.kwargs}: "

@@ -41,11 +41,42 @@ def build_model(recipe: Recipe, stage: str = "pretrain", *, num_classes: int | N
 
     Always passes `num_classes`: `vit_huge_patch14_224` and `vit_giant_patch14_dinov2` default to headless.
     """
+    with torch.device(device):
+        return create_model(recipe.model.timm_name, **model_kwargs(recipe, stage, num_classes, **overrides))
+
+
+def create_model(timm_name: str, **kwargs: Any) -> nn.Module:
+    """`timm.create_model(timm_name, pretrained=False, **kwargs)`, plus `mlp_ratio` for ConvNeXt.
+
+    timm's ConvNeXt takes `kernel_sizes` but no `mlp_ratio`: `ConvNeXtStage` builds each `ConvNeXtBlock` with
+    the block's default ratio 4 (huggingface/pytorch-image-models timm/models/convnext.py, 1.0.31). Paper 002's
+    expansion-ratio ablation needs it, so each block's MLP is rebuilt at the ratio exactly as the block builds
+    it (`int(mlp_ratio * channels)` hidden units, same MLP class and activation) and initialised as
+    ConvNeXt initialises its weights. Every export and evaluation builds its model here."""
     import timm
 
-    with torch.device(device):
-        return timm.create_model(recipe.model.timm_name, pretrained=False,
-                                 **model_kwargs(recipe, stage, num_classes, **overrides))
+    ratio = kwargs.pop("mlp_ratio", None) if timm.models.is_model_in_modules(timm_name, ["convnext"]) else None
+    model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if ratio is not None:
+        _set_convnext_mlp_ratio(model, float(ratio))
+    return model
+
+
+def _set_convnext_mlp_ratio(model: nn.Module, ratio: float) -> None:
+    from timm.layers import GlobalResponseNormMlp
+    from timm.models.convnext import ConvNeXtBlock, _init_weights
+
+    for block in model.modules():
+        if not isinstance(block, ConvNeXtBlock):
+            continue
+        old = block.mlp
+        channels = old.fc1.in_channels if block.use_conv_mlp else old.fc1.in_features
+        mlp = type(old)(channels, int(ratio * channels), act_layer=type(old.act), use_conv=block.use_conv_mlp)
+        if isinstance(old, GlobalResponseNormMlp) != isinstance(mlp, GlobalResponseNormMlp):
+            raise AssertionError("rebuilt the ConvNeXt MLP as another class")
+        for name, module in mlp.named_modules():
+            _init_weights(module, name)
+        block.mlp = mlp
 
 
 def count_params(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vfm import dist as vdist
-from vfm.models import model_kwargs
+from vfm.models import create_model, model_kwargs
 from vfm.recipes import Recipe
 from vfm.recipes.derive import resolve_stage
 from vfm.recipes.gpus import GPU_SPECS
@@ -184,14 +184,12 @@ def measure_vfm(recipe: Recipe, stage: str, *, steps: int, warmup: int, num_clas
 def measure_plain(recipe: Recipe, stage: str, *, steps: int, warmup: int, num_classes: int, flops: float,
                   spec_peak: float | None, measured_peak: float | None) -> Measurement:
     """The baseline users write by hand: timm model, autocast, AdamW, cross-entropy; nothing else."""
-    import timm
-
     st = recipe.stages[stage]  # type: ignore[index]
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     _reset_memory(device)
     kwargs = model_kwargs(recipe, stage, num_classes=num_classes)
     kwargs.pop("dynamic_img_size", None)
-    model: nn.Module = timm.create_model(recipe.model.timm_name, pretrained=False, **kwargs).to(device)
+    model: nn.Module = create_model(recipe.model.timm_name, **kwargs).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     res, batch = st.data.resolution, st.batch.micro_batch
     g = torch.Generator().manual_seed(0)
