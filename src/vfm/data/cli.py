@@ -25,7 +25,8 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def _already_complete(dest: str, dataset: str, seed: int, endpoint_url: str | None) -> bool:
+def _already_complete(dest: str, dataset: str, seed: int, endpoint_url: str | None,
+                      subset: dict | None = None) -> bool:
     from vfm import storage
     from vfm.data.manifest import MANIFEST_NAME, Manifest
 
@@ -37,6 +38,12 @@ def _already_complete(dest: str, dataset: str, seed: int, endpoint_url: str | No
         from vfm.errors import UserError
 
         raise UserError(f"{url} already holds dataset {m.dataset!r} (seed {m.seed}); choose another --dest")
+    drawn = {k: m.class_subset.get(k) for k in ("num_classes", "fraction", "seed")} if m.class_subset else {}
+    if drawn != (subset or {}):
+        from vfm.errors import UserError
+
+        raise UserError(f"{url} already holds {m.dataset!r} drawn as subset {drawn or 'none (whole)'}, not "
+                        f"{subset or 'the whole dataset'}; choose another --dest")
     console.print(f"{url}: already complete ({m.num_samples:,} samples in {len(m.shards)} shards); nothing to do")
     return True
 
@@ -85,12 +92,21 @@ def register(app: typer.Typer) -> None:
         max_samples: Annotated[int | None, typer.Option("--max-samples-per-shard", help="Also cut shards at this many samples.")] = None,
         verify: Annotated[str, typer.Option("--verify", help="header: bytes, markers and header of each image; "
                                             "decode: also decode it (several times slower).")] = "header",
+        subset_classes: Annotated[int | None, typer.Option("--subset-classes", min=1, help="Shard only N classes, "
+                                  "drawn with --subset-seed from the sorted class list (train and val draw alike).")] = None,
+        subset_fraction: Annotated[float, typer.Option("--subset-fraction", help="With --subset-classes: this "
+                                   "fraction of each class's images, chosen by name hash.")] = 1.0,
+        subset_seed: Annotated[int, typer.Option("--subset-seed", help="Seed of the class draw and the fraction.")] = 0,
     ) -> None:
         """Shard a dataset into WebDataset tars (original JPEG bytes) with a manifest written last; resumable."""
         from vfm.data.shard import available_cpus, parse_size, write_dataset
-        from vfm.data.sources import index_source
+        from vfm.data.sources import index_source, subset_index
 
-        if _already_complete(dest, dataset, seed, endpoint_url):
+        subset = ({"num_classes": subset_classes, "fraction": subset_fraction, "seed": subset_seed}
+                  if subset_classes else None)
+        if subset is None and subset_fraction != 1.0:
+            raise typer.BadParameter("--subset-fraction needs --subset-classes (the number of classes to keep)")
+        if _already_complete(dest, dataset, seed, endpoint_url, subset):
             return
         with _progress() as bar:
             task = bar.add_task(f"indexing {source}", total=None)
@@ -98,6 +114,10 @@ def register(app: typer.Typer) -> None:
                                  progress=lambda msg: bar.update(task, advance=1, description=f"indexing {msg}"))
         console.print(f"indexed {len(index):,} samples in {len(index.classes):,} classes "
                       f"({len(index.failures):,} rejected while indexing)")
+        if subset is not None:
+            index = subset_index(index, **subset)
+            console.print(f"subset: {len(index):,} samples of {len(index.classes):,} classes "
+                          f"({', '.join(index.classes[:5])}{', …' if len(index.classes) > 5 else ''})")
         run_sharding(lambda on_plan, on_shard: write_dataset(
             index, dest, split=split or SPLIT_OF.get(dataset, "train"), seed=seed, shard_size=parse_size(shard_size),
             max_samples_per_shard=max_samples, workers=workers or available_cpus(), repair=repair,

@@ -47,6 +47,8 @@ class Manifest:
     """Group name -> metadata every sample of that group carries (e.g. {"corruption": .., "severity": ..})."""
     failures: list[dict[str, str]] = field(default_factory=list)
     """Input samples left out (`action: skipped`) or fixed (`action: repaired`): key, source, reason."""
+    class_subset: dict[str, Any] = field(default_factory=dict)
+    """The class / fraction subset this dataset was drawn as (`vfm shard --subset-classes`); {} when whole."""
     format_version: int = FORMAT_VERSION
     location: str = ""
     """Where this manifest was loaded from (not serialised)."""

@@ -339,7 +339,7 @@ def write_dataset(
         dataset=index.dataset, split=split, classes=list(index.classes), shards=shards, seed=seed,
         shard_size=shard_size, source=source,
         groups={g: index.group_meta.get(g, {}) for g in index.groups if any(s.group == g for s in shards)},
-        failures=failures,
+        failures=failures, class_subset=dict(index.class_subset),
     )
     storage.write_bytes(storage.join(dest, TIMM_INFO_NAME), json.dumps(manifest.timm_info(), indent=1).encode(),
                         endpoint_url)

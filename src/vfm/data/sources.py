@@ -79,6 +79,8 @@ class SourceIndex:
     group_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     """Samples rejected while indexing (unknown wnid, zero bytes, unreadable inner archive, no label)."""
+    class_subset: dict[str, Any] = field(default_factory=dict)
+    """How `subset_index` drew this index from a larger one ({} for the whole source)."""
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -145,6 +147,47 @@ class SourceIndex:
             raise TruncatedArchiveError(path, self.offset[i] + len(data), storage.object_size(path),
                                         f"member {self.name(i)!r} ends past the end of the file")
         return data
+
+
+def subset_index(index: SourceIndex, *, num_classes: int, fraction: float = 1.0, seed: int = 0) -> SourceIndex:
+    """`num_classes` classes drawn with `seed` from the sorted names of the classes that have samples,
+    relabelled 0.. in sorted order, and `fraction` of each class's samples (the lowest hashes of seed +
+    name, at least one per class).
+
+    Only the set of classes decides the draw, so IN-1K train and val (the same 1,000 wnids) give the same
+    classes with the same seed, and a sample's membership depends on nothing but its name: a rerun, or
+    another worker count, shards the same subset. Samples left out are not failures."""
+    import hashlib
+    import random
+
+    present = sorted({index.classes[label] for label in set(index.label)})
+    if not 1 <= num_classes <= len(present):
+        raise SourceError(f"--subset-classes {num_classes}: the source has samples of {len(present)} classes; "
+                          f"choose 1..{len(present)}")
+    if not 0 < fraction <= 1:
+        raise SourceError(f"--subset-fraction {fraction}: choose a fraction in (0, 1]")
+    chosen = sorted(random.Random(seed).sample(present, num_classes))
+    position = {c: i for i, c in enumerate(index.classes)}
+    old_to_new = {position[c]: i for i, c in enumerate(chosen)}
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(index.label):
+        if label in old_to_new:
+            by_class.setdefault(label, []).append(i)
+    keep: list[int] = []
+    for members in by_class.values():
+        n = max(1, round(fraction * len(members)))
+        if n < len(members):
+            members = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{index.name(i)}".encode()).digest())[:n]
+        keep.extend(members)
+    keep.sort()  # archive order: the shard writer reads each shard's samples by offset
+    out = SourceIndex(dataset=index.dataset, classes=chosen, files=index.files, groups=index.groups,
+                      group_meta=index.group_meta, failures=index.failures,
+                      class_subset={"num_classes": num_classes, "fraction": fraction, "seed": seed,
+                              "of_classes": len(index.classes), "of_samples": len(index)})
+    for i in keep:
+        out.add(index.file_id[i], index.offset[i], index.size[i], old_to_new[index.label[i]], index.name(i),
+                index.group[i])
+    return out
 
 
 def sample_key(name: str) -> str:
