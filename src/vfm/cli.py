@@ -83,12 +83,19 @@ def plan_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     overrides: SetOpt = None,
     profile: ProfileOpt = "paper",
+    ablation: Annotated[bool, typer.Option("--ablation", help="Each cell of the recipe's ablation grid instead: "
+                                           "params, FLOPs, GPU-hours (paper 002).")] = False,
 ) -> None:
     """Derived numbers of a recipe: world size, batch arithmetic, steps, params, FLOPs, GPU-hours, memory."""
     from vfm.plan import plan
     from vfm.recipes import load_recipe
 
     sets = list(overrides or [])
+    if ablation:
+        if gpus is not None:
+            sets.insert(0, f"ablation.gpus={gpus}")
+        _print_ablation_plan(recipe_id, sets, profile, mfu, as_json)
+        return
     if gpus is not None:
         sets.insert(0, f"hardware.gpus={gpus}")
     p = plan(load_recipe(recipe_id, sets, profile), mfu=mfu)
@@ -138,6 +145,26 @@ def plan_cmd(
         console.print(w, markup=False, highlight=False)
     for n in p.notes:
         console.print(n, markup=False, highlight=False)
+
+
+def _print_ablation_plan(recipe_id: str, sets: list[str], profile: str, mfu: float, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from vfm.plan import plan_ablation
+
+    cells = plan_ablation(recipe_id, sets, profile, mfu)
+    if as_json:
+        print(json.dumps([asdict(c) for c in cells], indent=2))
+        return
+    table = Table("cell", "kernel", "MLP ratio", "params (M)", "fwd GFLOP / image", "samples / epoch", "steps",
+                  "GPUs", "GPU-hours", title=f"{recipe_id} ablation ({profile}), MFU {mfu:.0%}")
+    for c in cells:
+        table.add_row(c.cell, str(c.kernel_size), f"{c.mlp_ratio:g}", f"{c.params / 1e6:,.2f}",
+                      f"{c.forward_gflops_per_image:,.3f}", f"{c.samples_per_epoch:,}", f"{c.total_steps:,}",
+                      str(c.gpus), "n/a" if c.gpu_hours is None else f"{c.gpu_hours:,.1f}")
+    console.print(table)
+    if all(c.gpu_hours is not None for c in cells):
+        console.print(f"total: {sum(c.gpu_hours or 0 for c in cells):,.1f} GPU-hours over {len(cells)} cells")
 
 
 # each area's commands; a module listed here exposes `register(app)`

@@ -238,9 +238,10 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
               for d in recipe.downstream]
     if recipe.ablation is not None:
         ab = recipe.ablation
-        notes.append(f"declared: ablation of {ab.variant}, kernel sizes {ab.kernel_sizes} × expansion ratios "
+        notes.append(f"ablation: {ab.variant}, kernel sizes {ab.kernel_sizes} × expansion ratios "
                      f"{ab.mlp_ratios} = {len(ab.kernel_sizes) * len(ab.mlp_ratios)} cells × {len(ab.seeds)} seed(s), "
-                     f"{ab.epochs:g} epochs on {ab.subset.num_classes} IN-1K classes (not yet a vfm pipeline)")
+                     f"{ab.epochs:g} epochs on {ab.subset.num_classes} IN-1K classes: pipeline {recipe.id}-ablation, "
+                     f"per cell `vfm plan {recipe.id} --ablation`")
     return Plan(
         recipe=recipe.id, profile=recipe.profile, gpu=hw.gpu, gpus=hw.gpus, gpus_per_node=hw.gpus_per_node,
         nodes=hw.nodes, mfu=mfu, stages=stages, params_claim_millions=claim,
@@ -310,3 +311,44 @@ def _duration_check(recipe: Recipe, pre: StagePlan, peak: float, mfu: float) -> 
     if not ok:
         detail += f": implausible (outside {lo:.0%}–{hi:.0%})"
     return Check(name, "ok" if ok else "flag", detail)
+
+
+@dataclass
+class CellPlan:
+    """One cell of paper 002's ablation grid (`vfm plan --ablation`)."""
+
+    cell: str
+    kernel_size: int
+    mlp_ratio: float
+    params: int
+    forward_gflops_per_image: float
+    samples_per_epoch: int
+    total_steps: int
+    gpus: int
+    gpu_hours: float | None
+
+
+def plan_ablation(recipe_id: str, overrides: list[str] | None = None, profile: str = "paper",
+                  mfu: float = 0.4) -> list[CellPlan]:
+    """Each cell's params, FLOPs and GPU-hours, on the subset's expected size (IN-1K's ~1,281 images per class;
+    the pipeline trains on the sharded subset's real count). Seeds multiply the GPU-hours."""
+    from vfm.evaluate.ablation import architecture
+    from vfm.recipes import load_recipe
+    from vfm.recipes.ablation import ABLATION_STAGE, ablation_cells, subset_size
+
+    base = load_recipe(recipe_id, overrides, profile)
+    ab = base.ablation
+    assert ab is not None  # ablation_cells says so first
+    out = []
+    for cell in ablation_cells(base):
+        recipe = load_recipe(recipe_id, [*(overrides or []), *cell.overrides], profile)
+        stage = resolve_stage(recipe, ABLATION_STAGE, recipe.hardware.gpus, subset_size(base),
+                              num_classes=ab.subset.num_classes)
+        params, gflops = architecture(recipe, ab.subset.num_classes)
+        peak, _ = GPU_SPECS.get(recipe.hardware.gpu, (None, None))
+        flops = stage.train_flops_per_sample * stage.total_steps * stage.config.batch.global_batch * len(ab.seeds)
+        out.append(CellPlan(cell=cell.name, kernel_size=cell.kernel_size, mlp_ratio=cell.mlp_ratio, params=params,
+                            forward_gflops_per_image=gflops, samples_per_epoch=stage.num_samples,
+                            total_steps=stage.total_steps, gpus=recipe.hardware.gpus,
+                            gpu_hours=flops / (peak * mfu) / 3600 if peak else None))
+    return out

@@ -72,7 +72,8 @@ def test_convnext_batch_is_128_gpus_x_8_x_4():
     assert _check(p, "stages.pretrain.batch").detail.startswith("128 GPUs × micro-batch 8 × accumulation 4 = 4,096")
     assert (ft.global_batch, ft.micro_batch, ft.grad_accum) == (2048, 16, 1)
     assert _check(p, "claims.duration_days").status == "info"  # the paper states no duration
-    assert any(n.startswith("declared: ablation of convnext_tiny") and "15 cells" in n for n in p.notes)
+    assert any(n.startswith("ablation: convnext_tiny") and "15 cells" in n and "convnext-xl-ablation" in n
+               for n in p.notes)
 
 
 def test_meta_dinov2_is_implausible_and_does_not_fit():

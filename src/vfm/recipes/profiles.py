@@ -39,6 +39,13 @@ SMOKE_MIN_CROP = 0.8
 SMOKE_RAND_AUGMENT = "rand-n1-m2"
 SMOKE_COLOR_JITTER = 0.2
 
+# paper 002's kernel × expansion grid as 2 × 2 cells of ConvNeXt-Atto on 5 of the digits' classes, each a
+# couple of epochs on the smoke world (measured cost in tests/pipelines/test_ablation.py)
+SMOKE_ABLATION: dict[str, Any] = {
+    "variant": "convnext_atto", "kernel_sizes": [3, 7], "mlp_ratios": [2, 4],
+    "subset": {"num_classes": 5, "fraction": 1.0, "seed": 0}, "resolution": SMOKE_RES, "epochs": 2, "seeds": [0],
+    "gpus": SMOKE_WORLD, "micro_batch": SMOKE_BATCH["micro_batch"], "drop_path": 0.0, "concurrent_cells": 2}
+
 # tiny model of the same family; depth 2 keeps a CPU step well under a second
 _SMOKE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "dinov2": ("vit_small_patch14_dinov2", {"patch_size": 8, "img_size": SMOKE_RES, "depth": 2,
@@ -98,6 +105,8 @@ def _smoke(d: dict[str, Any]) -> dict[str, Any]:
     ev = d.setdefault("eval", {})
     if ev.get("knn_every_steps"):
         ev["knn_every_steps"] = 6
+    if d.get("ablation"):
+        d["ablation"].update(SMOKE_ABLATION)
     return d
 
 

@@ -286,6 +286,13 @@ class AblationConfig(_Strict):
     epochs: float = Field(gt=0)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     metrics: list[Literal["top1", "top5"]] = Field(default_factory=lambda: ["top1", "top5"])
+    gpus: int = Field(8, ge=1)
+    """Each cell's job: this many GPUs (of `hardware.gpus_per_node`); the cells run side by side."""
+    micro_batch: int = Field(128, ge=1)
+    """Per-GPU batch of a cell; the global batch stays the pretraining stage's (accumulation makes it)."""
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    concurrent_cells: int = Field(4, ge=1)
+    """How many cells train at once (`dsl.ParallelFor(parallelism=...)`)."""
 
     @model_validator(mode="after")
     def _odd_kernels(self) -> AblationConfig:
