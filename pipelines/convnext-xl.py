@@ -1,7 +1,7 @@
 """KFP pipeline of the `convnext-xl` recipe, generated from the recipe by vfm.pipeline.dag.
 
 convnext-xl: pretrain → finetune, seeds [0, 1, 2] of finetune, evaluate in1k, in_c, in_r
-(the paper's kernel-size × expansion-ratio ablation is declared in the recipe, not yet a pipeline)
+(the paper's kernel-size × expansion-ratio ablation is its own pipeline: pipelines/convnext-xl-ablation.py)
 
 Compile:  vfm pipeline compile convnext-xl     (or: kfp dsl compile --py pipelines/convnext-xl.py --function pipeline --output pipelines/convnext-xl.yaml)
 Submit:   kfp --endpoint URL run create -e vfm-convnext-xl -f pipelines/convnext-xl.yaml profile=paper

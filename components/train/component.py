@@ -15,10 +15,11 @@ from vfm.pipeline.config import COMPONENTS_IMAGE
 def train(stage: str, recipe_id: str, profile: str, overrides: list, data: str, data_digest: str, recipe_sha: str,
           image: str, run_id: str, parent_run_id: str, runs_prefix: str, init: str, seed: int, namespace: str,
           backend: str, timeout_hours: float, secret: str, mlflow_uri: str, s3_endpoint: str, knn_train: str,
-          knn_val: str, queue: str, launcher: str, task_config: dsl.TaskConfig) -> str:
+          knn_val: str, queue: str, launcher: str, task_config: dsl.TaskConfig, cell: str = "") -> str:
     """Returns the export URL the job wrote (or the existing one for the same data, image and recipe).
     `knn_train` / `knn_val`: labelled manifests for the k-NN during DINOv2 pretraining ("" for none);
-    `queue`: the Kueue LocalQueue the job joins ("" for none); `launcher`: pytorchjob or trainjob."""
+    `queue`: the Kueue LocalQueue the job joins ("" for none); `launcher`: pytorchjob or trainjob; `cell`: the
+    ablation cell ("" outside paper 002's ablation)."""
     from vfm.pipeline import steps
 
     return steps.train(recipe_id=recipe_id, stage=stage, profile=profile, overrides=overrides, data=data,
@@ -26,4 +27,4 @@ def train(stage: str, recipe_id: str, profile: str, overrides: list, data: str, 
                        parent_run_id=parent_run_id, runs_prefix=runs_prefix, init=init, seed=seed,
                        namespace=namespace, backend=backend, timeout_hours=timeout_hours, secret=secret,
                        mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, knn_train=knn_train, knn_val=knn_val,
-                       queue=queue, task_config=task_config, launcher=launcher)
+                       queue=queue, task_config=task_config, launcher=launcher, cell=cell)

@@ -1,5 +1,5 @@
-"""Every recipe has a pipeline; recompiling each pipelines/<id>.py reproduces the committed YAML
-(except the SDK version line), so the YAML users submit is the code in the repository."""
+"""Every recipe has a pipeline (and convnext-xl its ablation's); recompiling each pipelines/<id>.py reproduces
+the committed YAML (except the SDK version line), so the YAML users submit is the code in the repository."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vfm.pipeline.dag import pipeline_ids
 from vfm.recipes import list_recipes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +33,13 @@ def compile_module(py: Path, out: Path) -> Path:
     return out
 
 
-def test_one_pipeline_per_recipe():
-    assert sorted(p.stem for p in PIPELINES.glob("*.py")) == list_recipes()
-    assert sorted(p.stem for p in PIPELINES.glob("*.yaml")) == list_recipes()
+def test_one_pipeline_per_recipe_and_per_ablation_grid():
+    assert pipeline_ids() == sorted([*list_recipes(), "convnext-xl-ablation"])
+    assert sorted(p.stem for p in PIPELINES.glob("*.py")) == pipeline_ids()
+    assert sorted(p.stem for p in PIPELINES.glob("*.yaml")) == pipeline_ids()
 
 
-@pytest.mark.parametrize("recipe_id", list_recipes())
+@pytest.mark.parametrize("recipe_id", pipeline_ids())
 def test_compiled_yaml_matches_the_committed_one(recipe_id, tmp_path):
     fresh = compile_module(PIPELINES / f"{recipe_id}.py", tmp_path / f"{recipe_id}.yaml")
     committed = PIPELINES / f"{recipe_id}.yaml"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vfm.pipeline.dag import plan_dag
+from vfm.pipeline.dag import pipeline_ids, plan_dag
 from vfm.recipes import list_recipes
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
@@ -24,7 +24,7 @@ def all_tasks(spec):
     yield from spec["root"]["dag"]["tasks"].items()
 
 
-@pytest.mark.parametrize("recipe_id", list_recipes())
+@pytest.mark.parametrize("recipe_id", pipeline_ids())
 def test_exit_handler_wraps_the_body_and_closes_the_run(recipe_id):
     spec, _ = compiled(recipe_id)
     root = spec["root"]["dag"]["tasks"]
@@ -33,7 +33,7 @@ def test_exit_handler_wraps_the_body_and_closes_the_run(recipe_id):
     assert root["on-exit"]["dependentTasks"] == ["exit-handler-1"]
 
 
-@pytest.mark.parametrize("recipe_id", list_recipes())
+@pytest.mark.parametrize("recipe_id", pipeline_ids())
 def test_retries_caching_and_gpu_placement(recipe_id):
     spec, platform = compiled(recipe_id)
     tasks = dict(all_tasks(spec))
@@ -41,15 +41,15 @@ def test_retries_caching_and_gpu_placement(recipe_id):
     for name, task in tasks.items():
         kind = task.get("componentRef", {}).get("name", "").removeprefix("comp-").rstrip("-0123456789")
         caching = (task.get("cachingOptions") or {}).get("enableCache", False)
-        if kind in ("shard-dataset", "imagenet-c"):
+        if kind in ("shard-dataset", "shard-ablation-subset", "imagenet-c"):
             assert caching and task["retryPolicy"]["maxRetryCount"] == 3, name  # idempotent I/O
         elif kind == "train":
-            assert task["taskInfo"]["name"] in ("pretrain", "finetune"), name  # one component, named per stage
+            assert task["taskInfo"]["name"] in ("pretrain", "finetune", "train cell"), name  # named per stage
             assert not caching, name  # side effects: a job and an MLflow run (content-keyed reuse instead)
             assert task["retryPolicy"]["maxRetryCount"] == 1, name
             container = executors[f"exec-{name}"]["container"]
             assert "accelerator" not in container.get("resources", {}), f"{name}: the launcher pod holds no GPU"
-        elif kind in ("start-run", "evaluate", "report", "aggregate-seeds"):
+        elif kind in ("start-run", "evaluate", "report", "aggregate-seeds", "fan-out-cells", "ablation-report"):
             assert not caching and task["retryPolicy"]["maxRetryCount"] >= 2, name
     passthrough = [c for c in spec["components"].values() if c.get("taskConfigPassthroughs")]
     assert passthrough and all({p["field"] for p in c["taskConfigPassthroughs"]} ==
@@ -99,6 +99,30 @@ def test_headless_ssl_backbones_get_every_suite_through_a_linear_probe():
     assert vit.stages == ["pretrain", "finetune"] and vit.suites == ["in1k", "in_c", "in_r", "knn"] and vit.seeds == [0, 1, 2]
 
 
+def test_the_ablation_fans_out_over_its_cells_with_a_parallelism_limit_into_one_report():
+    plan = plan_dag("convnext-xl-ablation")
+    assert plan.recipe_id == "convnext-xl" and len(plan.cells) == 15 and plan.suites == ["in1k"]
+    spec, _ = compiled("convnext-xl-ablation")
+    body = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    loop = body["for-loop-2"]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 4  # ablation.concurrent_cells
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("fan-out-cells-Output")
+    shards = sorted(t["inputs"]["parameters"]["dataset"]["componentInputParameter"] for k, t in body.items()
+                    if k.startswith("shard-ablation-subset"))
+    assert shards == ["pipelinechannel--train_layout", "pipelinechannel--val_layout"]  # the subset, once
+    inner = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
+    train, ev = inner["train"], inner["evaluate"]
+    for task in (train, ev):  # each cell: its own overrides and name, from the loop item
+        params = task["inputs"]["parameters"]
+        assert params["cell"]["componentInputParameter"] == "pipelinechannel--fan-out-cells-Output-loop-item"
+        assert params["cell"]["parameterExpressionSelector"] == 'parseJson(string_value)["cell"]'
+        assert params["overrides"]["parameterExpressionSelector"] == 'parseJson(string_value)["overrides"]'
+    assert train["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == "pretrain"
+    assert ev["inputs"]["parameters"]["suite"]["runtimeValue"]["constant"] == "in1k"
+    report = body["ablation-report"]["inputs"]["parameters"]["results"]
+    assert report["taskOutputParameter"]["producerTask"] == "for-loop-2"  # dsl.Collected over every cell
+
+
 def test_jobs_go_to_the_namespace_rbac_lets_the_runner_create_them_in():
     import yaml as _yaml
 
@@ -116,7 +140,7 @@ def test_jobs_go_to_the_namespace_rbac_lets_the_runner_create_them_in():
     assert config.PIPELINE_RUNNER_SERVICE_ACCOUNT == runner
 
 
-@pytest.mark.parametrize("recipe_id", list_recipes())
+@pytest.mark.parametrize("recipe_id", pipeline_ids())
 def test_mlflow_auth_keys_are_optional_the_s3_keys_are_not(recipe_id):
     _, platform = compiled(recipe_id)
     for name, executor in platform.items():

@@ -193,7 +193,12 @@ def build_jobs(recipe_id: str, params: dict[str, Any], template: dict[str, Any] 
     from vfm.recipes import load_recipe
 
     plan = plan_dag(recipe_id)
+    recipe_id = plan.recipe_id  # `convnext-xl-ablation` runs the convnext-xl recipe
     profile, overrides = str(params.get("profile") or "paper"), [str(o) for o in params.get("overrides") or []]
+    if plan.cells:  # every cell's job has one shape; plan the largest (the grid's last: widest kernel and MLP)
+        from vfm.recipes.ablation import cell_by_name
+
+        overrides += cell_by_name(load_recipe(recipe_id, overrides, profile), plan.cells[-1]).overrides
     recipe = load_recipe(recipe_id, overrides, profile)
     env = {"MLFLOW_TRACKING_URI": str(params.get("mlflow_uri") or "")}
     if params.get("s3_endpoint"):

@@ -151,10 +151,17 @@ def register(app: typer.Typer) -> None:
         html: Annotated[Path | None, typer.Option(
             "--html", help="Self-contained HTML report (table + plot); default: the PNG's path with .html.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+        ablation: Annotated[str | None, typer.Option(
+            "--ablation", help="MLflow parent run id of a convnext-xl-ablation pipeline run: its grid's table and "
+            "top-1 heatmap (kernel × expansion, params and FLOPs per cell) instead.")] = None,
     ) -> None:
         """A table of runs (recipe, stage, datasets, key metrics, claim vs achieved), a PNG and an HTML report,
         from the MLflow server."""
         from vfm.evaluate.compare import collect_runs, render_html, render_png, table_rows
+
+        if ablation:
+            _compare_ablation(ablation, tracking_uri, out, as_json)
+            return
 
         rows = collect_runs(list(experiments or []), tracking_uri=tracking_uri)
         table = table_rows(rows)
@@ -171,6 +178,23 @@ def register(app: typer.Typer) -> None:
         png = render_png(rows, out)
         print(f"plot: {png}")
         print(f"report: {render_html(rows, png, html or out.with_suffix('.html'))}")
+
+
+def _compare_ablation(parent_run_id: str, tracking_uri: str | None, out: Path, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from vfm.evaluate.ablation import heatmap, rows_from_mlflow, table
+    from vfm.tracking import require_client
+
+    client = require_client(tracking_uri, "vfm compare --ablation reads the run from MLflow")
+    rows = rows_from_mlflow(client, parent_run_id)
+    if as_json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        print(table(rows))
+    tags = client.get_run(parent_run_id).data.tags
+    title = f"{tags.get('vfm.pipeline', 'ablation')} ({tags.get('vfm.profile', 'paper')} profile), run {parent_run_id[:8]}"
+    print(f"heatmap: {heatmap(rows, out, title=title)}")
 
 
 def _recipe_of(export: str, profile: str | None = None, overrides: list[str] | None = None):

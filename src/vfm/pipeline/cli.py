@@ -18,18 +18,20 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a reci
 PIPELINES_DIR = Path("pipelines")
 
 
-def _ids(recipe_ids: list[str] | None) -> list[str]:
-    from vfm.recipes import list_recipes, load_recipe
+def _ids(pipeline_ids: list[str] | None) -> list[str]:
+    from vfm.pipeline.dag import pipeline_ids as all_ids
+    from vfm.pipeline.dag import recipe_of
 
-    ids = list(recipe_ids or list_recipes())
-    for rid in ids:
-        load_recipe(rid)  # unknown ids fail with the recipe loader's "did you mean"
+    ids = list(pipeline_ids or all_ids())
+    for pid in ids:
+        recipe_of(pid)  # unknown ids fail with the recipe loader's "did you mean"
     return ids
 
 
 @pipeline_app.command("compile")
 def compile_cmd(
-    recipe_ids: Annotated[list[str] | None, typer.Argument(help="Recipe ids (default: all five).")] = None,
+    recipe_ids: Annotated[list[str] | None, typer.Argument(
+        help="Pipeline ids: a recipe's, or convnext-xl-ablation (default: all).")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where <id>.yaml goes.")] = PIPELINES_DIR,
     components_image: Annotated[str | None, typer.Option(
         "--components-image", help="Image every step runs in, e.g. <registry>/vfm-components:<tag> "
@@ -38,7 +40,8 @@ def compile_cmd(
         "--trainer-image", help="Default of the `image` parameter the training jobs run, e.g. "
         "<registry>/vfm-trainer:<tag>.")] = None,
 ) -> None:
-    """Compile each recipe's pipeline to <out-dir>/<id>.yaml (what `kfp run create -f` takes)."""
+    """Compile each pipeline (one per recipe, plus the ablation's) to <out-dir>/<id>.yaml (what `kfp run create -f`
+    takes)."""
     from vfm.pipeline.dag import compile_pipeline
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,32 @@ RAW_SOURCES = {
 VAL_LABELS = "imagenet/LOC_val_solution.csv"
 
 
+ABLATION_SUFFIX = "-ablation"  # `<recipe>-ablation`: the pipeline of a recipe's `ablation:` grid (paper 002)
+
+
+def pipeline_ids() -> list[str]:
+    """Every pipeline vfm compiles: one per recipe, plus `<recipe>-ablation` for a recipe with an ablation grid."""
+    from vfm.recipes import list_recipes, load_recipe
+
+    ids = list_recipes()
+    return sorted(ids + [f"{r}{ABLATION_SUFFIX}" for r in ids if load_recipe(r).ablation is not None])
+
+
+def recipe_of(pipeline_id: str) -> str:
+    """The recipe a pipeline runs (`convnext-xl-ablation` → `convnext-xl`); unknown ids fail with the recipe
+    loader's "did you mean"."""
+    from vfm.recipes import load_recipe
+
+    if pipeline_id.endswith(ABLATION_SUFFIX):
+        base = pipeline_id.removesuffix(ABLATION_SUFFIX)
+        if load_recipe(base).ablation is None:
+            raise UserError(f"{pipeline_id}: recipe {base} declares no `ablation:` grid; pipelines: "
+                            f"{', '.join(pipeline_ids())}")
+        return base
+    load_recipe(pipeline_id)
+    return pipeline_id
+
+
 @dataclass(frozen=True)
 class DataRole:
     """One dataset the pipeline shards: pipeline parameters `<role>_source`, `<role>_layout`."""
@@ -72,6 +98,11 @@ class DagPlan:
     linear_probe: bool = False
     """The last stage exports a headless backbone: a linear probe (IN-1K train → val) makes the classifier
     that the in1k / in_c / in_r suites evaluate."""
+    pipeline_id: str = ""
+    """`recipe_id`, or `<recipe>-ablation` for the ablation grid's pipeline."""
+    cells: list[str] = field(default_factory=list)
+    """The ablation's cells (`k7-r4`, ...); empty for a recipe's main pipeline."""
+    concurrent_cells: int = 1
 
     @property
     def last(self) -> str:
@@ -79,9 +110,12 @@ class DagPlan:
 
 
 def plan_dag(recipe_id: str) -> DagPlan:
+    """The DAG of pipeline `recipe_id`: a recipe's main pipeline, or its ablation (`<recipe>-ablation`)."""
     from vfm.recipes import load_recipe
     from vfm.tasks import task_for
 
+    if recipe_id.endswith(ABLATION_SUFFIX):
+        return _plan_ablation(recipe_id)
     recipe = load_recipe(recipe_id)
     stages = [s for s in ("pretrain", "finetune") if s in recipe.stages]
     last = stages[-1]
@@ -92,8 +126,6 @@ def plan_dag(recipe_id: str) -> DagPlan:
     probe = bool(task_for(recipe, last).headless and set(suites) - {"knn"})
     for d in recipe.downstream:  # paper 001's COCO / ADE20K transfer
         skipped[f"{d.task}:{d.dataset}"] = "declared by the paper; vfm has no dense-transfer stage yet"
-    if recipe.ablation is not None:  # paper 002's kernel × expansion grid
-        skipped["ablation"] = "declared by the paper; its grid is not yet a vfm pipeline"
     data: dict[str, DataRole] = {}
     for stage in stages:
         ds = recipe.stages[stage].data.dataset
@@ -107,7 +139,22 @@ def plan_dag(recipe_id: str) -> DagPlan:
     knn_during = bool(task_for(recipe, last).headless and recipe.eval.knn_every_steps and "knn" in suites)
     return DagPlan(recipe_id=recipe.id, stages=stages, seeds=list(recipe.stages[last].seeds), suites=suites,
                    data=data, skipped=skipped, gpus_per_node=recipe.hardware.procs_per_node,
-                   knn_during_training=knn_during, linear_probe=probe)
+                   knn_during_training=knn_during, linear_probe=probe, pipeline_id=recipe.id)
+
+
+def _plan_ablation(pipeline_id: str) -> DagPlan:
+    """Paper 002's grid: the IN-1K subset (train and val) sharded once, then per cell × seed a training run of
+    the small variant and its in1k evaluation, then one report."""
+    from vfm.recipes import load_recipe
+    from vfm.recipes.ablation import ABLATION_STAGE, SUBSET_DATASET, ablation_cells
+
+    recipe = load_recipe(recipe_of(pipeline_id))
+    ab = recipe.ablation
+    assert ab is not None
+    data = {"train": DataRole("train", SUBSET_DATASET, SUBSET_DATASET), "val": DataRole("val", "in1k-val", "in1k-val")}
+    return DagPlan(recipe_id=recipe.id, stages=[ABLATION_STAGE], seeds=list(ab.seeds), suites=["in1k"], data=data,
+                   gpus_per_node=min(ab.gpus, recipe.hardware.gpus_per_node), pipeline_id=pipeline_id,
+                   cells=[c.name for c in ablation_cells(recipe)], concurrent_cells=ab.concurrent_cells)
 
 
 @cache
@@ -151,6 +198,8 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
     from kfp import dsl, kubernetes
 
     plan = plan_dag(recipe_id)
+    if plan.cells:
+        return _ablation_pipeline(plan, components_image=components_image, trainer_image=trainer_image)
     c = {n: _with_image(component(n), components_image)
          for n in ("start_run", "shard_dataset", "imagenet_c", "train", "fan_out_seeds", "evaluate", "linear_probe",
                    "aggregate_seeds", "report", "on_exit")}
@@ -201,7 +250,8 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                                  mlflow_uri=mlflow_uri)
         _credentials(exit_task, credentials_secret).set_caching_options(False)
         with dsl.ExitHandler(exit_task, name="vfm-run"):
-            start = c["start_run"](**common, run_id=run_id, mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint)
+            start = c["start_run"](**common, run_id=run_id, mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint,
+                                   pipeline=recipe_id)
             _credentials(_io_task(start), credentials_secret).set_caching_options(False)
 
             sources = {"pretrain": (pretrain_source, pretrain_layout), "finetune": (finetune_source, finetune_layout),
@@ -294,6 +344,96 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
             _io_task(agg).set_caching_options(False)
             rep = c["report"](**common, parent_run_id=start.outputs["parent_run_id"], summary=agg.output,
                               exports=dsl.Collected(last.output), mlflow_uri=mlflow_uri)
+            _credentials(_io_task(rep), credentials_secret).set_caching_options(False)
+
+    return pipeline
+
+
+def _ablation_pipeline(plan: DagPlan, *, components_image: str | None, trainer_image: str | None) -> Any:
+    """`<recipe>-ablation`: shard the subset once (train + val), ParallelFor over cells × seeds (at most
+    `ablation.concurrent_cells` at once), each a training job and an in1k evaluation through the same train
+    and evaluate steps as every stage, then one report (table + heatmap) on the parent run."""
+    from kfp import dsl, kubernetes
+
+    c = {n: _with_image(component(n), components_image)
+         for n in ("start_run", "shard_ablation_subset", "train", "fan_out_cells", "evaluate", "ablation_report",
+                   "on_exit")}
+    recipe_id, pipeline_id = plan.recipe_id, plan.pipeline_id
+    desc = (f"vfm {pipeline_id}: paper {recipe_id}'s ablation, {len(plan.cells)} cells ({', '.join(plan.cells)}) × "
+            f"seeds {plan.seeds}, each {plan.stages[0]} on the IN-1K subset → evaluate in1k; report: table + heatmap")
+    src = {role: d.default_source for role, d in plan.data.items()}
+
+    @dsl.pipeline(name=f"vfm-{pipeline_id}", description=desc)
+    def pipeline(
+        runs_prefix: str = "s3://vfm/runs",
+        data_prefix: str = "s3://vfm/data",
+        train_source: str = src["train"],
+        train_layout: str = plan.data["train"].layout,
+        val_source: str = src["val"],
+        val_layout: str = plan.data["val"].layout,
+        val_labels: str = f"{config.RAW_DATA_MOUNT}/{VAL_LABELS}",
+        raw_data_pvc: str = config.RAW_DATA_PVC,
+        shard_size: str = "1GB",
+        shard_workers: int = 8,
+        mlflow_uri: str = config.MLFLOW_URI,
+        s3_endpoint: str = "",
+        image: str = trainer_image or config.TRAINER_IMAGE,
+        namespace: str = config.JOB_NAMESPACE,
+        kueue_queue: str = "",
+        credentials_secret: str = config.CREDENTIALS_SECRET,
+        profile: str = "paper",
+        overrides: list = [],  # noqa: B006 - KFP reads the default from the signature
+        backend: str = "cluster",
+        launcher: str = "pytorchjob",
+        train_timeout_hours: float = 24.0 * 7,
+    ):
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        common = dict(recipe_id=recipe_id, profile=profile, overrides=overrides)
+        exit_task = c["on_exit"](recipe_id=recipe_id, run_id=run_id, namespace=namespace, backend=backend,
+                                 mlflow_uri=mlflow_uri)
+        _credentials(exit_task, credentials_secret).set_caching_options(False)
+        with dsl.ExitHandler(exit_task, name="vfm-run"):
+            start = c["start_run"](**common, run_id=run_id, mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint,
+                                   pipeline=pipeline_id)
+            _credentials(_io_task(start), credentials_secret).set_caching_options(False)
+            shards = {}
+            for role, (source, layout) in {"train": (train_source, train_layout), "val": (val_source, val_layout)}.items():
+                t = c["shard_ablation_subset"](**common, dataset=layout, source=source, data_prefix=data_prefix,
+                                               labels=val_labels if role == "val" else "", shard_size=shard_size,
+                                               workers=shard_workers, s3_endpoint=s3_endpoint)
+                t.set_display_name(f"shard {plan.data[role].dataset} subset")
+                # the subset comes from the resolved recipe (profile + overrides), which are inputs: cacheable
+                _credentials(_io_task(t), credentials_secret).set_caching_options(True)
+                t.set_cpu_request("4").set_memory_request("16G").set_memory_limit("16G")
+                kubernetes.mount_pvc(t, pvc_name=raw_data_pvc, mount_path=config.RAW_DATA_MOUNT)
+                shards[role] = t
+            fan = c["fan_out_cells"](**common, data=shards["train"].outputs["manifest"],
+                                     data_digest=shards["train"].outputs["sha256"],
+                                     parent_run_id=start.outputs["parent_run_id"], val=shards["val"].outputs["manifest"],
+                                     s3_endpoint=s3_endpoint)
+            # reads both manifests (the class check): S3 credentials
+            _credentials(_io_task(fan), credentials_secret).set_caching_options(False)
+            with dsl.ParallelFor(fan.output, name="cells", parallelism=plan.concurrent_cells) as item:
+                job = dict(image=image, run_id=run_id, namespace=namespace, backend=backend, secret=credentials_secret,
+                           mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, queue=kueue_queue, launcher=launcher)
+                t = c["train"](**job, recipe_id=recipe_id, profile=profile, overrides=item.overrides,
+                               stage=plan.stages[0], data=item.data, data_digest=item.data_digest,
+                               recipe_sha=item.recipe_sha, parent_run_id=item.parent_run_id, runs_prefix=runs_prefix,
+                               init="", seed=item.seed, timeout_hours=train_timeout_hours, knn_train="", knn_val="",
+                               cell=item.cell)
+                t.set_display_name("train cell")
+                t.set_retry(num_retries=1, backoff_duration="60s").set_caching_options(False)
+                t.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
+                _credentials(t, credentials_secret)
+                ev = c["evaluate"](**job, recipe_id=recipe_id, profile=profile, overrides=item.overrides,
+                                   export=t.output, suite="in1k", val=item.val, imagenet_c="", imagenet_r="",
+                                   knn_train="", seed=item.seed, parent_run_id=item.parent_run_id,
+                                   timeout_hours=train_timeout_hours, cell=item.cell)
+                ev.set_display_name("evaluate cell in1k")
+                _credentials(_io_task(ev, retries=2), credentials_secret).set_caching_options(False)
+                ev.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
+            rep = c["ablation_report"](**common, parent_run_id=start.outputs["parent_run_id"],
+                                       results=dsl.Collected(ev.output), mlflow_uri=mlflow_uri)
             _credentials(_io_task(rep), credentials_secret).set_caching_options(False)
 
     return pipeline

@@ -277,7 +277,19 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
     from vfm.pipeline.dag import plan_dag
 
     plan = plan_dag(recipe_id)
-    args: dict[str, Any] = dict(
+    if plan.cells:  # the ablation's pipeline: no ImageNet-C, no seeds parameter (the grid's are the recipe's)
+        args: dict[str, Any] = dict(
+            runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
+            s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile,
+            overrides=list(overrides), backend="local", launcher=launcher, shard_size="8MB", shard_workers=1,
+            train_timeout_hours=1.0, val_labels=val_labels)
+        for role in plan.data:
+            args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
+        if seeds is not None:
+            raise UserError(f"{recipe_id}: --seeds does not apply; the grid's seeds are the recipe's ablation.seeds "
+                            "(--set 'ablation.seeds=[0,1]')")
+        return args
+    args = dict(
         runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
         s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile, overrides=list(overrides),
         backend="local", launcher=launcher, shard_size="8MB", shard_workers=1, imagenet_c_workers=1, train_timeout_hours=1.0,
@@ -302,12 +314,12 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
     (default `<workdir>/logs/<id>-<time>.log`, `LocalRun.log_path`) with a line per task on stdout."""
     from kfp import local
 
-    from vfm.pipeline.dag import build_pipeline
+    from vfm.pipeline.dag import build_pipeline, recipe_of
     from vfm.recipes import load_recipe
 
     overrides = list(overrides or [])
     overrides += local_world_overrides(overrides) if profile != "smoke" else []  # smoke ranks are CPU ranks
-    load_recipe(recipe_id, overrides, profile)  # fail fast on a bad id/override, before starting servers
+    load_recipe(recipe_of(recipe_id), overrides, profile)  # fail fast on a bad id/override, before starting servers
     from vfm.launch import LAUNCHERS
 
     if launcher not in LAUNCHERS:
@@ -350,22 +362,26 @@ def run_local(recipe_id: str, *, workdir: Path, profile: str = "smoke", override
         return result
 
 
-def _collect(recipe_id: str, mlflow_uri: str, seconds: float) -> LocalRun:
-    """The run's outcome as MLflow recorded it (the newest parent run of the recipe's experiment)."""
+def _collect(pipeline_id: str, mlflow_uri: str, seconds: float) -> LocalRun:
+    """The run's outcome as MLflow recorded it (the newest parent run of this pipeline in the recipe's
+    experiment)."""
     from mlflow.tracking import MlflowClient
 
+    from vfm.evaluate.ablation import REPORT_MD
+    from vfm.pipeline.dag import plan_dag
     from vfm.tracking import experiment_name
 
+    recipe_id = plan_dag(pipeline_id).recipe_id
     client = MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_experiment_by_name(experiment_name(recipe_id))
-    runs = client.search_runs([exp.experiment_id], "tags.`vfm.stage` = 'pipeline'", order_by=["start_time DESC"],
-                              max_results=1) if exp else []
+    runs = client.search_runs([exp.experiment_id], f"tags.`vfm.stage` = 'pipeline' and tags.`vfm.pipeline` = "
+                              f"'{pipeline_id}'", order_by=["start_time DESC"], max_results=1) if exp else []
     if not runs:
-        return LocalRun(recipe_id, "FAILED", seconds, mlflow_uri)
+        return LocalRun(pipeline_id, "FAILED", seconds, mlflow_uri)
     run = runs[0]
     report = ""
     with contextlib.suppress(Exception):  # absent when the pipeline failed before the report step
-        report = client.download_artifacts(run.info.run_id, "report.md")
-        report = Path(report).read_text()
-    return LocalRun(recipe_id, run.info.status, seconds, mlflow_uri, exp.experiment_id, run.info.run_id,
+        name = REPORT_MD if plan_dag(pipeline_id).cells else "report.md"
+        report = Path(client.download_artifacts(run.info.run_id, name)).read_text()
+    return LocalRun(pipeline_id, run.info.status, seconds, mlflow_uri, exp.experiment_id, run.info.run_id,
                     dict(run.data.metrics), report)

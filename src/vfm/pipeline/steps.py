@@ -54,16 +54,18 @@ def pipeline_run_key(run_id: str) -> str:
 
 # --- start / finish -----------------------------------------------------------------------------
 def start_run(*, recipe_id: str, profile: str, overrides: list[str], run_id: str, mlflow_uri: str = "",
-              s3_endpoint: str = "") -> tuple[str, str]:
+              s3_endpoint: str = "", pipeline: str = "") -> tuple[str, str]:
     """Open the MLflow parent run of this pipeline run; returns (parent run id, resolved-recipe digest).
-    Under KFP's MLflow plugin the parent is the plugin's run of this pipeline run, tagged as vfm's."""
+    Under KFP's MLflow plugin the parent is the plugin's run of this pipeline run, tagged as vfm's.
+    `pipeline`: the pipeline's id (`convnext-xl-ablation`), tagged `vfm.pipeline` and naming the run."""
     from vfm.recipes import flatten
     from vfm.tracking import RUN_KEY_TAG, TrackedRun, kfp_plugin_run, open_run, recipe_tags
 
     use_endpoints(mlflow_uri, s3_endpoint)
     recipe = _recipe(recipe_id, profile, overrides)
     digest = recipe_digest(recipe)
-    tags = {"vfm.kfp_run_id": run_id, "vfm.recipe_digest": digest}
+    pipeline = pipeline or recipe_id
+    tags = {"vfm.kfp_run_id": run_id, "vfm.recipe_digest": digest, "vfm.pipeline": pipeline}
     plugin = kfp_plugin_run()
     if plugin is not None:
         from mlflow.tracking import MlflowClient
@@ -77,7 +79,7 @@ def start_run(*, recipe_id: str, profile: str, overrides: list[str], run_id: str
         print(f"MLflow parent run {run.run_id}: KFP's MLflow plugin run of this pipeline run "
               f"(experiment {plugin.experiment_id})")
         return run.run_id, digest
-    run = open_run(recipe, stage=PIPELINE_STAGE, run_key=pipeline_run_key(run_id), run_name=f"{recipe_id}-pipeline",
+    run = open_run(recipe, stage=PIPELINE_STAGE, run_key=pipeline_run_key(run_id), run_name=f"{pipeline}-pipeline",
                    extra_tags=tags)
     if not run.enabled:
         raise UserError("MLflow is not configured: pass the pipeline parameter mlflow_uri or set MLFLOW_TRACKING_URI")
@@ -134,9 +136,10 @@ def finish(*, state: str, error: str, recipe_id: str, run_id: str, namespace: st
 
 # --- data ---------------------------------------------------------------------------------------
 def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int = 0, labels: str = "", shard_size: str = "1GB",
-          workers: int = 4, s3_endpoint: str = "") -> tuple[str, str]:
+          workers: int = 4, s3_endpoint: str = "", subset_classes: int = 0, subset_fraction: float = 1.0,
+          subset_seed: int = 0) -> tuple[str, str]:
     """`vfm shard` to `<data_prefix>/<name>` (resumable; a complete manifest there is reused); returns
-    (manifest URL, sha256)."""
+    (manifest URL, sha256). `subset_classes` > 0 shards only that class subset (`vfm shard --subset-classes`)."""
     from vfm import storage
 
     dest = storage.join(data_prefix, name)
@@ -144,7 +147,26 @@ def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int =
            "--workers", str(workers)]
     if labels:
         cmd += ["--labels", labels]
+    if subset_classes:
+        cmd += ["--subset-classes", str(subset_classes), "--subset-fraction", repr(float(subset_fraction)),
+                "--subset-seed", str(subset_seed)]
     return _run_vfm(cmd, dest, s3_endpoint)
+
+
+def shard_subset(*, recipe_id: str, profile: str, overrides: list[str], dataset: str, source: str, data_prefix: str,
+                 labels: str = "", shard_size: str = "1GB", workers: int = 4, s3_endpoint: str = "") -> tuple[str, str]:
+    """The ablation's IN-1K subset of `dataset` (in1k train or in1k-val) as the resolved recipe's
+    `ablation.subset` says, to `<data_prefix>/<dataset>-<N>c-f<fraction>-s<seed>`; val keeps every image of
+    the subset's classes (the fraction thins training data only)."""
+    recipe = _recipe(recipe_id, profile, overrides)
+    if recipe.ablation is None:
+        raise UserError(f"recipe {recipe_id} has no `ablation:` block to take a subset from")
+    sub = recipe.ablation.subset
+    fraction = 1.0 if dataset == "in1k-val" else sub.fraction
+    name = f"{dataset}-{sub.num_classes}c-f{fraction:g}-s{sub.seed}"
+    return shard(dataset=dataset, source=source, data_prefix=data_prefix, name=name, labels=labels,
+                 shard_size=shard_size, workers=workers, s3_endpoint=s3_endpoint, subset_classes=sub.num_classes,
+                 subset_fraction=fraction, subset_seed=sub.seed)
 
 
 def imagenet_c(*, source: str = "", val_manifest: str, data_prefix: str, name: str = "imagenet-c", corruptions: str = "",
@@ -189,9 +211,10 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
           recipe_sha: str, image: str, run_id: str, parent_run_id: str, runs_prefix: str, init: str = "",
           seed: int = -1, namespace: str = "", backend: str = "cluster", timeout_hours: float = 24.0,
           secret: str = "vfm-credentials", mlflow_uri: str = "", s3_endpoint: str = "", knn_train: str = "",
-          knn_val: str = "", queue: str = "", task_config: Any = None, launcher: str = "pytorchjob") -> str:
+          knn_val: str = "", queue: str = "", task_config: Any = None, launcher: str = "pytorchjob",
+          cell: str = "") -> str:
     """Run one training stage as a PyTorchJob or TrainJob (`launcher`; cluster or local backend); returns
-    its export URL."""
+    its export URL. `cell`: the ablation cell this run is (its overrides are in `overrides`), "" for none."""
     from vfm import storage
     from vfm.export import META
     from vfm.launch import JobFailed, trainer_args
@@ -211,7 +234,8 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
         print(f"{export} already holds this stage's export (same data, image and recipe): reusing it")
         return export
     run_key = f"{key}/{stage}"
-    opts = train_options(recipe_id, stage, run_id=run_id, seed=seed_arg, namespace=namespace or _namespace(backend),
+    opts = train_options(recipe_id, f"{stage}-{cell}" if cell else stage, run_id=run_id, seed=seed_arg,
+                         namespace=namespace or _namespace(backend),
                          image=image, secret=secret, env=env, timeout_hours=timeout_hours, queue=queue,
                          run_key=run_key, data_digest=data_digest, recipe_sha=recipe_sha, task_config=task_config)
     result = _run_as_job(recipe, stage, opts, backend=backend, launcher=launcher, timeout_hours=timeout_hours, env=env,
@@ -225,7 +249,26 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
         raise JobFailed(result.name, "NoExport", f"the job succeeded but wrote no export at {export}")
     restarts = "restarts counted by its JobSet" if result.restarts is None else f"{result.restarts} restarts"
     print(f"{stage} done in {result.seconds:.0f} s ({restarts}): {export}")
+    if cell and parent_run_id:
+        _name_cell_run(parent_run_id, run_key, f"{recipe_id}-{cell}-seed{seed_arg}", cell)
     return export
+
+
+def _name_cell_run(parent_run_id: str, run_key: str, name: str, cell: str) -> None:
+    """The training run of an ablation cell, named and tagged after its cell (the trainer names a run after its
+    recipe and stage only, which every cell shares)."""
+    from mlflow.tracking import MlflowClient
+
+    from vfm.tracking import RUN_KEY_TAG, tracking_uri
+
+    uri = tracking_uri()
+    if not uri:
+        return
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_run(parent_run_id).info.experiment_id  # a stage's run lives in its parent's experiment
+    for run in client.search_runs([exp], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1):
+        client.set_tag(run.info.run_id, "mlflow.runName", name)
+        client.set_tag(run.info.run_id, "vfm.cell", cell)
 
 
 def train_options(recipe_id: str, stage: str, *, run_id: str, seed: int | None, namespace: str, image: str,
@@ -299,6 +342,68 @@ def fan_out_seeds(seeds: list[int], **shared: str) -> list[dict[str, Any]]:
     return [{"seed": int(s), **shared} for s in seeds]
 
 
+def fan_out_cells(*, recipe_id: str, profile: str, overrides: list[str], data: str, data_digest: str,
+                  parent_run_id: str, val: str, s3_endpoint: str = "") -> list[dict[str, Any]]:
+    """ParallelFor items of paper 002's ablation: one per (cell, seed), each with the cell's overrides (the
+    pipeline's, then the cell's), its resolved-recipe digest, and the subset's train and val manifests."""
+    from vfm.data.manifest import Manifest
+    from vfm.recipes.ablation import ablation_cells
+
+    use_endpoints(s3_endpoint=s3_endpoint)
+    base = _recipe(recipe_id, profile, overrides)
+    train_m, val_m = Manifest.load(data), Manifest.load(val)
+    if train_m.classes != val_m.classes:
+        raise UserError(f"the ablation's train subset ({data}) and val subset ({val}) hold different classes "
+                        f"({len(train_m.classes)} vs {len(val_m.classes)}, e.g. "
+                        f"{sorted(set(train_m.classes) ^ set(val_m.classes))[:3]}); shard both with the same "
+                        "--subset-classes / --subset-seed from archives of the same classes")
+    items = []
+    for cell in ablation_cells(base):
+        cell_overrides = [*overrides, *cell.overrides]
+        sha = recipe_digest(_recipe(recipe_id, profile, cell_overrides))
+        for seed in base.ablation.seeds:  # type: ignore[union-attr]
+            items.append({"cell": cell.name, "seed": int(seed), "overrides": cell_overrides, "recipe_sha": sha,
+                          "data": data, "data_digest": data_digest, "parent_run_id": parent_run_id, "val": val})
+    print(f"{len(items)} ablation runs: " + ", ".join(f"{i['cell']}/seed{i['seed']}" for i in items))
+    return items
+
+
+def ablation_report(*, recipe_id: str, profile: str, overrides: list[str], parent_run_id: str,
+                    results: list[dict[str, Any]], mlflow_uri: str = "") -> str:
+    """Paper 002's grid as one report on the MLflow parent run: the table and top-1 heatmap over kernel ×
+    expansion with each cell's params and FLOPs (vfm.evaluate.ablation); returns the Markdown."""
+    from mlflow.tracking import MlflowClient
+
+    from vfm.evaluate.ablation import CellRow, architecture, log_report, mean_metrics
+    from vfm.recipes.ablation import ablation_cells
+    from vfm.tracking import tracking_uri
+
+    use_endpoints(mlflow_uri)
+    base = _recipe(recipe_id, profile, overrides)
+    ab = base.ablation
+    assert ab is not None
+    per_cell: dict[str, list[dict[str, float]]] = {}
+    for item in results:
+        per_cell.setdefault(item["cell"], []).append(
+            {m.rsplit(".", 1)[-1]: float(v) for m, v in item["metrics"].items() if m.startswith("eval.in1k.")})
+    rows, missing = [], []
+    for cell in ablation_cells(base):
+        if cell.name not in per_cell:
+            missing.append(cell.name)
+            continue
+        params, gflops = architecture(_recipe(recipe_id, profile, [*overrides, *cell.overrides]), ab.subset.num_classes)
+        rows.append(CellRow(cell=cell.name, kernel_size=cell.kernel_size, mlp_ratio=cell.mlp_ratio, params=params,
+                            gflops=gflops, metrics=mean_metrics(per_cell[cell.name]), seeds=len(per_cell[cell.name])))
+    if missing:
+        raise UserError(f"the ablation report has no evaluation of cells {', '.join(missing)}; rerun the pipeline "
+                        "(finished cells are reused)")
+    title = (f"{recipe_id} ablation ({profile} profile): {ab.variant}, {ab.subset.num_classes} classes × "
+             f"{ab.subset.fraction:g} of IN-1K, {ab.resolution} px, {ab.epochs:g} epochs")
+    md = log_report(MlflowClient(tracking_uri=tracking_uri()), parent_run_id, rows, title=title)
+    print(md)
+    return md
+
+
 def _namespace(backend: str) -> str:
     from vfm.launch.cluster import current_namespace
 
@@ -323,10 +428,11 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
              imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "", seed: int, parent_run_id: str,
              mlflow_uri: str = "", s3_endpoint: str = "", image: str = "", run_id: str = "", namespace: str = "",
              backend: str = "cluster", timeout_hours: float = 24.0, secret: str = "vfm-credentials",
-             queue: str = "", launcher: str = "pytorchjob") -> dict[str, Any]:
+             queue: str = "", launcher: str = "pytorchjob", cell: str = "") -> dict[str, Any]:
     """One suite on one export as a job in the trainer image, on the GPUs of one node (bf16, loader
     workers, ranks sharing the data), logged to its own MLflow child run; returns {seed, suite, metrics}, and
-    for the `linear` probe also `classifier`: the backbone with its probe, a classifier export."""
+    for the `linear` probe also `classifier`: the backbone with its probe, a classifier export. `cell`: the
+    ablation cell the export is (in the job and run names, and the result)."""
     from vfm import launch, storage
     from vfm.evaluate.results import EvalResults
     from vfm.launch.job import uses_gpus
@@ -338,15 +444,17 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
     suite_dir = storage.join(storage.join(storage.parent(export), "eval"), suite)
     results_url = storage.join(suite_dir, "results.json")
     classifier = storage.join(suite_dir, "classifier") if suite == "linear" else ""
-    opts = eval_options(recipe_id, suite, run_id=run_id, seed=seed, namespace=namespace or _namespace(backend),
+    what = f"{suite}-{cell}" if cell else suite
+    opts = eval_options(recipe_id, what, run_id=run_id, seed=seed, namespace=namespace or _namespace(backend),
                         image=image, secret=secret, env=env, timeout_hours=timeout_hours, ranks=node.hardware.gpus,
                         queue=queue)
     _run_as_job(node, list(recipe.stages)[-1], opts, backend=backend, launcher=launcher, timeout_hours=timeout_hours,
                 env=env,
                 args_for=lambda w: launch.evaluator_args(
-                    export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{suite}/{seed}",
-                    parent_run_id=stage_parent(parent_run_id), run_name=f"{recipe_id}-eval-{suite}-seed{seed}",
-                    tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export}, profile=profile,
+                    export, suite, data, out=results_url, run_key=f"{parent_run_id}/eval/{what}/{seed}",
+                    parent_run_id=stage_parent(parent_run_id), run_name=f"{recipe_id}-eval-{what}-seed{seed}",
+                    tags={"vfm.suite": suite, "vfm.seed": str(seed), "vfm.export": export,
+                          **({"vfm.cell": cell} if cell else {})}, profile=profile,
                     overrides=overrides, workers=w, gpu=uses_gpus(node), linear_export=classifier))
     metrics = EvalResults.read_json(results_url).metrics
     print(json.dumps(metrics, indent=1, sort_keys=True))
@@ -356,7 +464,7 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
         if not storage.exists(storage.join(classifier, META)):
             raise RuntimeError(f"the linear probe job succeeded but wrote no classifier at {classifier}")
         return {"seed": seed, "suite": suite, "metrics": metrics, "classifier": classifier}
-    return {"seed": seed, "suite": suite, "metrics": metrics}
+    return {"seed": seed, "suite": suite, "metrics": metrics, **({"cell": cell} if cell else {})}
 
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, float]:
