@@ -5,7 +5,7 @@ convnext-xl-ablation: shard the IN-1K subset (train + val) → ParallelFor(cells
 variant at the cell's kernel and MLP ratio → evaluate in1k → one report (table + top-1 heatmap)
 
 Compile:  vfm pipeline compile convnext-xl-ablation     (or: kfp dsl compile --py pipelines/convnext-xl-ablation.py --function pipeline --output pipelines/convnext-xl-ablation.yaml)
-Submit:   kfp --endpoint URL run create -e vfm-convnext-xl -f pipelines/convnext-xl-ablation.yaml profile=paper
+Submit:   kfp --endpoint URL run create -e vfm-convnext-xl-ablation -f pipelines/convnext-xl-ablation.yaml profile=paper
 Locally:  vfm pipeline run convnext-xl-ablation --local --profile smoke
 """
 

@@ -72,7 +72,7 @@ def table(rows: Sequence[CellRow]) -> str:
 
 
 def heatmap(rows: Sequence[CellRow], path: str | Path, *, title: str, metric: str = "top1") -> Path:
-    """Top-1 over kernel size (rows) × MLP ratio (columns); each cell annotated with params and GFLOPs."""
+    """`metric` (top-1) over kernel size (rows) × MLP ratio (columns); each cell annotated with params and GFLOPs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display in pods or CI
@@ -111,14 +111,14 @@ def heatmap(rows: Sequence[CellRow], path: str | Path, *, title: str, metric: st
     return path
 
 
-def log_report(client: Any, parent_run_id: str, rows: Sequence[CellRow], *, title: str) -> str:
+def log_report(client: Any, parent_run_id: str, rows: Sequence[CellRow], *, title: str, metric: str = "top1") -> str:
     """Table, heatmap and rows (JSON) as artifacts of the parent run, and each cell's metrics on it
     (`ablation.<cell>.top1`, ...); returns the Markdown."""
     import tempfile
 
     md = f"# {title}\n\n{table(rows)}\n"
     with tempfile.TemporaryDirectory() as tmp:
-        heatmap(rows, Path(tmp, REPORT_PNG), title=title)
+        heatmap(rows, Path(tmp, REPORT_PNG), title=title, metric=metric)
         Path(tmp, REPORT_MD).write_text(md)
         Path(tmp, REPORT_JSON).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         for name in (REPORT_PNG, REPORT_MD, REPORT_JSON):

@@ -5,10 +5,13 @@ and evaluation suites, so `pipelines/<id>.py` is one call to `build_pipeline(id)
                                                                      └─► aggregate_seeds ─► report
     all inside dsl.ExitHandler(on_exit)
 
+A recipe with an `ablation:` grid (paper 002) also has `<id>-ablation`: the IN-1K subset sharded once, then
+ParallelFor(cells × seeds, parallelism-limited): train the small variant → evaluate in1k, then one report.
+
 The last training stage fans out over its seeds (DINOv2: pretraining itself with seeds [0]), so every
-recipe ends in the same per-seed evaluation, fan-in and report. Evaluation suites that need a classifier
-are left out for a headless SSL backbone (they need a linear probe, which `vfm evaluate` does not run);
-`DagPlan.skipped` says so and the pipeline description carries it.
+recipe ends in the same per-seed evaluation, fan-in and report. For a headless SSL backbone the suites
+that need a classifier run on its linear probe's classifier export (`DagPlan.linear_probe`); what a paper
+declares and vfm does not run yet (dense transfer) is in `DagPlan.skipped` and the pipeline description.
 
 kfp.local 2.17 runs all of this with SubprocessRunner (ParallelFor, Collected, ExitHandler with
 PipelineTaskFinalStatus, retries: kubeflow/pipelines tag sdk-2.17.0-1, sdk/python/kfp/local/orchestrator/

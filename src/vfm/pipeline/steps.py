@@ -399,7 +399,7 @@ def ablation_report(*, recipe_id: str, profile: str, overrides: list[str], paren
                         "(finished cells are reused)")
     title = (f"{recipe_id} ablation ({profile} profile): {ab.variant}, {ab.subset.num_classes} classes × "
              f"{ab.subset.fraction:g} of IN-1K, {ab.resolution} px, {ab.epochs:g} epochs")
-    md = log_report(MlflowClient(tracking_uri=tracking_uri()), parent_run_id, rows, title=title)
+    md = log_report(MlflowClient(tracking_uri=tracking_uri()), parent_run_id, rows, title=title, metric=ab.metrics[0])
     print(md)
     return md
 
