@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -62,3 +63,37 @@ def test_the_cli_shards_the_subset_records_it_and_refuses_another_at_the_same_de
     assert "drawn as subset" in str(other.exception) + other.output
     lone = run(app, [*args, "--subset-fraction", "0.5"])
     assert lone.exit_code != 0 and "--subset-fraction needs --subset-classes" in lone.output
+
+
+def test_an_explicit_class_list_is_kept_exactly_from_the_recipe_through_the_shard_step(digits, tmp_path):
+    from vfm.data.digits import DIGIT_WNIDS
+    from vfm.pipeline import steps
+    from vfm.recipes import RecipeError, load_recipe
+
+    train = index_source("in1k", str(digits.train_tar))
+    listed = [DIGIT_WNIDS[7], DIGIT_WNIDS[2], DIGIT_WNIDS[4]]
+    sub = subset_index(train, classes=listed, fraction=0.5)
+    assert sub.classes == sorted(listed) and sub.class_subset["classes"] == sorted(listed)
+    with pytest.raises(SourceError, match="1 of its 2 classes have no samples.*n99999999"):
+        subset_index(train, classes=[DIGIT_WNIDS[0], "n99999999"])
+    # a subset given as a list alone takes its size from it; a contradicting num_classes is refused
+    r = load_recipe("convnext-xl", [f"ablation.subset={{classes: {listed}}}"], "smoke")
+    assert r.ablation.subset.num_classes == 3 and r.ablation.subset.fraction == 1.0
+    with pytest.raises(RecipeError, match="num_classes=5 but ablation.subset.classes lists 3; set num_classes=3"):
+        load_recipe("convnext-xl", [f"ablation.subset.classes={listed}"], "smoke")  # smoke's 5 classes
+    # the pipeline's shard step: train keeps the recipe's fraction, val keeps every image of those classes
+    sets = [f"ablation.subset.classes={listed}", "ablation.subset.num_classes=3", "ablation.subset.fraction=0.5"]
+    url, _ = steps.shard_subset(recipe_id="convnext-xl", profile="smoke", overrides=sets, dataset="in1k",
+                                source=str(digits.train_tar), data_prefix=str(tmp_path), workers=1)
+    val_url, _ = steps.shard_subset(recipe_id="convnext-xl", profile="smoke", overrides=sets, dataset="in1k-val",
+                                    source=str(digits.val_tar), labels=str(digits.val_labels),
+                                    data_prefix=str(tmp_path), workers=1)
+    m, v = json.loads(Path(url).read_text()), json.loads(Path(val_url).read_text())
+    assert m["classes"] == v["classes"] == sorted(listed)
+    assert Path(url).parent.name.startswith("in1k-3c-f0.5-list") and v["class_subset"]["fraction"] == 1.0
+    assert m["num_samples"] == len(sub)
+    other = tmp_path / "other.txt"
+    other.write_text(f"{DIGIT_WNIDS[1]}\n{DIGIT_WNIDS[2]}\n{DIGIT_WNIDS[4]}\n")
+    res = CliRunner().invoke(app, ["shard", "in1k", "--source", str(digits.train_tar), "--dest", str(Path(url).parent),
+                                   "--workers", "1", "--subset-class-file", str(other), "--subset-fraction", "0.5"])
+    assert res.exit_code != 0 and "drawn as subset" in str(res.exception) + res.output

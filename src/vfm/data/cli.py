@@ -38,7 +38,7 @@ def _already_complete(dest: str, dataset: str, seed: int, endpoint_url: str | No
         from vfm.errors import UserError
 
         raise UserError(f"{url} already holds dataset {m.dataset!r} (seed {m.seed}); choose another --dest")
-    drawn = {k: m.class_subset.get(k) for k in ("num_classes", "fraction", "seed")} if m.class_subset else {}
+    drawn = {k: m.class_subset[k] for k in ("num_classes", "fraction", "seed", "classes") if k in m.class_subset}
     if drawn != (subset or {}):
         from vfm.errors import UserError
 
@@ -97,15 +97,26 @@ def register(app: typer.Typer) -> None:
         subset_fraction: Annotated[float, typer.Option("--subset-fraction", help="With --subset-classes: this "
                                    "fraction of each class's images, chosen by name hash.")] = 1.0,
         subset_seed: Annotated[int, typer.Option("--subset-seed", help="Seed of the class draw and the fraction.")] = 0,
+        subset_class_file: Annotated[str | None, typer.Option("--subset-class-file", help="Keep exactly these "
+                                     "classes (one wnid per line) instead of drawing --subset-classes.")] = None,
     ) -> None:
         """Shard a dataset into WebDataset tars (original JPEG bytes) with a manifest written last; resumable."""
+        from vfm.data.classes import read_class_file
         from vfm.data.shard import available_cpus, parse_size, write_dataset
         from vfm.data.sources import index_source, subset_index
 
-        subset = ({"num_classes": subset_classes, "fraction": subset_fraction, "seed": subset_seed}
-                  if subset_classes else None)
+        try:
+            listed = sorted(read_class_file(subset_class_file)) if subset_class_file else []
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"--subset-class-file: {exc}") from None
+        if listed and subset_classes and subset_classes != len(listed):
+            raise typer.BadParameter(f"--subset-classes {subset_classes} but --subset-class-file lists {len(listed)} "
+                                     "classes; pass one of them")
+        subset = ({"num_classes": len(listed) or subset_classes, "fraction": subset_fraction, "seed": subset_seed,
+                   **({"classes": listed} if listed else {})} if subset_classes or listed else None)
         if subset is None and subset_fraction != 1.0:
-            raise typer.BadParameter("--subset-fraction needs --subset-classes (the number of classes to keep)")
+            raise typer.BadParameter("--subset-fraction needs --subset-classes (the number of classes to keep) "
+                                     "or --subset-class-file")
         if _already_complete(dest, dataset, seed, endpoint_url, subset):
             return
         with _progress() as bar:

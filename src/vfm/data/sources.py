@@ -149,10 +149,11 @@ class SourceIndex:
         return data
 
 
-def subset_index(index: SourceIndex, *, num_classes: int, fraction: float = 1.0, seed: int = 0) -> SourceIndex:
-    """`num_classes` classes drawn with `seed` from the sorted names of the classes that have samples,
-    relabelled 0.. in sorted order, and `fraction` of each class's samples (the lowest hashes of seed +
-    name, at least one per class).
+def subset_index(index: SourceIndex, *, num_classes: int = 0, fraction: float = 1.0, seed: int = 0,
+                 classes: list[str] | None = None) -> SourceIndex:
+    """`num_classes` classes drawn with `seed` from the sorted names of the classes that have samples (or the
+    `classes` given), relabelled 0.. in sorted order, and `fraction` of each class's samples (the lowest
+    hashes of seed + name, at least one per class).
 
     Only the set of classes decides the draw, so IN-1K train and val (the same 1,000 wnids) give the same
     classes with the same seed, and a sample's membership depends on nothing but its name: a rerun, or
@@ -161,12 +162,21 @@ def subset_index(index: SourceIndex, *, num_classes: int, fraction: float = 1.0,
     import random
 
     present = sorted({index.classes[label] for label in set(index.label)})
-    if not 1 <= num_classes <= len(present):
-        raise SourceError(f"--subset-classes {num_classes}: the source has samples of {len(present)} classes; "
-                          f"choose 1..{len(present)}")
     if not 0 < fraction <= 1:
         raise SourceError(f"--subset-fraction {fraction}: choose a fraction in (0, 1]")
-    chosen = sorted(random.Random(seed).sample(present, num_classes))
+    if classes:
+        have = set(present)
+        missing = [c for c in classes if c not in have]
+        if missing:
+            raise SourceError(f"--subset-class-file: {len(missing)} of its {len(classes)} classes have no samples in "
+                              f"the source (e.g. {missing[:5]}); fix the list or the archive")
+        chosen = sorted(set(classes))
+        num_classes = len(chosen)
+    else:
+        if not 1 <= num_classes <= len(present):
+            raise SourceError(f"--subset-classes {num_classes}: the source has samples of {len(present)} classes; "
+                              f"choose 1..{len(present)}")
+        chosen = sorted(random.Random(seed).sample(present, num_classes))
     position = {c: i for i, c in enumerate(index.classes)}
     old_to_new = {position[c]: i for i, c in enumerate(chosen)}
     by_class: dict[int, list[int]] = {}
@@ -183,7 +193,8 @@ def subset_index(index: SourceIndex, *, num_classes: int, fraction: float = 1.0,
     out = SourceIndex(dataset=index.dataset, classes=chosen, files=index.files, groups=index.groups,
                       group_meta=index.group_meta, failures=index.failures,
                       class_subset={"num_classes": num_classes, "fraction": fraction, "seed": seed,
-                              "of_classes": len(index.classes), "of_samples": len(index)})
+                                    **({"classes": chosen} if classes else {}),
+                                    "of_classes": len(index.classes), "of_samples": len(index)})
     for i in keep:
         out.add(index.file_id[i], index.offset[i], index.size[i], old_to_new[index.label[i]], index.name(i),
                 index.group[i])

@@ -137,9 +137,12 @@ def finish(*, state: str, error: str, recipe_id: str, run_id: str, namespace: st
 # --- data ---------------------------------------------------------------------------------------
 def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int = 0, labels: str = "", shard_size: str = "1GB",
           workers: int = 4, s3_endpoint: str = "", subset_classes: int = 0, subset_fraction: float = 1.0,
-          subset_seed: int = 0) -> tuple[str, str]:
+          subset_seed: int = 0, subset_class_list: list[str] | None = None) -> tuple[str, str]:
     """`vfm shard` to `<data_prefix>/<name>` (resumable; a complete manifest there is reused); returns
-    (manifest URL, sha256). `subset_classes` > 0 shards only that class subset (`vfm shard --subset-classes`)."""
+    (manifest URL, sha256). `subset_classes` > 0 shards only that class subset (`vfm shard --subset-classes`),
+    `subset_class_list` exactly those classes (`--subset-class-file`)."""
+    import tempfile
+
     from vfm import storage
 
     dest = storage.join(data_prefix, name)
@@ -147,26 +150,34 @@ def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int =
            "--workers", str(workers)]
     if labels:
         cmd += ["--labels", labels]
-    if subset_classes:
-        cmd += ["--subset-classes", str(subset_classes), "--subset-fraction", repr(float(subset_fraction)),
-                "--subset-seed", str(subset_seed)]
-    return _run_vfm(cmd, dest, s3_endpoint)
+    if subset_classes or subset_class_list:
+        cmd += ["--subset-fraction", repr(float(subset_fraction)), "--subset-seed", str(subset_seed)]
+    if not subset_class_list:
+        if subset_classes:
+            cmd += ["--subset-classes", str(subset_classes)]
+        return _run_vfm(cmd, dest, s3_endpoint)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write("\n".join(subset_class_list) + "\n")
+        f.flush()
+        return _run_vfm([*cmd, "--subset-class-file", f.name], dest, s3_endpoint)
 
 
 def shard_subset(*, recipe_id: str, profile: str, overrides: list[str], dataset: str, source: str, data_prefix: str,
                  labels: str = "", shard_size: str = "1GB", workers: int = 4, s3_endpoint: str = "") -> tuple[str, str]:
     """The ablation's IN-1K subset of `dataset` (in1k train or in1k-val) as the resolved recipe's
-    `ablation.subset` says, to `<data_prefix>/<dataset>-<N>c-f<fraction>-s<seed>`; val keeps every image of
-    the subset's classes (the fraction thins training data only)."""
+    `ablation.subset` says, to `<data_prefix>/<dataset>-<N>c-f<fraction>-s<seed>` (`-list<sha>` for a class
+    list); val keeps every image of the subset's classes (the fraction thins training data only)."""
     recipe = _recipe(recipe_id, profile, overrides)
     if recipe.ablation is None:
         raise UserError(f"recipe {recipe_id} has no `ablation:` block to take a subset from")
     sub = recipe.ablation.subset
     fraction = 1.0 if dataset == "in1k-val" else sub.fraction
-    name = f"{dataset}-{sub.num_classes}c-f{fraction:g}-s{sub.seed}"
+    drawn = (f"list{hashlib.sha256(' '.join(sorted(sub.classes)).encode()).hexdigest()[:8]}" if sub.classes
+             else f"s{sub.seed}")
+    name = f"{dataset}-{sub.num_classes}c-f{fraction:g}-{drawn}"
     return shard(dataset=dataset, source=source, data_prefix=data_prefix, name=name, labels=labels,
                  shard_size=shard_size, workers=workers, s3_endpoint=s3_endpoint, subset_classes=sub.num_classes,
-                 subset_fraction=fraction, subset_seed=sub.seed)
+                 subset_fraction=fraction, subset_seed=sub.seed, subset_class_list=list(sub.classes) or None)
 
 
 def imagenet_c(*, source: str = "", val_manifest: str, data_prefix: str, name: str = "imagenet-c", corruptions: str = "",

@@ -11,7 +11,7 @@ in `--set a.b=value` fails with the field's path instead of being silently ignor
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -266,11 +266,35 @@ class DownstreamTask(_Strict):
 
 
 class AblationSubset(_Strict):
-    """A deterministic subset of IN-1K train: `num_classes` classes drawn with `seed`, `fraction` of each."""
+    """A deterministic subset of IN-1K train: `num_classes` classes drawn with `seed` (or the `classes` listed),
+    `fraction` of each."""
 
     num_classes: int = Field(100, ge=2, le=1000)
     fraction: float = Field(1.0, gt=0, le=1.0)
     seed: int = 0
+    classes: list[str] = Field(default_factory=list)
+    """Explicit wnids instead of a seeded draw (e.g. a published 100-class list); `num_classes` must match
+    (it follows the list when the subset is given without it)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_of_the_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("classes") and "num_classes" not in data:
+            return {**data, "num_classes": len(data["classes"])}
+        return data
+
+    @model_validator(mode="after")
+    def _class_list(self) -> AblationSubset:
+        if not self.classes:
+            return self
+        dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"ablation.subset.classes lists {dupes[:5]} more than once")
+        if self.num_classes != len(self.classes):
+            raise ValueError(f"ablation.subset.num_classes={self.num_classes} but ablation.subset.classes lists "
+                             f"{len(self.classes)}; set num_classes={len(self.classes)} too, or replace the subset "
+                             "whole (--set 'ablation.subset={classes: [...], fraction: 1.0}')")
+        return self
 
 
 class AblationConfig(_Strict):
