@@ -159,3 +159,13 @@ def test_ui_links_open_the_model_training_view():
     assert ui_url("http://m:5000/", "7") == "http://m:5000/#/experiments/7/runs?workflowType=machine_learning"
     assert ui_url("http://m:5000", "7", "ab") == "http://m:5000/#/experiments/7/runs/ab?workflowType=machine_learning"
     assert ui_url("http://m:5000") == "http://m:5000"
+
+
+def test_tag_options_parse_or_say_the_form():
+    from vfm.errors import UserError
+    from vfm.tracking import parse_tags
+
+    assert parse_tags(["vfm.cell=k7-r4", "note=a=b"]) == {"vfm.cell": "k7-r4", "note": "a=b"}
+    assert parse_tags(None) == {}
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_tags(["vfm.cell"])

@@ -73,6 +73,19 @@ def git_sha() -> str:
         return "unknown"
 
 
+def parse_tags(items: list[str] | None) -> dict[str, str]:
+    """`--tag KEY=VALUE` options (repeatable) of `vfm train` and `vfm evaluate` → {key: value}."""
+    from vfm.errors import UserError
+
+    tags = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UserError(f"--tag {item!r}: expected KEY=VALUE, e.g. vfm.suite=in1k")
+        tags[k] = v
+    return tags
+
+
 def recipe_tags(recipe: Recipe) -> dict[str, str]:
     tags = {"vfm.recipe": recipe.id, "vfm.profile": recipe.profile, "vfm.git_sha": git_sha(),
             "vfm.paper_seed": recipe.paper.seed}

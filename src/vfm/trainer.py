@@ -31,6 +31,9 @@ def train_command(
     overrides: SetOpt = None,
     run_key: Annotated[str | None, typer.Option("--run-key", help="MLflow run key (restarts continue the run).")] = None,
     parent_run_id: Annotated[str | None, typer.Option("--parent-run-id", help="MLflow parent run.")] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="MLflow run name (default: "
+                                                 "<recipe>-<stage>-seed<seed>).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="MLflow tag KEY=VALUE (repeatable).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1,
                                                   help="Stop after N updates (schedule unchanged).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Data loader worker processes per rank "
@@ -55,8 +58,10 @@ def train_command(
     from vfm.recipes import load_recipe
     from vfm.recipes.derive import resolve_stage
     from vfm.tasks import task_for
+    from vfm.tracking import parse_tags
     from vfm.train.loop import RunSpec, train
 
+    tags = parse_tags(tag)
     recipe = load_recipe(recipe_id, overrides, profile)
     if stage not in recipe.stages:
         raise UserError(f"recipe {recipe_id} has no stage `{stage}`; it has: {', '.join(recipe.stages)}")
@@ -78,7 +83,8 @@ def train_command(
         resolved = resolve_stage(recipe, stage, info.world_size, task.num_samples, num_classes=classes)
         st = resolved.config
         train(task, RunSpec(stage=resolved, out=out, seed=st.seeds[0] if seed is None else seed, init=init,
-                            max_steps=max_steps, run_key=run_key, parent_run_id=parent_run_id,
+                            max_steps=max_steps, run_key=run_key, parent_run_id=parent_run_id, run_name=run_name,
+                            tags=tags,
                             deterministic=deterministic, log_every=log_every,
                             peak_flops=peak_tflops * 1e12 if peak_tflops else None, system_metrics=system_metrics))
     finally:

@@ -21,6 +21,7 @@ from vfm.evaluate.ablation import (
     mean_metrics,
     table,
 )
+from vfm.tracking import TrackedRun
 
 
 def _rows() -> list[CellRow]:
@@ -43,7 +44,7 @@ def test_heatmap_and_log_to_the_parent_run(mlflow_uri, tmp_path):
         heatmap([], tmp_path / "none.png", title="t")
     client = MlflowClient(tracking_uri=mlflow_uri)
     run = client.create_run(client.create_experiment(f"vfm-test-ablation-{uuid.uuid4().hex[:8]}")).info.run_id
-    md = log_report(client, run, _rows(), title="grid")
+    md = log_report(TrackedRun(client=client, run_id=run), _rows(), title="grid")
     assert md.startswith("# grid") and "| k3-r2 |" in md
     names = {a.path for a in client.list_artifacts(run)}
     assert {REPORT_MD, REPORT_PNG, REPORT_JSON} <= names

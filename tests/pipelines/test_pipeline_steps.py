@@ -204,6 +204,31 @@ def test_dinov2_pretraining_gets_its_knn_sets(monkeypatch, tmp_path):
     assert "--knn-train" not in _trainer_args(_job_of_train(monkeypatch, tmp_path, "vit-huge"))
 
 
+def test_an_ablation_cells_job_and_mlflow_run_are_named_after_its_cell(monkeypatch, tmp_path):
+    import vfm.launch as launch
+    from vfm.recipes.ablation import ablation_cells
+
+    seen = []
+    monkeypatch.setattr(launch, "run_job", lambda manifest, **_: seen.append(manifest) or (_ for _ in ()).throw(
+        RuntimeError("captured")))
+    monkeypatch.setattr(launch, "read_pod_template", lambda namespace, backend: None)
+    for cell in ablation_cells(steps._recipe("convnext-xl", "paper", []))[:2]:
+        overrides = list(cell.overrides)
+        with pytest.raises(RuntimeError, match="captured"):
+            steps.train(recipe_id="convnext-xl", stage="pretrain", profile="paper", overrides=overrides,
+                        data="s3://d/m.json", data_digest="0" * 64,
+                        recipe_sha=steps.recipe_digest(steps._recipe("convnext-xl", "paper", overrides)),
+                        image="ghcr.io/x/t:1", run_id="r", parent_run_id="", runs_prefix=str(tmp_path / "runs"),
+                        backend="cluster", namespace="vfm", seed=0, cell=cell.name)
+        args = _trainer_args(seen[-1])
+        assert args[args.index("--run-name") + 1] == f"convnext-xl-{cell.name}-seed0"
+        assert args[args.index("--tag") + 1] == f"vfm.cell={cell.name}"
+        assert seen[-1]["metadata"]["labels"]["vfm.io/stage"] == f"pretrain-{cell.name}"
+    assert seen[0]["metadata"]["name"] != seen[1]["metadata"]["name"]  # one job per cell in one run
+    plain = _trainer_args(_job_of_train(monkeypatch, tmp_path, "vit-huge"))
+    assert "--run-name" not in plain and "--tag" not in plain
+
+
 def test_imagenet_c_runs_its_workers(monkeypatch):
     cmds = []
     monkeypatch.setattr(steps, "_run_vfm", lambda cmd, dest, endpoint: cmds.append(cmd) or ("m", "d"))

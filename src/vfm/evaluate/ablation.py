@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,9 +110,9 @@ def heatmap(rows: Sequence[CellRow], path: str | Path, *, title: str, metric: st
     return path
 
 
-def log_report(client: Any, parent_run_id: str, rows: Sequence[CellRow], *, title: str, metric: str = "top1") -> str:
-    """Table, heatmap and rows (JSON) as artifacts of the parent run, and each cell's metrics on it
-    (`ablation.<cell>.top1`, ...); returns the Markdown."""
+def log_report(run: Any, rows: Sequence[CellRow], *, title: str, metric: str = "top1") -> str:
+    """Table, heatmap and rows (JSON) as artifacts of the parent `run` (a vfm.tracking.TrackedRun), and each
+    cell's metrics on it (`ablation.<cell>.top1`, ...); returns the Markdown."""
     import tempfile
 
     md = f"# {title}\n\n{table(rows)}\n"
@@ -122,14 +121,9 @@ def log_report(client: Any, parent_run_id: str, rows: Sequence[CellRow], *, titl
         Path(tmp, REPORT_MD).write_text(md)
         Path(tmp, REPORT_JSON).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         for name in (REPORT_PNG, REPORT_MD, REPORT_JSON):
-            client.log_artifact(parent_run_id, str(Path(tmp, name)))
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"ablation.{r.cell}.{m}", v, now, 0) for r in rows for m, v in r.metrics.items()]
-    metrics += [Metric(f"ablation.{r.cell}.params_m", r.params / 1e6, now, 0) for r in rows]
-    for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
-        client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
+            run.log_artifact(Path(tmp, name))
+    run.log_metrics({f"ablation.{r.cell}.{m}": v for r in rows for m, v in r.metrics.items()}
+                    | {f"ablation.{r.cell}.params_m": r.params / 1e6 for r in rows})
     return md
 
 
@@ -160,8 +154,7 @@ def rows_from_mlflow(client: Any, parent_run_id: str) -> list[CellRow]:
                      f"stages.{ABLATION_STAGE}.data.resolution={p[f'stages.{ABLATION_STAGE}.data.resolution']}"]
         recipe = load_recipe(parent.data.tags.get("vfm.recipe", "convnext-xl"), overrides,
                              parent.data.tags.get("vfm.profile", "paper"))
-        num_classes = int(float(runs[0].data.params.get("ablation.subset.num_classes", 0)) or 1000)
-        params, gflops = architecture(recipe, num_classes)
+        params, gflops = architecture(recipe, int(p["ablation.subset.num_classes"]))
         per_seed = [{m: r.data.metrics[f"eval.in1k.{m}"] for m in METRICS if f"eval.in1k.{m}" in r.data.metrics}
                     for r in runs]
         rows.append(CellRow(cell=cell, kernel_size=int(p["model.kwargs.kernel_sizes"]),

@@ -110,12 +110,9 @@ def register(app: typer.Typer) -> None:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        tags = {}
-        for item in tag or []:
-            k, sep, v = item.partition("=")
-            if not sep or not k:
-                raise UserError(f"--tag {item!r}: expected KEY=VALUE, e.g. vfm.suite=in1k")
-            tags[k] = v
+        from vfm.tracking import parse_tags
+
+        tags = parse_tags(tag)
         recipe, claims = _recipe_of(checkpoints[0], profile, list(overrides or []))
         kwargs = dict(batch_size=batch_size, num_workers=workers, device=dev, knn_ks=ks, knn_temperature=knn_t,
                       autocast_dtype=torch.bfloat16 if bf16 else None, probe=probe, linear_export=linear_export)

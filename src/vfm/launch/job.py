@@ -153,6 +153,8 @@ def trainer_args(
     knn_train: str | None = None,
     knn_val: str | None = None,
     workers: int | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> list[str]:
     """The `python -m vfm.trainer` command line (the trainer's documented interface)."""
     args = [recipe_id, "--stage", stage, "--data", data, "--out", out, "--profile", profile]
@@ -160,9 +162,11 @@ def trainer_args(
         args += ["--set", item]
     for flag, value in (("--init", init), ("--seed", seed), ("--run-key", run_key),
                         ("--parent-run-id", parent_run_id), ("--knn-train", knn_train), ("--knn-val", knn_val),
-                        ("--workers", workers)):
+                        ("--workers", workers), ("--run-name", run_name)):
         if value is not None and value != "":
             args += [flag, str(value)]
+    for key, value in sorted((tags or {}).items()):
+        args += ["--tag", f"{key}={value}"]
     return args
 
 

@@ -277,26 +277,20 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
     from vfm.pipeline.dag import plan_dag
 
     plan = plan_dag(recipe_id)
+    args: dict[str, Any] = dict(
+        runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
+        s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile, overrides=list(overrides),
+        backend="local", launcher=launcher, shard_size="8MB", shard_workers=1, train_timeout_hours=1.0,
+        val_labels=val_labels if "val" in plan.data else "")
+    for role in plan.data:
+        args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
     if plan.cells:  # the ablation's pipeline: no ImageNet-C, no seeds parameter (the grid's are the recipe's)
-        args: dict[str, Any] = dict(
-            runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
-            s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile,
-            overrides=list(overrides), backend="local", launcher=launcher, shard_size="8MB", shard_workers=1,
-            train_timeout_hours=1.0, val_labels=val_labels)
-        for role in plan.data:
-            args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
         if seeds is not None:
             raise UserError(f"{recipe_id}: --seeds does not apply; the grid's seeds are the recipe's ablation.seeds "
                             "(--set 'ablation.seeds=[0,1]')")
         return args
-    args = dict(
-        runs_prefix=f"s3://{bucket}/runs", data_prefix=f"s3://{bucket}/data", mlflow_uri=mlflow_uri,
-        s3_endpoint=s3_endpoint, namespace="local", credentials_secret="", profile=profile, overrides=list(overrides),
-        backend="local", launcher=launcher, shard_size="8MB", shard_workers=1, imagenet_c_workers=1, train_timeout_hours=1.0,
-        val_labels=val_labels if "val" in plan.data else "",
-        imagenet_c_corruptions=LOCAL_IMAGENET_C[0], imagenet_c_severities=LOCAL_IMAGENET_C[1])
-    for role in plan.data:
-        args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
+    args.update(imagenet_c_workers=1, imagenet_c_corruptions=LOCAL_IMAGENET_C[0],
+                imagenet_c_severities=LOCAL_IMAGENET_C[1])
     if IMAGENET_C_ROLE in sources:  # the official set, whole: nothing to restrict
         args.update(imagenet_c_source=sources[IMAGENET_C_ROLE][0], imagenet_c_corruptions="", imagenet_c_severities="")
     if seeds is not None:
@@ -371,7 +365,8 @@ def _collect(pipeline_id: str, mlflow_uri: str, seconds: float) -> LocalRun:
     from vfm.pipeline.dag import plan_dag
     from vfm.tracking import experiment_name
 
-    recipe_id = plan_dag(pipeline_id).recipe_id
+    plan = plan_dag(pipeline_id)
+    recipe_id = plan.recipe_id
     client = MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_experiment_by_name(experiment_name(recipe_id))
     runs = client.search_runs([exp.experiment_id], f"tags.`vfm.stage` = 'pipeline' and tags.`vfm.pipeline` = "
@@ -381,7 +376,7 @@ def _collect(pipeline_id: str, mlflow_uri: str, seconds: float) -> LocalRun:
     run = runs[0]
     report = ""
     with contextlib.suppress(Exception):  # absent when the pipeline failed before the report step
-        name = REPORT_MD if plan_dag(pipeline_id).cells else "report.md"
+        name = REPORT_MD if plan.cells else "report.md"
         report = Path(client.download_artifacts(run.info.run_id, name)).read_text()
     return LocalRun(pipeline_id, run.info.status, seconds, mlflow_uri, exp.experiment_id, run.info.run_id,
                     dict(run.data.metrics), report)

@@ -255,31 +255,14 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
                                       init=init or None, seed=seed_arg, run_key=run_key,
                                       parent_run_id=stage_parent(parent_run_id) if parent_run_id else None,
                                       knn_train=knn_train or None,
-                                      knn_val=knn_val or None, workers=w))
+                                      knn_val=knn_val or None, workers=w,
+                                      run_name=f"{recipe_id}-{cell}-seed{seed_arg}" if cell else None,
+                                      tags={"vfm.cell": cell} if cell else None))
     if not storage.exists(storage.join(export, META)):
         raise JobFailed(result.name, "NoExport", f"the job succeeded but wrote no export at {export}")
     restarts = "restarts counted by its JobSet" if result.restarts is None else f"{result.restarts} restarts"
     print(f"{stage} done in {result.seconds:.0f} s ({restarts}): {export}")
-    if cell and parent_run_id:
-        _name_cell_run(parent_run_id, run_key, f"{recipe_id}-{cell}-seed{seed_arg}", cell)
     return export
-
-
-def _name_cell_run(parent_run_id: str, run_key: str, name: str, cell: str) -> None:
-    """The training run of an ablation cell, named and tagged after its cell (the trainer names a run after its
-    recipe and stage only, which every cell shares)."""
-    from mlflow.tracking import MlflowClient
-
-    from vfm.tracking import RUN_KEY_TAG, tracking_uri
-
-    uri = tracking_uri()
-    if not uri:
-        return
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_run(parent_run_id).info.experiment_id  # a stage's run lives in its parent's experiment
-    for run in client.search_runs([exp], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1):
-        client.set_tag(run.info.run_id, "mlflow.runName", name)
-        client.set_tag(run.info.run_id, "vfm.cell", cell)
 
 
 def train_options(recipe_id: str, stage: str, *, run_id: str, seed: int | None, namespace: str, image: str,
@@ -387,7 +370,7 @@ def ablation_report(*, recipe_id: str, profile: str, overrides: list[str], paren
 
     from vfm.evaluate.ablation import CellRow, architecture, log_report, mean_metrics
     from vfm.recipes.ablation import ablation_cells
-    from vfm.tracking import tracking_uri
+    from vfm.tracking import TrackedRun, tracking_uri
 
     use_endpoints(mlflow_uri)
     base = _recipe(recipe_id, profile, overrides)
@@ -410,7 +393,8 @@ def ablation_report(*, recipe_id: str, profile: str, overrides: list[str], paren
                         "(finished cells are reused)")
     title = (f"{recipe_id} ablation ({profile} profile): {ab.variant}, {ab.subset.num_classes} classes × "
              f"{ab.subset.fraction:g} of IN-1K, {ab.resolution} px, {ab.epochs:g} epochs")
-    md = log_report(MlflowClient(tracking_uri=tracking_uri()), parent_run_id, rows, title=title, metric=ab.metrics[0])
+    run = TrackedRun(client=MlflowClient(tracking_uri=tracking_uri()), run_id=parent_run_id)
+    md = log_report(run, rows, title=title, metric=ab.metrics[0])
     print(md)
     return md
 

@@ -64,6 +64,10 @@ class RunSpec:
     """Stop after this many updates (the lr schedule still spans the recipe's full length)."""
     run_key: str | None = None
     parent_run_id: str | None = None
+    run_name: str | None = None
+    """MLflow run name; None: `<recipe>-<stage>-seed<seed>` (an ablation cell names its cell)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra MLflow tags of the run (e.g. `vfm.cell`)."""
     tracking_uri: str | None = None
     deterministic: bool = False
     log_every: int = 10
@@ -166,8 +170,8 @@ def train(task: Task, spec: RunSpec) -> TrainResult:
             recipe, name = spec.stage.recipe, spec.stage.name
             key = spec.run_key or f"{recipe.id}/{name}/seed{spec.seed}/{spec.out}"
             opened = tracked_run(recipe, stage=name, run_key=key, parent_run_id=spec.parent_run_id,
-                                 uri=spec.tracking_uri, run_name=f"{recipe.id}-{name}-seed{spec.seed}",
-                                 extra_tags={"vfm.seed": str(spec.seed)}, background=True)
+                                 uri=spec.tracking_uri, run_name=spec.run_name or f"{recipe.id}-{name}-seed{spec.seed}",
+                                 extra_tags={"vfm.seed": str(spec.seed), **spec.tags}, background=True)
         else:
             opened = contextlib.nullcontext(TrackedRun(client=None, run_id=None))
         with opened as run:
