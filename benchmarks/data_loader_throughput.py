@@ -5,10 +5,12 @@
 
 Both run in the main process (num_workers=0, i.e. one core) with the same timm eval transform
 (resize + centre crop + normalise) and batch size, over the same JPEG bytes: a folder tree for
-ImageFolder, and that tree sharded with `vfm shard folder` for `vfm.data.loader`. vfm's workers stop at uint8
-(timm's prefetcher convention) and `DeviceNormalize` finishes each batch on the device, which is this CPU here:
-it is inside the timed loop, so both sides time the same normalised float batches. Prints images/s of each and
-the ratio. Never asserts timings.
+ImageFolder, and that tree sharded with `vfm shard folder` for `vfm.data.loader`. ImageFolder runs timm's
+transform as timm builds it (PIL decode, PIL resize); vfm decodes with TorchCodec and runs the same resize and
+crop on the uint8 tensor with torchvision's v2 kernels (`TensorEvalTransform`, pixels within a few levels).
+vfm's workers stop at uint8 (timm's prefetcher convention) and `DeviceNormalize` finishes each batch on the
+device, which is this CPU here: it is inside the timed loop, so both sides time the same normalised float
+batches. Prints images/s of each and the ratio. Never asserts timings.
 
 Then the epoch boundary of a training stream (2 workers, the recipe's train transform, a consumer that
 sleeps `--step-ms` per batch as a stand-in for the GPU step): the wait for each loader epoch's first batch

@@ -1,10 +1,12 @@
-"""JPEG decode images/s on one core: PIL (what the loader's workers use) against torchvision.io.decode_jpeg.
+"""JPEG decode images/s on one core: PIL (training's decode) against TorchCodec (evaluation's decode, see
+`vfm.data.loader.decode_sample`) and torchvision.io.decode_jpeg (deprecated by torchvision 0.29 for TorchCodec).
 
     python benchmarks/jpeg_decode.py [--images 200] [--sizes 256 500] [--repeats 5]
 
 Same synthetic JPEG bytes for every decoder (`vfm.data.synthetic`, quality 90; 500 px averages ~95 KB, the
 size of an ImageNet JPEG), best of `--repeats` passes, `torch.set_num_threads(1)`:
-- PIL `Image.open(...).convert("RGB")`, a full decode, the loader's `decode_sample`;
+- PIL `Image.open(...).convert("RGB")`, a full decode, the loader's `decode_sample` for PIL transforms;
+- `torchcodec.decoders.decode_image(bytes, mode="RGB")`, the loader's `decode_sample(as_tensor=True)`;
 - PIL with `draft("RGB", (size/2, size/2))`, libjpeg's DCT-domain downscale (not used: it changes the pixels
   timm's transforms see);
 - `torchvision.io.decode_jpeg`, one call per image and one call for the whole list (the batched API, which is
@@ -21,6 +23,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, features
+from torchcodec.decoders import decode_image
 from torchvision.io import decode_jpeg
 
 from vfm.data.synthetic import jpeg_bytes, synthetic_image
@@ -61,6 +64,10 @@ def main() -> None:
                 im.draft("RGB", (size // 2, size // 2))
                 im.convert("RGB").load()
 
+        def codec(blobs=blobs):
+            for b in blobs:
+                decode_image(b, mode="RGB")
+
         def tv_each(tensors=tensors):
             for t in tensors:
                 decode_jpeg(t)
@@ -69,6 +76,7 @@ def main() -> None:
             decode_jpeg(tensors)
 
         rows = [("PIL open + convert (loader)", pil), ("PIL draft 1/2", pil_draft),
+                ("TorchCodec decode_image (loader)", codec),
                 ("decode_jpeg, one per image", tv_each), ("decode_jpeg, the list", tv_list)]
         if args.cuda and torch.cuda.is_available():
             def tv_cuda(tensors=tensors):

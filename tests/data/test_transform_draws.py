@@ -8,6 +8,7 @@ draws 5,000 per supervised transform, which still meets the old failure rate ~10
 
 from __future__ import annotations
 
+import io
 import os
 import random
 
@@ -100,7 +101,9 @@ def test_convnext_erases_with_per_pixel_noise_as_upstream():
 
 def test_uint8_batches_normalised_on_the_device_match_timms_cpu_transform():
     """Workers stop at uint8 (timm's use_prefetcher convention) and DeviceNormalize finishes the batch: the result
-    is timm's own CPU-normalised eval transform; anything but uint8 is refused rather than normalised twice."""
+    is timm's own CPU-normalised eval transform, up to the rounding of bicubic resampling on uint8 tensors (vfm runs
+    timm's resize and crop with torchvision's v2 kernels, see TensorEvalTransform); anything but uint8 is refused
+    rather than normalised twice."""
     from timm.data.transforms_factory import transforms_imagenet_eval
 
     from vfm.data.transforms import device_normalize, stack_images
@@ -114,7 +117,10 @@ def test_uint8_batches_normalised_on_the_device_match_timms_cpu_transform():
     reference = transforms_imagenet_eval(img_size=24, crop_pct=data.crop_pct, interpolation="bicubic",
                                          mean=data.mean, std=data.std)
     out = device_normalize(data, "cpu", is_training=False)(batch)
-    assert out.is_contiguous() and torch.allclose(out, torch.stack([reference(im) for im in images]), atol=1e-5)
+    assert out.is_contiguous()
+    # back to uint8 levels: white noise is the worst case for resampling differences
+    levels = ((out - torch.stack([reference(im) for im in images])) * 255 * torch.tensor(data.std).view(1, 3, 1, 1))
+    assert levels.abs().max() <= 3.0 and levels.abs().mean() < 0.5
     with pytest.raises(TypeError, match="uint8"):
         device_normalize(data, "cpu", is_training=False)(out)
     erasing = data.model_copy(update={"augment": data.augment.model_copy(update={"random_erase": 1.0})})
@@ -122,3 +128,61 @@ def test_uint8_batches_normalised_on_the_device_match_timms_cpu_transform():
     random.seed(0)
     erased = device_normalize(erasing, "cpu", is_training=True)(batch)
     assert (erased != out).flatten(1).any(1).all()  # probability 1: a box in every image of the batch
+
+
+def test_the_eval_transform_on_decoded_tensors_is_timms_geometry_within_rounding():
+    """The loader decodes with torchvision (`decode_sample(as_tensor=True)`) and the eval transform resizes and crops
+    that tensor: the same pixels as PIL's decode (libjpeg-turbo both), and within a few uint8 levels of timm's PIL
+    transform on a natural-looking image; a PIL image given to the transform takes the same path."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    from vfm.data.loader import decode_sample
+    from vfm.data.synthetic import jpeg_bytes, synthetic_image
+    from vfm.recipes.schema import DataConfig
+
+    data = DataConfig(dataset="folder", resolution=64)
+    tf = build_transform(data, is_training=False)
+    assert tf.takes_tensor
+    reference = transforms_imagenet_eval(img_size=64, crop_pct=data.crop_pct, interpolation="bicubic",
+                                         use_prefetcher=True)
+    rng = np.random.default_rng(1)
+    for size in (150, 73):
+        blob = jpeg_bytes(synthetic_image(3, 10, size, rng))
+        sample = {"__key__": "k", "jpg": blob, "cls": b"3"}
+        tensor, label, meta = decode_sample(sample, as_tensor=True)
+        pil, _, _ = decode_sample(sample)
+        assert label == 3 and meta == {"key": "k"} and tensor.dtype == torch.uint8
+        assert torch.equal(tensor, torch.from_numpy(np.array(pil)).permute(2, 0, 1))  # same decoded pixels
+        ours, theirs = tf(tensor).int(), reference(pil).int()
+        assert ours.shape == theirs.shape == (3, 64, 64)
+        assert (ours - theirs).abs().max() <= 3 and (ours - theirs).abs().float().mean() < 0.5
+        assert torch.equal(tf(pil), tf(tensor))
+    with pytest.raises(ValueError, match="'bad'.*does not decode"):
+        decode_sample({"__key__": "bad", "__url__": "s.tar", "jpg": b"\xff\xd8\xff\xe0 not a jpeg", "cls": b"0"},
+                      as_tensor=True)
+
+
+def test_an_eval_transform_step_vfm_cannot_run_on_tensors_is_refused():
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    from vfm.data.transforms import TensorEvalTransform
+
+    with pytest.raises(TypeError, match="does not run on tensors"):
+        TensorEvalTransform(transforms_imagenet_eval(img_size=32, crop_mode="border"))
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"),
+                                           ("RGB", "WEBP")])
+def test_the_tensor_decoder_gives_pils_rgb_pixels_for_every_kept_format(mode, fmt):
+    """Grey, CMYK, alpha, palette and WebP images come out of TorchCodec as PIL's `convert("RGB")` makes them, so
+    evaluation (tensors) and training (PIL) see the same pixels of a sample."""
+    from vfm.data.loader import decode_sample
+
+    rng = np.random.default_rng(2)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert(mode).save(
+        buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    sample = {"__key__": "k", fmt.lower(): buf.getvalue(), "cls": b"0"}
+    tensor, _, _ = decode_sample(sample, as_tensor=True)
+    pil, _, _ = decode_sample(sample)
+    assert torch.equal(tensor, torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1))

@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((REPO / "images").glob("*/Dockerfile"))
 # Packages each image must install (and pin): the trainer runs training, components run pipeline steps.
 REQUIRED = {
-    "trainer": {"torch", "torchvision", "timm", "webdataset", "mlflow", "boto3", "kubeflow-training", "kubeflow-trainer-api"},
+    "trainer": {"torch", "torchvision", "torchcodec", "timm", "webdataset", "mlflow", "boto3", "kubeflow-training", "kubeflow-trainer-api"},
     "components": {
         "torch",
         "torchvision",
+        "torchcodec",
         "timm",
         "webdataset",
         "mlflow",
