@@ -199,3 +199,38 @@ def test_bad_arguments_are_user_errors(tmp_path):
         index_source("in1k-val", str(tmp_path))
     with pytest.raises(SourceError, match="does not exist"):
         index_source("folder", str(tmp_path / "nope"))
+
+
+def test_a_shard_reads_its_window_in_archive_order_and_writes_the_planned_order(tmp_path, monkeypatch):
+    """Each window of a shard's samples is read forward through the archive (file, then offset), as `tar` reads,
+    and the shard still holds the samples in the planned (shuffled) order; a window bounds what a worker holds."""
+    from vfm.data import shard as shard_mod
+    from vfm.data.sources import SourceIndex
+
+    content = {w: class_images(w, 6, seed=k) for k, w in enumerate(["n01440764", "n01443537"])}
+    index = index_source("in1k", str(write_tar_of_tars(tmp_path / "ILSVRC2012_img_train.tar", content)))
+    reads: list[int] = []
+    real_read = SourceIndex.read
+    monkeypatch.setattr(SourceIndex, "read", lambda self, i, fds=None: reads.append(i) or real_read(self, i, fds))
+    sizes = list(index.size)
+    window = sum(sorted(sizes)[-4:])  # about 4 samples a window: several windows in the one shard
+    monkeypatch.setattr(shard_mod, "READ_WINDOW_BYTES", window)
+    (planned,) = shard_mod.plan_shards(index, seed=0, shard_size=10**9, prefix="in1k")
+    got = [i for i, _ in shard_mod._read_ahead(index, planned.entries, window)]
+    assert got == planned.entries.tolist() and sorted(reads) == sorted(got)
+    position = {(index.file_id[i], index.offset[i]): i for i in got}
+    archive_order = [position[k] for k in sorted(position)]
+    windows, start = [], 0  # the planned order cut where the running bytes cross a multiple of the window
+    for n, _i in enumerate(got):
+        if sum(sizes[j] for j in got[:n + 1]) - 1 >= (len(windows) + 1) * window:
+            windows.append(got[start:n])
+            start = n
+    windows.append(got[start:])
+    assert len(windows) > 2 and got != archive_order  # shuffled, so order matters
+    at = 0
+    for w in windows:  # each window's reads are its samples, sorted by where they sit in the archive
+        assert reads[at:at + len(w)] == sorted(w, key=archive_order.index)
+        at += len(w)
+    report = write_dataset(index, str(tmp_path / "out"), shard_size=10**9)
+    names = [s["__key__"] for s in read_all(Manifest.load(report.manifest.location))]
+    assert names == [shard_mod.sample_key(index.name(i)) for i in planned.entries]

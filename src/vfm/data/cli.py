@@ -75,17 +75,25 @@ def register(app: typer.Typer) -> None:
     @app.command("shard")
     def shard_cmd(
         dataset: Annotated[str, typer.Argument(help="in22k-fall11 | in21k-winter21 | in1k | in1k-val | imagenet-r | "
-                                                    "imagenet-c | folder")],
-        source: Annotated[str, typer.Option("--source", help="Archive, directory of tarballs, or folder tree.")],
+                                                    "imagenet-c | folder | ade20k | coco2017")],
+        source: Annotated[str, typer.Option("--source", help="Archive, directory of tarballs, or folder tree; ade20k: "
+                                            "ADEChallengeData2016.zip; coco2017: train2017.zip / val2017.zip (or "
+                                            "either extracted).")],
         dest: Annotated[str, typer.Option("--dest", help="s3://bucket/prefix or a local directory.")],
         shard_size: Annotated[str, typer.Option("--shard-size", help="Target bytes per shard, e.g. 1GB, 300MB.")] = "1GB",
         workers: Annotated[int | None, typer.Option("--workers", min=1, help="Parallel shard writer processes "
                                                     "(default: the CPUs this process may use, e.g. the pod's limit).")] = None,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the global shuffle.")] = 0,
         endpoint_url: Annotated[str | None, typer.Option("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL_S3).")] = None,
-        labels: Annotated[str | None, typer.Option("--labels", help="in1k-val: LOC_val_solution.csv or devkit tar.gz.")] = None,
+        labels: Annotated[str | None, typer.Option("--labels", help="in1k-val: LOC_val_solution.csv or devkit tar.gz; "
+                                                   "coco2017: annotations_trainval2017.zip (or its instances_*.json).")] = None,
         classes: Annotated[str | None, typer.Option("--classes", help="Class list file (one wnid per line; label = line).")] = None,
-        split: Annotated[str | None, typer.Option("--split", help="Split name in _info.json (train / validation).")] = None,
+        split: Annotated[str | None, typer.Option("--split", help="Split name in _info.json (train / validation); "
+                                                  "ade20k and coco2017 (required): train or val, the release's "
+                                                  "training / validation and train2017 / val2017.")] = None,
+        drop_unannotated: Annotated[bool, typer.Option("--drop-unannotated", help="coco2017: leave out images without "
+                                                       "annotations (as detectron2 does for training); by default "
+                                                       "they are kept.")] = False,
         repair: Annotated[bool, typer.Option("--repair/--skip-bad", help="Repair gzip/PNG/CMYK members instead of skipping them (both are reported).")] = False,
         spool_dir: Annotated[str | None, typer.Option("--spool-dir", help="Where a .tar.gz source is decompressed once.")] = None,
         max_shards: Annotated[int | None, typer.Option("--max-new-shards", help="Write at most N shards this run (time-boxed jobs); rerun to continue.")] = None,
@@ -100,10 +108,25 @@ def register(app: typer.Typer) -> None:
         subset_class_file: Annotated[str | None, typer.Option("--subset-class-file", help="Keep exactly these "
                                      "classes (one wnid per line) instead of drawing --subset-classes.")] = None,
     ) -> None:
-        """Shard a dataset into WebDataset tars (original JPEG bytes) with a manifest written last; resumable."""
+        """Shard a dataset into WebDataset tars (original JPEG bytes) with a manifest written last; resumable.
+
+        Dense datasets: `vfm shard ade20k --source ADEChallengeData2016.zip --split train --dest D` (image + .seg.png
+        mask), `vfm shard coco2017 --source train2017.zip --labels annotations_trainval2017.zip --split train
+        --dest D` (image + .json annotations)."""
         from vfm.data.classes import read_class_file
         from vfm.data.shard import available_cpus, parse_size, write_dataset
-        from vfm.data.sources import index_source, subset_index
+        from vfm.data.sources import DENSE_DATASETS, index_source, subset_index
+
+        dense = dataset in DENSE_DATASETS
+        if dense:
+            from vfm.data.dense_sources import dense_split
+
+            split = dense_split(dataset, split)[0]  # the release's split it selects, named train / validation
+            if subset_classes or subset_class_file:
+                raise typer.BadParameter(f"--subset-classes / --subset-class-file draw classes of a classification "
+                                         f"dataset; {dataset} is sharded whole (its samples have no single class)")
+        if drop_unannotated and dataset != "coco2017":
+            raise typer.BadParameter("--drop-unannotated is for coco2017")
 
         try:
             listed = sorted(read_class_file(subset_class_file)) if subset_class_file else []
@@ -122,7 +145,8 @@ def register(app: typer.Typer) -> None:
         with _progress() as bar:
             task = bar.add_task(f"indexing {source}", total=None)
             index = index_source(dataset, source, labels=labels, class_file=classes, spool_dir=spool_dir,
-                                 progress=lambda msg: bar.update(task, advance=1, description=f"indexing {msg}"))
+                                 progress=lambda msg: bar.update(task, advance=1, description=f"indexing {msg}"),
+                                 **({"split": split, "drop_unannotated": drop_unannotated} if dense else {}))
         console.print(f"indexed {len(index):,} samples in {len(index.classes):,} classes "
                       f"({len(index.failures):,} rejected while indexing)")
         if subset is not None:

@@ -2,7 +2,8 @@
 
 `vfm shard` writes it **last**, after every shard is published and verified, so a reader that finds a
 manifest finds a complete dataset. It holds the shard list (name, URL, sample count, bytes, sha256),
-the class map (wnids; label = position), per-group metadata (ImageNet-C corruption/severity) and the
+the class map (wnids; label = position; for the dense tasks also `categories`, the ids masks / annotations use),
+the task its samples serve, per-group metadata (ImageNet-C corruption/severity) and the
 report of every input sample that was skipped or repaired, with the reason.
 """
 
@@ -49,6 +50,13 @@ class Manifest:
     """Input samples left out (`action: skipped`) or fixed (`action: repaired`): key, source, reason."""
     class_subset: dict[str, Any] = field(default_factory=dict)
     """The class / fraction subset this dataset was drawn as (`vfm shard --subset-classes`); {} when whole."""
+    task: str = "classification"
+    """What a sample holds (vfm.data.sources.SourceIndex.task): classification (`.cls`), semantic_segmentation
+    (`.seg.png`), object_detection (annotations in `.json`). Absent from manifests of classification datasets, old
+    ones included, which therefore load as before."""
+    categories: list[dict[str, Any]] = field(default_factory=list)
+    """Dense tasks: [{"id", "name", ...}] with the dataset's own ids (ADE20K 1..150, mask value k; COCO's 80
+    non-contiguous ids 1..90 with their supercategory); `classes` holds the same names in id order. [] otherwise."""
     format_version: int = FORMAT_VERSION
     location: str = ""
     """Where this manifest was loaded from (not serialised)."""
@@ -90,6 +98,8 @@ class Manifest:
 
     def to_json(self) -> str:
         d = self._fields()
+        if d["task"] == "classification" and not d["categories"]:  # as manifests were before dense tasks
+            del d["task"], d["categories"]
         d["shards"] = [asdict(s) for s in self.shards]
         d["num_samples"] = self.num_samples
         d["failure_counts"] = self.failure_counts()

@@ -4,9 +4,11 @@
 2. Plan: per group (ImageNet-C corruption/severity; one group otherwise), a permutation seeded by
    (seed, group) is cut into shards of about `shard_size` bytes. The plan is a pure function of the
    index and the seed, so a rerun plans the very same shards; each has a `plan_hash` of its keys.
-3. Write shards in parallel workers: read each sample's original bytes by offset, check them
+3. Write shards in parallel workers: read each shard's samples' original bytes by offset, a window of
+   READ_WINDOW_BYTES at a time in archive order (then written in the planned order), check them
    (validate.py), and write `<key>.jpg` (or .png/.webp) + `<key>.cls` + `<key>.json` into a tar with fixed
-   metadata (byte-identical on rerun) -> publish (multipart on S3) -> write `_progress/<shard>.json`
+   metadata (byte-identical on rerun); a dense sample (ADE20K, COCO: vfm.data.dense_sources) writes its image with
+   `<key>.seg.png` (the mask) + `<key>.json`, or with `<key>.json` holding its annotations, and no `.cls` -> publish (multipart on S3) -> write `_progress/<shard>.json`
    (the shard's commit: plan_hash, counts, sha256, failures).
 4. Resume: a shard whose progress record matches the plan and whose object hashes to the recorded sha256
    is kept; anything else is rewritten. Every input sample is in exactly one planned shard.
@@ -31,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from vfm import storage
+from vfm.data.dense_sources import dense_members
 from vfm.data.manifest import MANIFEST_NAME, TIMM_INFO_NAME, Manifest, ShardInfo
-from vfm.data.sources import SourceIndex, sample_key
+from vfm.data.sources import DamagedMemberError, SourceIndex, sample_key
 from vfm.data.validate import VERIFY_MODES, check_image
 
 DEFAULT_SHARD_SIZE = 1_000_000_000
@@ -64,7 +67,7 @@ class PlannedShard:
 
 def plan_shards(index: SourceIndex, seed: int, shard_size: int, prefix: str,
                 max_samples: int | None = None) -> list[PlannedShard]:
-    sizes = np.frombuffer(index.size, dtype=np.int64) if len(index) else np.zeros(0, np.int64)
+    sizes = np.frombuffer(index.sample_sizes(), dtype=np.int64) if len(index) else np.zeros(0, np.int64)
     groups = np.frombuffer(index.group, dtype=np.int32) if len(index) else np.zeros(0, np.int32)
     shards: list[PlannedShard] = []
     for gid, gname in enumerate(index.groups):
@@ -126,21 +129,50 @@ def _init_worker(index: SourceIndex, job: _Job) -> None:
 S3_READ_AHEAD = 32
 
 
-def _read_ahead(index: SourceIndex, entries: list[int]) -> Iterable[tuple[int, bytes]]:
-    """(entry, its bytes) in `entries` order; from S3 with S3_READ_AHEAD reads in flight, locally one by one
-    (each archive opened once)."""
+# bytes of a shard a worker reads in archive order before writing them in the planned (shuffled) order: a window,
+# not the whole shard (1 GB by default, times the workers), bounds the memory; 64 MiB is ~600 ImageNet images, so
+# the reads of a window sweep the archive forward as `tar` would instead of seeking to every sample in turn
+READ_WINDOW_BYTES = 64 << 20
+
+
+def _guarded(read: Callable[[int], Any]) -> Callable[[int], Any]:
+    """`read`, with a damaged member (a zip CRC mismatch) returned as its error instead of raised: that sample is
+    skipped and reported by the writer, the shard goes on."""
+    def guarded(i: int) -> Any:
+        try:
+            return read(i)
+        except DamagedMemberError as e:
+            return e
+    return guarded
+
+
+def _read_ahead(index: SourceIndex, entries: np.ndarray, window_bytes: int = READ_WINDOW_BYTES,
+                with_companion: bool = False) -> Iterable[tuple[int, Any]]:
+    """(entry, its bytes) in `entries` order; from S3 with S3_READ_AHEAD reads in flight, locally window by window:
+    each window of `window_bytes` is read in archive order (file, then offset; each archive opened once) and
+    then handed out in the planned order. `with_companion`: the bytes are (sample bytes, companion bytes or
+    None), the companion read right after its sample. A DamagedMemberError stands in for a damaged member."""
     if not any(storage.is_s3(f) for f in index.files):
-        with index.reading() as read:
-            for i in entries:
-                yield i, read(i)
+        sizes = np.frombuffer(index.size, dtype=np.int64)
+        offsets = np.frombuffer(index.offset, dtype=np.int64)
+        file_ids = np.frombuffer(index.file_id, dtype=np.int32)
+        window = np.floor_divide(np.cumsum(sizes[entries]) - 1, window_bytes)
+        with index.reading(with_companion) as read:
+            read = _guarded(read)
+            for part in np.split(entries, np.flatnonzero(np.diff(window)) + 1):
+                in_archive_order = part[np.lexsort((offsets[part], file_ids[part]))]
+                got = {int(i): read(int(i)) for i in in_archive_order}
+                for i in part.tolist():
+                    yield i, got.pop(i)
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    fetch = _guarded((lambda i: (index.read(i), index.read_companion(i))) if with_companion else index.read)
     with ThreadPoolExecutor(S3_READ_AHEAD, thread_name_prefix="sample-get") as pool:
         pending: deque = deque()
-        for i in entries:
-            pending.append((i, pool.submit(index.read, i)))
+        for i in entries.tolist():
+            pending.append((i, pool.submit(fetch, i)))
             if len(pending) >= S3_READ_AHEAD:
                 j, fut = pending.popleft()
                 yield j, fut.result()
@@ -247,9 +279,15 @@ def _write_shard(shard: PlannedShard) -> dict:
     with storage.open_write(url, job.endpoint_url) as out:  # no staging copy: the tar streams to its place
         hw = _HashingWriter(out)
         writer = SampleTar(hw)
-        for i, data in _read_ahead(index, shard.entries.tolist()):
+        dense = index.task != "classification"
+        for i, data in _read_ahead(index, shard.entries, with_companion=index.companions is not None):
             name, label = index.name(i), index.label[i]
             key = sample_key(name)
+            if isinstance(data, DamagedMemberError):
+                failures.append({"key": key, "name": name, "source": index.source_of(i), "reason": str(data),
+                                 "action": "skipped"})
+                continue
+            data, companion = data if isinstance(data, tuple) else (data, None)
             checked = check_image(data, name, repair=job.repair, verify=job.verify)
             if checked.problem:
                 failures.append({"key": key, "name": name, "source": index.source_of(i),
@@ -257,12 +295,20 @@ def _write_shard(shard: PlannedShard) -> dict:
                                  "action": "skipped" if checked.data is None else "repaired"})
             if checked.data is None:
                 continue
-            info = {"wnid": index.classes[label], "name": name, **meta}
-            # three members, not image + json: timm's `wds/` reader takes the label from `.cls` unless told a
-            # json field (timm/data/readers/reader_wds.py `_decode`), so plain `train.py --dataset wds/...` works
+            if dense:
+                members = dense_members(index, i, checked.data, checked.ext, companion, job.verify)
+                if isinstance(members, str):
+                    failures.append({"key": key, "name": name, "source": index.source_of(i), "reason": members,
+                                     "action": "skipped"})
+                    continue
+            else:
+                info = {"wnid": index.classes[label], "name": name, **meta}
+                # three members, not image + json: timm's `wds/` reader takes the label from `.cls` unless told a
+                # json field (timm/data/readers/reader_wds.py `_decode`), so plain `train.py --dataset wds/...` works
+                members = {checked.ext: checked.data, "cls": str(label).encode(),
+                           "json": json.dumps(info, sort_keys=True).encode()}
             offsets.append(writer.offset)
-            writer.write(key, {checked.ext: checked.data, "cls": str(label).encode(),
-                               "json": json.dumps(info, sort_keys=True).encode()})
+            writer.write(key, members)
             count += 1
         offsets.append(writer.offset)
         writer.close()
@@ -339,7 +385,8 @@ def write_dataset(
         dataset=index.dataset, split=split, classes=list(index.classes), shards=shards, seed=seed,
         shard_size=shard_size, source=source,
         groups={g: index.group_meta.get(g, {}) for g in index.groups if any(s.group == g for s in shards)},
-        failures=failures, class_subset=dict(index.class_subset),
+        failures=failures, class_subset=dict(index.class_subset), task=index.task,
+        categories=list(index.categories),
     )
     storage.write_bytes(storage.join(dest, TIMM_INFO_NAME), json.dumps(manifest.timm_info(), indent=1).encode(),
                         endpoint_url)

@@ -16,6 +16,8 @@ google-research/augmix imagenet.py `test_c` for ImageNet-C):
   imagenet-r                             imagenet-r.tar: imagenet-r/<wnid>/*.jpg (labels = IN-1K index)
   imagenet-c                             the Zenodo tarballs: <corruption>/<severity>/<wnid>/*.JPEG
   folder                                 <root>/<class>/<image> (a user's own data)
+  ade20k / coco2017                      the dense-transfer zips (vfm.data.dense_sources): each sample is an
+                                         image plus a companion, a mask member or inline annotations
 Each of these also accepts the same tree already extracted to a directory.
 
 A source may also be an archive in object storage (`s3://bucket/fall11_whole.tar`, or an `s3://` prefix
@@ -33,6 +35,7 @@ import io
 import os
 import tarfile
 import tempfile
+import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +46,9 @@ from vfm import storage
 from vfm.data import classes as class_lists
 from vfm.errors import UserError
 
-DATASETS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
+CLASSIFICATION_DATASETS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
+DENSE_DATASETS = ("ade20k", "coco2017")
+DATASETS = CLASSIFICATION_DATASETS + DENSE_DATASETS
 
 
 class SourceError(UserError):
@@ -61,9 +66,64 @@ class TruncatedArchiveError(SourceError):
         )
 
 
+class DamagedMemberError(SourceError):
+    """One member's stored bytes do not decompress to what its archive's directory promises (zip CRC-32);
+    the shard writer skips and reports that sample, the run goes on."""
+
+
+# `codec` of a member (SourceIndex.codec, Members.codec): 0, the bytes at (offset, size) are the member (tar,
+# folder, a zip member stored); DEFLATED | crc, they are a zip member's raw deflate stream (method 8, the
+# zipfile default), inflated on read and checked against the CRC-32 of the zip's central directory
+DEFLATED = 1 << 32
+
+
+def decode_member(data: bytes, codec: int, where: str) -> bytes:
+    """The member's bytes from its stored bytes (see DEFLATED)."""
+    if not codec:
+        return data
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, no zlib header: zip's method 8
+    try:
+        out = inflater.decompress(data) + inflater.flush()
+    except zlib.error as e:
+        raise DamagedMemberError(f"{where}: deflate stream is damaged ({e})") from None
+    if not inflater.eof or zlib.crc32(out) != codec & 0xFFFFFFFF:
+        raise DamagedMemberError(f"{where}: inflated bytes do not match the zip's CRC-32 (damaged member); "
+                                 "re-download the archive")
+    return out
+
+
+@dataclass
+class Members:
+    """A second member of every sample (a segmentation mask), parallel to a SourceIndex's entries and located the
+    same way: files[file_id[i]] + (offset[i], size[i]), decoded by codec[i]; file_id -1 when sample i has none."""
+
+    file_id: array = field(default_factory=lambda: array("i"))
+    offset: array = field(default_factory=lambda: array("q"))
+    size: array = field(default_factory=lambda: array("q"))
+    codec: array = field(default_factory=lambda: array("q"))
+    _names: bytearray = field(default_factory=bytearray)
+    _name_end: array = field(default_factory=lambda: array("q"))
+
+    def add(self, file_id: int, offset: int, size: int, name: str, codec: int = 0) -> None:
+        self.file_id.append(file_id)
+        self.offset.append(offset)
+        self.size.append(size)
+        self.codec.append(codec)
+        self._names += name.encode()
+        self._name_end.append(len(self._names))
+
+    def name(self, i: int) -> str:
+        start = self._name_end[i - 1] if i else 0
+        return self._names[start : self._name_end[i]].decode()
+
+
 @dataclass
 class SourceIndex:
-    """Where every sample of a dataset is. Entry i: files[file_id[i]] + (offset[i], size[i])."""
+    """Where every sample of a dataset is. Entry i: files[file_id[i]] + (offset[i], size[i]).
+
+    Dense layouts (vfm.data.dense_sources) add, per entry, a `codec` (zip members; see DEFLATED), a companion
+    member (`companions`: the ADE20K mask) and/or an inline `payload` (COCO's annotations of the image, compact
+    JSON); classification layouts leave all three empty, so their shards are what they always were."""
 
     dataset: str
     classes: list[str]
@@ -81,6 +141,16 @@ class SourceIndex:
     """Samples rejected while indexing (unknown wnid, zero bytes, unreadable inner archive, no label)."""
     class_subset: dict[str, Any] = field(default_factory=dict)
     """How `subset_index` drew this index from a larger one ({} for the whole source)."""
+    task: str = "classification"
+    """What a sample holds: classification (image + label), semantic_segmentation (image + mask), object_detection
+    (image + annotations); the shard writer writes each task's members (vfm.data.shard)."""
+    categories: list[dict[str, Any]] = field(default_factory=list)
+    """Dense tasks: the dataset's classes with the ids its masks / annotations use ([{"id", "name", ...}])."""
+    codec: array = field(default_factory=lambda: array("q"))
+    """Per entry when any entry is a compressed zip member (see DEFLATED); empty: every entry is its bytes."""
+    companions: Members | None = None
+    _payload: bytearray = field(default_factory=bytearray)
+    _payload_end: array = field(default_factory=lambda: array("q"))
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -104,9 +174,42 @@ class SourceIndex:
         self._names += name.encode()
         self._name_end.append(len(self._names))
 
-    def fail(self, name: str, source: str, reason: str) -> None:
-        self.failures.append({"key": sample_key(name), "name": name, "source": source, "reason": reason,
-                              "action": "skipped"})
+    def add_dense(self, file_id: int, offset: int, size: int, name: str, *, codec: int = 0,
+                  companion: tuple[int, int, int, str, int] | None = None, payload: bytes = b"") -> None:
+        """An entry of a dense layout: its image, then the companion member (file_id, offset, size, name, codec)
+        or inline `payload` bytes. Label 0 and group 0: a dense sample has no class label of its own."""
+        self.add(file_id, offset, size, 0, name)
+        self.codec.append(codec)
+        if companion is not None or self.companions is not None:
+            if self.companions is None:
+                raise ValueError("add_dense with a companion: set `index.companions = Members()` before the first entry")
+            if companion is None:
+                self.companions.add(-1, 0, 0, "")
+            else:
+                self.companions.add(*companion)
+        self._payload += payload
+        self._payload_end.append(len(self._payload))
+
+    def payload(self, i: int) -> bytes:
+        """Entry i's inline bytes (b"" when the layout has none)."""
+        if not self._payload_end:
+            return b""
+        start = self._payload_end[i - 1] if i else 0
+        return bytes(self._payload[start : self._payload_end[i]])
+
+    def sample_sizes(self) -> array:
+        """Bytes each sample puts into a shard as far as the index knows them (image, companion, payload): what
+        plan_shards cuts shards by. For classification layouts, `size` itself."""
+        if self.companions is None and not self._payload_end:
+            return self.size
+        out = array("q", self.size)
+        for i in range(len(out)):
+            out[i] += (self.companions.size[i] if self.companions is not None else 0) + len(self.payload(i))
+        return out
+
+    def fail(self, name: str, source: str, reason: str, key: str | None = None, action: str = "skipped") -> None:
+        self.failures.append({"key": key or sample_key(name), "name": name, "source": source, "reason": reason,
+                              "action": action})
 
     def name(self, i: int) -> str:
         start = self._name_end[i - 1] if i else 0
@@ -116,16 +219,15 @@ class SourceIndex:
         return self.files[self.file_id[i]]
 
     @contextlib.contextmanager
-    def reading(self) -> Iterator[Callable[[int], bytes]]:
+    def reading(self, with_companion: bool = False) -> Iterator[Callable[[int], Any]]:
         """`read` with each local archive opened once for the block: one descriptor per archive and worker,
-        then a `pread` per sample, instead of an open, a read and a close for each."""
-        fds: dict[str, int | None] = {}
-        try:
-            yield lambda i: self.read(i, fds)
-        finally:
-            for fd in fds.values():
-                if fd is not None:
-                    os.close(fd)
+        then a `pread` per sample, instead of an open, a read and a close for each. `with_companion`: the
+        callable returns (sample bytes, companion bytes or None), read through the same descriptors."""
+        with _open_archives() as fds:
+            if with_companion:
+                yield lambda i: (self.read(i, fds), self.read_companion(i, fds))
+            else:
+                yield lambda i: self.read(i, fds)
 
     def read(self, i: int, fds: dict[str, int | None] | None = None) -> bytes:
         """Sample i's bytes; `fds` keeps local archives open across calls (`reading`), else this call opens
@@ -134,19 +236,50 @@ class SourceIndex:
             with self.reading() as read:
                 return read(i)
         path = self.files[self.file_id[i]]
-        if storage.is_s3(path):
-            data = storage.read_range(path, self.offset[i], self.size[i])  # one ranged GET
-        else:
-            if path not in fds:
-                fds[path] = None if os.path.isdir(path) else os.open(path, os.O_RDONLY)
-            fd = fds[path]
-            if fd is None:  # a folder of images
-                return Path(path, self.name(i)).read_bytes()
-            data = os.pread(fd, self.size[i], self.offset[i])
-        if len(data) != self.size[i]:
-            raise TruncatedArchiveError(path, self.offset[i] + len(data), storage.object_size(path),
-                                        f"member {self.name(i)!r} ends past the end of the file")
-        return data
+        data = _read_range(path, self.offset[i], self.size[i], self.name(i), fds)
+        return decode_member(data, self.codec[i], f"{path}: {self.name(i)}") if self.codec else data
+
+    def read_companion(self, i: int, fds: dict[str, int | None] | None = None) -> bytes | None:
+        """Sample i's companion member (its mask), or None when it has none."""
+        c = self.companions
+        if c is None or c.file_id[i] < 0:
+            return None
+        if fds is None:
+            with _open_archives() as own:
+                return self.read_companion(i, own)
+        path = self.files[c.file_id[i]]
+        data = _read_range(path, c.offset[i], c.size[i], c.name(i), fds)
+        return decode_member(data, c.codec[i], f"{path}: {c.name(i)}")
+
+
+@contextlib.contextmanager
+def _open_archives() -> Iterator[dict[str, int | None]]:
+    """Descriptors of the local archives read in the block (path -> fd; None for a folder), closed at its end."""
+    fds: dict[str, int | None] = {}
+    try:
+        yield fds
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+
+
+def _read_range(path: str, offset: int, size: int, name: str, fds: dict[str, int | None]) -> bytes:
+    """`size` bytes at `offset` of an archive (one ranged GET on S3, a `pread` locally through `fds`, which keeps
+    each local archive open), or the file `name` of a folder source."""
+    if storage.is_s3(path):
+        data = storage.read_range(path, offset, size)  # one ranged GET
+    else:
+        if path not in fds:
+            fds[path] = None if os.path.isdir(path) else os.open(path, os.O_RDONLY)
+        fd = fds[path]
+        if fd is None:  # a folder of images
+            return Path(path, name).read_bytes()
+        data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise TruncatedArchiveError(path, offset + len(data), storage.object_size(path),
+                                    f"member {name!r} ends past the end of the file")
+    return data
 
 
 def subset_index(index: SourceIndex, *, num_classes: int = 0, fraction: float = 1.0, seed: int = 0,
@@ -161,6 +294,9 @@ def subset_index(index: SourceIndex, *, num_classes: int = 0, fraction: float = 
     import hashlib
     import random
 
+    if index.task != "classification":
+        raise SourceError(f"--subset-classes / --subset-class-file draw classes of a classification dataset; "
+                          f"{index.dataset} is {index.task} (its samples have no single class): shard it whole")
     present = sorted({index.classes[label] for label in set(index.label)})
     if not 0 < fraction <= 1:
         raise SourceError(f"--subset-fraction {fraction}: choose a fraction in (0, 1]")
@@ -462,10 +598,18 @@ def index_source(
     class_file: str | None = None,
     spool_dir: str | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
+    split: str | None = None,
+    drop_unannotated: bool = False,
 ) -> SourceIndex:
-    """Index `source` in the layout `dataset` (one of DATASETS)."""
+    """Index `source` in the layout `dataset` (one of DATASETS). `split` and `drop_unannotated` are for the
+    dense layouts (vfm.data.dense_sources.index_dense), which hold several splits in one release."""
     if dataset not in DATASETS:
         raise SourceError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset in DENSE_DATASETS:
+        from vfm.data.dense_sources import index_dense
+
+        return index_dense(dataset, source, split=split, labels=labels, progress=progress,
+                           drop_unannotated=drop_unannotated)
     if not (_sources_in(source) if storage.is_s3(source) else os.path.exists(source)):
         raise SourceError(f"--source {source} does not exist")
     if dataset in ("in22k-fall11", "in21k-winter21", "in1k"):

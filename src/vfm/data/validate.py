@@ -113,6 +113,60 @@ def check_image(data: bytes, name: str, repair: bool = False, verify: str = "hea
     return Checked(data, EXT_OF_FORMAT[fmt])
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image from its header, without decoding: the JPEG frame walk above, else PIL's header
+    parse. Called on bytes `check_image` accepted."""
+    frame = _jpeg_frame(data) if data[:2] == b"\xff\xd8" else None
+    if frame is not None:
+        return frame[1], frame[2]
+    return Image.open(io.BytesIO(data)).size
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the closing chunk: length 0, type, CRC-32
+
+
+@dataclass(frozen=True)
+class PngHeader:
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+
+
+def png_header(data: bytes) -> PngHeader | None:
+    """The IHDR fields of a PNG (the first chunk, right after the signature: PNG spec 11.2.2), or None when
+    `data` does not start like a PNG."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 29:
+        return None
+    return PngHeader(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[24], data[25])
+
+
+def check_label_mask(data: bytes, name: str, image_wh: tuple[int, int], verify: str = "header") -> str | None:
+    """What is wrong with a segmentation mask for an image of `image_wh`, or None: it must be a complete PNG,
+    8-bit single-channel (one class id per pixel, as ADE20K's annotations/*.png; open-mmlab/mmsegmentation
+    mmseg/datasets/ade.py reads them unchanged) and exactly the image's size. From the header, without decoding;
+    `verify="decode"` also decodes it."""
+    header = png_header(data)
+    if header is None:
+        return f"mask {name} is not a PNG"
+    if not data.endswith(PNG_IEND):
+        return f"mask {name} has no PNG end chunk (truncated)"
+    if (header.bit_depth, header.color_type) != (8, 0):
+        kind = PNG_COLOR_TYPES.get(header.color_type, f"color type {header.color_type}")
+        return f"mask {name} is a {header.bit_depth}-bit {kind} PNG, not 8-bit single-channel (grayscale)"
+    if (header.width, header.height) != image_wh:
+        return (f"mask {name} is {header.width}x{header.height} but its image is {image_wh[0]}x{image_wh[1]}: "
+                "they must be the same size")
+    if verify == "decode":
+        try:
+            Image.open(io.BytesIO(data)).load()
+        except Exception as e:  # PIL raises many types for bad data; every one means "cannot decode"
+            return f"mask {name} does not decode: {type(e).__name__}: {e}"
+    return None
+
+
 def _to_rgb_jpeg(data: bytes) -> bytes:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     out = io.BytesIO()
