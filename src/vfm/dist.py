@@ -134,6 +134,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` without a process group."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed() and dist.get_world_size() > 1:
         dist.barrier()

@@ -18,13 +18,13 @@ from vfm.recipes.schema import Recipe
 
 def stage_num_classes(recipe: Recipe, stage: str) -> int:
     """Classes of a stage's dataset (0 for an unlabelled corpus)."""
-    return NUM_CLASSES.get(recipe.stages[stage].data.dataset, 0)  # type: ignore[index]
+    return NUM_CLASSES.get(recipe.stage(stage).data.dataset, 0)
 
 
 def model_kwargs(recipe: Recipe, stage: str, num_classes: int | None = None, **overrides: Any) -> dict:
     """timm kwargs of the stage's model: the recipe's architecture, the stage's resolution, drop-path and
     classes, then `overrides` (what the task's objective fixes, `TaskSpec.model_overrides`)."""
-    st = recipe.stages[stage]  # type: ignore[index]
+    st = recipe.stage(stage)
     kwargs: dict = dict(recipe.model.kwargs)
     if recipe.model.family == "vit":
         kwargs["img_size"] = st.data.resolution

@@ -234,8 +234,7 @@ def plan(recipe: Recipe, mfu: float = 0.4) -> Plan:
     notes = [f"upstream: {n.field}: paper {n.paper}; upstream {n.upstream} ({n.source})" for n in recipe.upstream]
     notes += [f"reading: {a.field}: \"{a.quote}\" read as {a.chosen}; other reading: {a.other}"
               for a in recipe.ambiguous]
-    notes += [f"declared: {d.task} on {d.dataset} after pretraining (the paper's transfer; not yet a vfm stage)"
-              for d in recipe.downstream]
+    notes += [_downstream_note(recipe, name) for name in recipe.downstream]
     if recipe.ablation is not None:
         ab = recipe.ablation
         notes.append(f"ablation: {ab.variant}, kernel sizes {ab.kernel_sizes} × expansion ratios "
@@ -283,6 +282,16 @@ def _memory_check(recipe: Recipe, sp: StagePlan, states: float, act_sample: floa
     return Check(f"stages.{sp.stage}.memory", "flag",
                  f"{need}: does not fit; executed plan: {sp.world_size} × micro-batch {micro} × accumulation "
                  f"{per_gpu // micro} = {sp.global_batch:,}, the paper's global batch ({sets})")
+
+
+def _downstream_note(recipe: Recipe, name: str) -> str:
+    """One line per downstream (transfer) stage: what it trains, how long, on how many GPUs, how many times."""
+    d = recipe.downstream[name]
+    r = resolve_stage(recipe, name, d.gpus)
+    frozen = ", backbone frozen" if d.freeze_backbone else ""
+    return (f"downstream {name}: {d.task} on {d.data.dataset} ({d.head} head{frozen}), {r.total_steps:,} updates of "
+            f"{d.batch.global_batch} at {d.data.resolution} px on {d.gpus} GPUs, from the pretraining export, "
+            f"once per seed {list(d.seeds)}")
 
 
 def _duration_check(recipe: Recipe, pre: StagePlan, peak: float, mfu: float) -> Check:

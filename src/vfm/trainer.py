@@ -1,4 +1,4 @@
-"""The trainer process: `vfm train RECIPE --stage pretrain|finetune --data MANIFEST --out DIR|s3://...`,
+"""The trainer process: `vfm train RECIPE --stage pretrain|finetune|<downstream> --data MANIFEST --out DIR|s3://...`,
 also `python -m vfm.trainer` (what `vfm.train.torchrun` starts on every rank of a PyTorchJob).
 
 It picks the stage's task (`vfm.tasks.task_for`), resolves the stage's numbers for this world size and
@@ -22,7 +22,8 @@ ProfileOpt = Annotated[str, typer.Option("--profile", help="Scale profile: paper
 
 def train_command(
     recipe_id: Annotated[str, typer.Argument(help="Recipe id, e.g. vit-huge, convnext-xl.")],
-    stage: Annotated[str, typer.Option("--stage", help="pretrain or finetune.")],
+    stage: Annotated[str, typer.Option("--stage", help="pretrain, finetune, or a downstream stage "
+                                                       "(ade20k, coco).")],
     data: Annotated[str, typer.Option("--data", help="Training manifest: path or s3:// URL (vfm shard output).")],
     out: Annotated[str, typer.Option("--out", help="Run directory or s3:// prefix: checkpoints/ and export/.")],
     init: Annotated[str | None, typer.Option("--init", help="Export directory to fine-tune from.")] = None,
@@ -51,8 +52,9 @@ def train_command(
         "--system-metrics/--no-system-metrics", help="MLflow system metrics (CPU, memory, GPU) from one rank per "
         "node (default: on, off for the smoke profile; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING also sets it).")] = None,
 ) -> None:
-    """Train a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow): supervised, or DINOv2 self-supervised
-    pretraining for recipes with `ssl` (same loop; the teacher backbone is exported)."""
+    """Train a recipe stage (DDP/FSDP2, checkpoints, resume, MLflow): supervised, DINOv2 self-supervised
+    pretraining for recipes with `ssl` (same loop; the teacher backbone is exported), or a downstream dense stage
+    (segmentation / detection from the --init export)."""
     from vfm.dist import init_distributed, shutdown
     from vfm.errors import UserError
     from vfm.recipes import load_recipe
@@ -63,13 +65,19 @@ def train_command(
 
     tags = parse_tags(tag)
     recipe = load_recipe(recipe_id, overrides, profile)
-    if stage not in recipe.stages:
-        raise UserError(f"recipe {recipe_id} has no stage `{stage}`; it has: {', '.join(recipe.stages)}")
+    if stage not in recipe.stage_names:
+        raise UserError(f"recipe {recipe_id} has no stage `{stage}`; it has: {', '.join(recipe.stage_names)}")
     spec = task_for(recipe, stage)
     if workers is None:
-        workers = recipe.stages[stage].data.workers or 0  # type: ignore[index]
+        workers = recipe.stage(stage).data.workers or 0
     if spec.name == "dinov2":
         task = spec.task_class()(data, num_workers=workers, knn_train=knn_train, knn_val=knn_val)
+    elif spec.name == "dense":
+        if knn_train or knn_val or head_from_wnids:
+            raise UserError(f"--knn-train/--knn-val/--head-from-wnids do not apply to the downstream stage {stage}")
+        task = spec.task_class()(data, num_workers=workers)
+        if not task.manifest.shards:
+            raise UserError(f"{data}: the manifest lists no shards; reshard the dataset with `vfm shard`")
     else:
         if knn_train or knn_val:
             raise UserError("--knn-train/--knn-val apply to DINOv2 pretraining only (recipes with `ssl`)")

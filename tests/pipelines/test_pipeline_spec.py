@@ -44,7 +44,7 @@ def test_retries_caching_and_gpu_placement(recipe_id):
         if kind in ("shard-dataset", "shard-ablation-subset", "imagenet-c"):
             assert caching and task["retryPolicy"]["maxRetryCount"] == 3, name  # idempotent I/O
         elif kind == "train":
-            assert task["taskInfo"]["name"] in ("pretrain", "finetune", "train cell"), name  # named per stage
+            assert task["taskInfo"]["name"] in ("pretrain", "finetune", "train cell", "downstream"), name  # per stage
             assert not caching, name  # side effects: a job and an MLflow run (content-keyed reuse instead)
             assert task["retryPolicy"]["maxRetryCount"] == 1, name
             container = executors[f"exec-{name}"]["container"]
@@ -58,7 +58,7 @@ def test_retries_caching_and_gpu_placement(recipe_id):
         if name.startswith(("exec-evaluate", "exec-train")):
             # launchers: the GPUs belong to the jobs they start (trainer image), never to the step's pod
             assert "accelerator" not in executor["container"].get("resources", {}), name
-        if name != "exec-aggregate-seeds" and name != "exec-fan-out-seeds":
+        if name not in ("exec-aggregate-seeds", "exec-fan-out-seeds", "exec-fan-out-downstream"):  # no S3, no MLflow
             secret = platform[name]["secretAsEnv"][0]
             assert secret["secretNameParameter"] == {"componentInputParameter": "pipelinechannel--credentials_secret"} \
                 or secret["secretNameParameter"]["componentInputParameter"].endswith("credentials_secret")
@@ -68,7 +68,8 @@ def test_retries_caching_and_gpu_placement(recipe_id):
 def test_last_stage_fans_out_over_seeds_and_every_suite_is_evaluated(recipe_id):
     spec, _ = compiled(recipe_id)
     plan = plan_dag(recipe_id)
-    loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
+    loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop")
+                and "evaluate downstream" not in {t["taskInfo"]["name"] for t in c["dag"]["tasks"].values()})
     names = {t["componentRef"]["name"] for t in loop["dag"]["tasks"].values()}
     stage_args = [t["inputs"]["parameters"]["stage"] for t in loop["dag"]["tasks"].values()
                   if t["componentRef"]["name"].startswith("comp-train")]
@@ -194,3 +195,34 @@ def test_compile_takes_anyones_registry(tmp_path):
         "ghcr.io/vfm-project/vfm-components:0.1.0"}
     with pytest.raises(UserError, match="pin a tag"):
         compile_pipeline("vit-huge", tmp_path / "w.yaml", components_image="registry.example.com/c:latest")
+
+
+def test_paper_001s_downstream_stages_train_from_the_pretraining_export_and_join_the_aggregate():
+    plan = plan_dag("vit-huge-pretrain")
+    assert plan.downstream == ["ade20k", "ade20k_linear", "coco"] and plan.skipped == {}
+    assert {r: (d.layout, d.split, d.name) for r, d in plan.data.items() if r.startswith(("ade20k", "coco"))} == {
+        "ade20k_train": ("ade20k", "train", "ade20k-train"), "ade20k_val": ("ade20k", "val", "ade20k-val"),
+        "coco_train": ("coco2017", "train", "coco2017-train"), "coco_val": ("coco2017", "val", "coco2017-val")}
+    assert plan.data["coco_val"].default_source.endswith("coco/val2017.zip")
+    spec, _ = compiled("vit-huge-pretrain")
+    tasks = dict(all_tasks(spec))
+    fan = next(t for t in tasks.values() if t["componentRef"]["name"] == "comp-fan-out-downstream")
+    exports = fan["inputs"]["parameters"]["exports"]["taskOutputParameter"]
+    assert exports["producerTask"].startswith("for-loop")  # the collected pretraining exports
+    loop = next(c for c in spec["components"].values() if "evaluate downstream" in
+                {t["taskInfo"]["name"] for t in (c.get("dag") or {}).get("tasks", {}).values()})
+    body = loop["dag"]["tasks"]
+    train = next(t for t in body.values() if t["taskInfo"]["name"] == "downstream")
+    evaluate = next(t for t in body.values() if t["taskInfo"]["name"] == "evaluate downstream")
+    # every value the body reads is the loop item's (kfp.local hands a ParallelFor body its item)
+    for key in ("stage", "init", "data", "seed"):
+        assert "parallel-for-item" in str(train["inputs"]["parameters"][key]) or \
+            "loop-item" in str(train["inputs"]["parameters"][key]), key
+    assert evaluate["inputs"]["parameters"]["export"]["taskOutputParameter"]["producerTask"] == \
+        next(k for k, t in body.items() if t["taskInfo"]["name"] == "downstream")
+    agg = next(t for t in tasks.values() if t["componentRef"]["name"] == "comp-aggregate-seeds")
+    assert "taskOutputParameter" in agg["inputs"]["parameters"]["dense"]
+    shard_splits = {t["taskInfo"]["name"]: t["inputs"]["parameters"]["split"]["runtimeValue"]["constant"]
+                    for t in tasks.values() if t["componentRef"]["name"].startswith("comp-shard-dataset")}
+    assert shard_splits["shard ade20k-val"] == "val" and shard_splits["shard in22k-fall11"] == ""
+    assert not plan_dag("vit-huge").downstream  # only paper 001 declares dense transfer

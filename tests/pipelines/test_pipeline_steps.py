@@ -336,3 +336,55 @@ def test_evaluation_runs_as_a_gpu_job_in_the_trainer_image(monkeypatch, tmp_path
     assert args[args.index("--out") + 1] == "s3://b/runs/k/finetune/seed-1/eval/in_c/results.json"
     assert "in_c=s3://d/imagenet-c" in args and "vfm.suite=in_c" in args
     assert job["metadata"]["labels"]["vfm.io/stage"] == "eval"
+
+
+def test_downstream_items_start_every_stage_and_seed_from_the_pretraining_export():
+    items = steps.fan_out_downstream(
+        recipe_id="vit-huge-pretrain", profile="smoke", overrides=[], exports=["s3://r/pre/seed-0/export"],
+        recipe_sha="abc", parent_run_id="p",
+        manifests={"ade20k": ("s3://d/ade-train", "sha-a", "s3://d/ade-val"),
+                   "coco2017": ("s3://d/coco-train", "sha-c", "s3://d/coco-val")})
+    assert [(i["stage"], i["seed"], i["suite"]) for i in items] == [
+        ("ade20k", 0, "ade20k"), ("ade20k", 1, "ade20k"), ("ade20k_linear", 0, "ade20k"),
+        ("ade20k_linear", 1, "ade20k"), ("coco", 0, "coco"), ("coco", 1, "coco")]
+    assert all(i["init"] == "s3://r/pre/seed-0/export" for i in items)
+    assert items[-1]["data"] == "s3://d/coco-train" and items[-1]["val"] == "s3://d/coco-val"
+    with pytest.raises(UserError, match="coco2017 train and val"):
+        steps.fan_out_downstream(recipe_id="vit-huge-pretrain", profile="smoke", overrides=[], exports=["e"],
+                                 recipe_sha="abc", parent_run_id="p",
+                                 manifests={"ade20k": ("a", "s", "v"), "coco2017": ("", "", "")})
+
+
+def test_downstream_results_are_aggregated_per_stage_over_its_own_seeds():
+    main = [{"seed": 0, "suite": "knn", "metrics": {"eval.knn.k20.top1": 50.0}}]
+    dense = [{"seed": s, "suite": "ade20k", "stage": "ade20k", "metrics": {"eval.ade20k.miou": m}}
+             for s, m in ((0, 40.0), (1, 44.0), (2, 42.0))]
+    dense += [{"seed": s, "suite": "coco", "stage": "coco", "metrics": {"eval.coco.box_ap": m}}
+              for s, m in ((0, 10.0), (1, 12.0))]
+    agg = steps.aggregate(main, dense=dense)
+    assert agg["eval.knn.k20.top1"] == 50.0 and agg["eval.num_seeds"] == 1
+    assert agg["eval.ade20k.miou"] == pytest.approx(42.0) and agg["eval.ade20k.miou.std"] == pytest.approx(2.0)
+    assert agg["eval.ade20k.num_seeds"] == 3 and agg["eval.coco.num_seeds"] == 2
+    assert agg["eval.coco.box_ap"] == pytest.approx(11.0)
+
+
+def test_a_downstream_stages_job_runs_on_the_stages_own_gpus(monkeypatch, tmp_path):
+    paper = _job_of_train(monkeypatch, tmp_path, "vit-huge-pretrain", init="s3://r/pre/export")
+    assert paper["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 7  # pretraining: 64 GPUs, 8 nodes
+    import vfm.launch as launch
+
+    seen = []
+    monkeypatch.setattr(launch, "run_job", lambda manifest, **_: seen.append(manifest) or (_ for _ in ()).throw(
+        RuntimeError("captured")))
+    monkeypatch.setattr(launch, "read_pod_template", lambda namespace, backend: None)
+    recipe = steps._recipe("vit-huge-pretrain", "paper", [])
+    for stage, nodes in (("ade20k", 1), ("coco", 8)):
+        with pytest.raises(RuntimeError, match="captured"):
+            steps.train(recipe_id="vit-huge-pretrain", stage=stage, profile="paper", overrides=[], data="s3://d/m.json",
+                        data_digest="0" * 64, recipe_sha=steps.recipe_digest(recipe), image="ghcr.io/x/t:1",
+                        run_id="r", parent_run_id="", runs_prefix=str(tmp_path / "runs"), backend="cluster",
+                        namespace="vfm", init="s3://r/pre/export", seed=0)
+        specs = seen[-1]["spec"]["pytorchReplicaSpecs"]
+        assert 1 + specs.get("Worker", {}).get("replicas", 0) == nodes, stage
+        args = specs["Master"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--stage") + 1] == stage and args[args.index("--init") + 1] == "s3://r/pre/export"

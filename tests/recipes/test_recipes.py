@@ -96,3 +96,30 @@ def test_a_duration_override_replaces_the_other_duration():
     assert (r.stages["pretrain"].steps, r.stages["pretrain"].epochs) == (4, None)
     r = load_recipe("meta-dinov2-giant", ["stages.pretrain.epochs=2"])  # the paper sets steps
     assert (r.stages["pretrain"].steps, r.stages["pretrain"].epochs) == (None, 2)
+
+
+def test_downstream_stages_are_recipe_stages_validated_like_the_rest():
+    r = load_recipe("vit-huge-pretrain")
+    assert r.stage_names == ["pretrain", "ade20k", "ade20k_linear", "coco"]
+    assert r.stage("coco") is r.downstream["coco"] and r.stage_path("coco") == "downstream.coco"
+    coco = resolve_stage(r, "coco", r.downstream["coco"].gpus)
+    assert coco.grad_accum == 1 and coco.total_steps == 75 * -(-118_287 // 64)  # 75 epochs of train2017
+    assert coco.task.name == "dense" and resolve_stage(r, "ade20k", 8).total_steps == 160_000
+    assert not r.stated("downstream.ade20k.optim.lr")  # the paper says nothing of how it transferred
+    smoke = load_recipe("vit-huge-pretrain", profile="smoke")
+    assert {n: (d.gpus, d.data.resolution, d.steps, d.seeds) for n, d in smoke.downstream.items()} == {
+        n: (2, 64, 40, [0, 1]) for n in ("ade20k", "ade20k_linear", "coco")}
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("downstream.coco.data.dataset=ade20k", "task=object_detection on ade20k"),
+    ("downstream.ade20k.head=mask_rcnn", "not a semantic_segmentation head"),
+    ("downstream.ade20k_linear.freeze_backbone=false", "frozen-backbone protocol"),
+    ("downstream.coco.batch.micro_batch=3", "downstream.coco.batch.global_batch=64 is not a multiple"),
+    ("downstream.ade20k.parallelism=fsdp", "downstream stages train with ddp"),
+    ("downstream.ade20k.slide.stride=600", "leaves pixels no window covers"),
+    ("downstream.coco.anchor_sizes=[8, 16]", "one size per pyramid level"),
+])
+def test_a_bad_downstream_stage_names_what_to_change(override, expected):
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe("vit-huge-pretrain", [override])

@@ -318,7 +318,8 @@ class ShardLoader:
                  rank: int, world_size: int, seed: int, shuffle: bool, epoch_length: int | None = None,
                  num_workers: int = 0, drop_last: bool = True, with_meta: bool = False,
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 collate_fn: Callable[[list[tuple[Any, int]]], Any] | None = None):
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 sample_fn: Callable[[dict[str, Any]], Any] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if batch_size < 1:
@@ -330,6 +331,11 @@ class ShardLoader:
         # builds the batch from [(transform(image), label)] instead of stacking (DINOv2 multi-crop + masks);
         # it runs inside the per-batch seeded RNG context, so its randomness reproduces on resume too
         self.collate_fn = collate_fn
+        # a raw sample ({"__key__", "jpg", "seg.png", "json", ...}) -> what `collate_fn` takes, in place of
+        # decode_sample + transform: dense samples (image + mask / annotations) augment image and target together
+        self.sample_fn = sample_fn
+        if sample_fn is not None and collate_fn is None:
+            raise ValueError("sample_fn needs a collate_fn that batches what it returns")
         self.epoch_length = epoch_length or manifest.num_samples
         self.batches_yielded = 0
         # training's DataLoader iterator, kept across loader epochs; it stands at batches_yielded, since only
@@ -358,12 +364,14 @@ class ShardLoader:
             torch.manual_seed(batch_seed)
             random.seed(batch_seed)
             np.random.seed(batch_seed % 2**32)
-            as_tensor = getattr(self.transform, "takes_tensor", False)
-            decoded = [decode_sample(s, as_tensor) for s in raw]
-            if self.collate_fn is not None:
-                custom = self.collate_fn([(self.transform(img), label) for img, label, _ in decoded])
+            if self.sample_fn is not None:
+                custom = self.collate_fn([self.sample_fn(s) for s in raw])
             else:
-                images = stack_images([self.transform(img) for img, _, _ in decoded])
+                decoded = [decode_sample(s, getattr(self.transform, "takes_tensor", False)) for s in raw]
+                if self.collate_fn is not None:
+                    custom = self.collate_fn([(self.transform(img), label) for img, label, _ in decoded])
+                else:
+                    images = stack_images([self.transform(img) for img, _, _ in decoded])
         random.setstate(py_state)
         np.random.set_state(np_state)
         if self.collate_fn is not None:
@@ -436,11 +444,12 @@ class ShardLoader:
 def build_loader(manifest: Manifest | str, *, transform, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, epoch_length: int | None = None, num_workers: int = 0, drop_last: bool = True,
                  with_meta: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 collate_fn: Callable[[list[tuple[Any, int]]], Any] | None = None) -> ShardLoader:
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 sample_fn: Callable[[dict[str, Any]], Any] | None = None) -> ShardLoader:
     """A loader over a manifest (object, local path or s3:// URL). `epoch_length` is in samples, global."""
     if isinstance(manifest, str):
         manifest = Manifest.load(manifest)
     return ShardLoader(manifest, transform=transform, batch_size=batch_size, rank=rank, world_size=world_size,
                        seed=seed, shuffle=shuffle, epoch_length=epoch_length, num_workers=num_workers,
                        drop_last=drop_last, with_meta=with_meta, shuffle_buffer=shuffle_buffer,
-                       collate_fn=collate_fn)
+                       collate_fn=collate_fn, sample_fn=sample_fn)

@@ -223,6 +223,18 @@ def build_jobs(recipe_id: str, params: dict[str, Any], template: dict[str, Any] 
             recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides, workers=w,
             seed=seed if stage == plan.last else None), launcher)
         jobs.append(planned(stage, manifest, recipe, stage))
+    for stage in plan.downstream:  # paper 001's transfer stages: their own GPUs, from the pretraining export
+        ds = recipe.downstream[stage]
+        role = next(r for r, d in plan.data.items() if d.dataset == ds.data.dataset and d.split == "train")
+        data = storage.join(storage.join(data_prefix, plan.data[role].name), "manifest.json")
+        out = storage.join(storage.join(runs, recipe_id), f"preflight/{stage}")
+        opts = steps.train_options(recipe_id, stage, seed=ds.seeds[0], **common)
+        sized = launch.stage_hardware(recipe, stage)
+        manifest = steps.job_manifest(sized, stage, opts, template, lambda w, stage=stage, data=data, out=out, ds=ds:
+                                      launch.trainer_args(recipe_id, stage, data=data, out=out, profile=profile,
+                                                          overrides=overrides, workers=w, seed=ds.seeds[0],
+                                                          init=storage.join(runs, "preflight/export")), launcher)
+        jobs.append(planned(stage, manifest, sized, stage))
     node = launch.one_node(recipe)
     for suite in plan.suites:
         opts = steps.eval_options(recipe_id, suite, seed=seed, ranks=node.hardware.gpus, **common)
@@ -627,7 +639,7 @@ def check_pods(plan: Plan, objects: Objects) -> list[Finding]:
 
 def _batch_bytes(pj: PlannedJob, args: list[str]) -> float:
     """Bytes of one batch a loader worker hands over (float32 CHW images; DINOv2: all its crops)."""
-    stage = pj.recipe.stages[pj.stage]
+    stage = pj.recipe.stage(pj.stage)
     batch = int(_arg(args, "--batch-size") or stage.batch.micro_batch)
     mc = stage.data.multicrop
     pixels = (mc.global_crops_count * mc.global_crops_size ** 2 + mc.local_crops_count * mc.local_crops_size ** 2

@@ -250,3 +250,157 @@ def coco_ap(gt: dict[str, Any], detections: list[dict[str, Any]], iou_type: str 
     log.debug("pycocotools %s evaluation:\n%s", iou_type, printed.getvalue())
     stats = [float(s) for s in evaluator.stats[: len(COCO_STATS)]]
     return {name: (math.nan if s < 0 else 100.0 * s) for name, s in zip(COCO_STATS, stats, strict=True)}
+
+
+# ---- evaluation of a downstream export on its val manifest ---------------------------------------------------
+
+
+def _eval_loader(manifest: Any, sample_fn: Any, *, batch_size: int, num_workers: int):
+    """Every val sample to exactly one rank, in stored order (vfm.data.loader, drop_last=False)."""
+    from vfm.data.dense_transforms import collate_list
+    from vfm.data.loader import build_loader
+    from vfm.dist import rank_and_world
+
+    rank, world = rank_and_world()
+    return build_loader(manifest, transform=None, batch_size=batch_size, rank=rank, world_size=world, seed=0,
+                        shuffle=False, drop_last=False, num_workers=num_workers, collate_fn=collate_list,
+                        sample_fn=sample_fn)
+
+
+def _progress(loader: Any, what: str):
+    from rich.progress import track
+
+    from vfm.dist import rank_and_world
+
+    rank, _ = rank_and_world()
+    return track(loader, description=what, total=len(loader), disable=rank != 0)
+
+
+@torch.no_grad()
+def segment(model: torch.nn.Module, image: torch.Tensor, spec: Any, normalize: Any) -> torch.Tensor:
+    """Class ids (H x W) of one uint8 image at its own size: mmseg's test pipeline (open-mmlab/mmsegmentation
+    configs/_base_/datasets/ade20k.py `test_pipeline`): the image rescaled to a short side of the crop, sliding
+    windows (`spec.slide`), the logits resized back to the image; without `slide`, the image squashed to
+    `spec.resolution` and the logits resized back."""
+    import torch.nn.functional as F
+    import torchvision.transforms.v2.functional as TF
+
+    from vfm.dense.models import slide_inference
+
+    h, w = image.shape[-2:]
+    if spec.slide is not None:
+        crop, stride = spec.slide
+        x = TF.resize(image, [crop], antialias=True)  # short side to the crop (mmseg's keep-ratio (2048, 512))
+        logits = slide_inference(model, normalize(x[None]), spec.num_classes, crop, stride)
+    else:
+        x = TF.resize(image, [spec.resolution, spec.resolution], antialias=True)
+        logits = model(normalize(x[None]))
+    return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+
+
+def evaluate_segmentation(model: torch.nn.Module, spec: Any, manifest: Any, *, device: torch.device,
+                          normalize: Any, batch_size: int = 1, num_workers: int = 0,
+                          autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """mIoU, aAcc and mAcc (percent) of a segmentation export over every sample of `manifest` (all ranks)."""
+    from vfm.data.dense_transforms import seg_eval_sample
+
+    if manifest.task != "semantic_segmentation":
+        raise ValueError(f"{manifest.location}: holds {manifest.task} samples; shard the ADE20K val split with "
+                         "`vfm shard ade20k --split val`")
+    meter = SegmentationMeter(spec.num_classes)
+    seen = 0
+    model.eval()
+    for images, targets in _progress(_eval_loader(manifest, seg_eval_sample, batch_size=batch_size,
+                                                  num_workers=num_workers), "eval segmentation"):
+        for image, target in zip(images, targets, strict=True):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                pred = segment(model, image.to(device), spec, normalize)
+            meter.update(pred.cpu(), target)
+            seen += 1
+    _check_all_seen(seen, manifest)
+    meter.all_reduce()
+    got = meter.compute()
+    return {"miou": got["miou"], "pixel_acc": got["pixel_acc"], "macc": got["macc"]}
+
+
+def _check_all_seen(seen: int, manifest: Any) -> None:
+    from vfm.dist import all_reduce_sum
+
+    total = int(all_reduce_sum(torch.tensor([seen], dtype=torch.int64))[0])
+    if total != manifest.num_samples:
+        raise ValueError(f"evaluated {total} samples but {manifest.location} lists {manifest.num_samples}")
+
+
+def coco_ground_truth(records: list[dict[str, Any]], categories: list[dict[str, Any]]) -> dict[str, Any]:
+    """An instances_*.json dict from the per-image records `vfm shard coco2017` stored."""
+    images = [{"id": r["image_id"], "width": r["width"], "height": r["height"]} for r in records]
+    annotations, next_id = [], 1
+    for r in records:
+        for a in r["annotations"]:
+            ann = {**a, "image_id": r["image_id"]}
+            if "id" not in ann:
+                ann["id"] = next_id
+            if "area" not in ann:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            ann.setdefault("iscrowd", 0)
+            next_id = max(next_id, int(ann["id"])) + 1
+            annotations.append(ann)
+    return {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, images: list[torch.Tensor], records: list[dict[str, Any]], spec: Any,
+           device: torch.device) -> list[dict[str, Any]]:
+    """COCO results (bbox, and segmentation RLE for Mask R-CNN) of uint8 images at their stored size: torchvision's
+    transform fits each to the detector's size and maps its boxes and masks back to the image."""
+    outputs = model([im.to(device).float().div_(255) for im in images])
+    results = []
+    for out, rec in zip(outputs, records, strict=True):
+        boxes = out["boxes"].float().cpu()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+        cats = [spec.categories[int(label) - 1]["id"] for label in out["labels"].tolist()]
+        scores = out["scores"].float().cpu().tolist()
+        rles = masks_to_rle(out["masks"][:, 0].cpu() > 0.5) if "masks" in out else [None] * len(scores)
+        for box, cat, score, rle in zip(xywh, cats, scores, rles, strict=True):
+            det = {"image_id": rec["image_id"], "category_id": cat, "bbox": [round(v, 2) for v in box],
+                   "score": round(score, 5)}
+            if rle is not None:
+                det["segmentation"] = rle
+            results.append(det)
+    return results
+
+
+def evaluate_detection(model: torch.nn.Module, spec: Any, manifest: Any, *, device: torch.device,
+                       batch_size: int = 1, num_workers: int = 0,
+                       autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Box AP (and mask AP for Mask R-CNN), AP50, AP75 and AP by object size in percent over every sample of
+    `manifest` (a size range the val set has no objects of is left out): each rank detects its share, rank 0
+    scores all of them with pycocotools, every rank returns the same numbers."""
+    from vfm.data.dense_transforms import det_eval_sample
+    from vfm.dist import all_gather_objects, broadcast_object, rank_and_world
+
+    if manifest.task != "object_detection":
+        raise ValueError(f"{manifest.location}: holds {manifest.task} samples; shard the COCO val split with "
+                         "`vfm shard coco2017 --split val`")
+    records: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
+    model.eval()
+    for images, recs in _progress(_eval_loader(manifest, det_eval_sample, batch_size=batch_size,
+                                               num_workers=num_workers), "eval detection"):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            detections += detect(model, images, recs, spec, device)
+        records += recs
+    _check_all_seen(len(records), manifest)
+    all_records = [r for part in all_gather_objects(records) for r in part]
+    all_detections = [d for part in all_gather_objects(detections) for d in part]
+    metrics: dict[str, float] = {}
+    rank, _ = rank_and_world()
+    if rank == 0:
+        gt = coco_ground_truth(all_records, spec.categories)
+        kinds = [("box", "bbox")] + ([("mask", "segm")] if spec.head == "mask_rcnn" else [])
+        for name, iou_type in kinds:
+            got = coco_ap(gt, all_detections, iou_type)
+            # a size range without ground truth (NaN) is left out: pipelines pass results as JSON, which has no NaN
+            metrics.update({f"{name}_{k}": v for k, v in got.items() if not math.isnan(v)})
+        metrics["detections"] = float(len(all_detections))
+    return broadcast_object(metrics)

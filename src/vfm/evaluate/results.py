@@ -19,7 +19,7 @@ from typing import Any
 # (dinov2/eval/knn.py: "20 is usually working the best").
 CLAIM_METRICS: dict[str, str] = {"top1": "eval.in1k.top1", "knn_top1": "eval.knn.k20.top1"}
 CLAIM_TAG_PREFIX = "claim."
-SUITES: tuple[str, ...] = ("in1k", "in_c", "in_r", "knn", "linear")
+SUITES: tuple[str, ...] = ("in1k", "in_c", "in_r", "knn", "linear", "ade20k", "coco")
 
 
 def prefixed(suite: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -127,4 +127,6 @@ def _headline(name: str) -> bool:
     """Names worth a line on the console; per-severity ImageNet-C errors stay in the JSON/MLflow."""
     if name.startswith("eval.in_c."):
         return name.rsplit(".", 1)[-1] in {"mce", "relative_mce", "mce_partial", "relative_mce_partial", "clean_err"}
-    return name != "eval.num_seeds"
+    last = name.rsplit(".", 1)[-1]
+    # dense transfer: AP, AP50, AP75 and mIoU lines; AP by object size and the detection count stay in MLflow
+    return last not in ("num_seeds", "detections") and not last.endswith(("_small", "_medium", "_large"))

@@ -6,6 +6,11 @@ Data: `data` maps a suite to the manifest it reads —
   in_r       ImageNet-R (`vfm shard imagenet-r`; labels are IN-1K indices, scored through the 200-class mask)
   knn_train  the k-NN memory bank (IN-1K train); `knn` is the k-NN query set (defaults to `in1k`)
 
+`ade20k` (ADE20K val, `vfm shard ade20k --split val`: mIoU, pixel and mean class accuracy) and `coco` (COCO val2017,
+`vfm shard coco2017 --split val`: box and mask AP) evaluate the export of a downstream stage (a segmenter or a
+detector, vfm.dense.build), reported under the stage's name: `eval.ade20k.miou`, `eval.ade20k_linear.miou`,
+`eval.coco.box_ap`.
+
 The `linear` suite trains a linear probe on `knn_train` (vfm.evaluate.linear: DINOv2's linear protocol, solved
 by L-BFGS, the L2 penalty chosen on a held-out tenth of train) and reports it on `in1k`; with `linear_export`
 the backbone and its probe are written as a classifier export, on which in1k, in_c and in_r run unchanged.
@@ -36,7 +41,10 @@ from vfm.evaluate.robustness import imagenet_c_report, imagenet_r_mask
 log = logging.getLogger(__name__)
 
 # which suite a bare manifest feeds, by the dataset name `vfm shard` records
-SUITE_OF_DATASET = {"in1k-val": "in1k", "imagenet-c": "in_c", "imagenet-r": "in_r", "in1k": "knn_train"}
+SUITE_OF_DATASET = {"in1k-val": "in1k", "imagenet-c": "in_c", "imagenet-r": "in_r", "in1k": "knn_train",
+                    "ade20k": "ade20k", "coco2017": "coco"}
+# the dense suites and the task of the export each scores
+DENSE_SUITES = {"ade20k": "semantic_segmentation", "coco": "object_detection"}
 
 
 class EvalError(UserError):
@@ -67,7 +75,11 @@ def check_data(suites: Sequence[str], data: Mapping[str, str]) -> None:
         missing.append("knn (or in1k)")
     if missing:
         raise EvalError(f"no data for {', '.join(missing)}: pass --data SUITE=MANIFEST_URL for each "
-                        "(in1k, in_c, in_r, knn_train, optionally knn)")
+                        "(in1k, in_c, in_r, knn_train, optionally knn; ade20k, coco: their val manifests)")
+    dense = [s for s in suites if s in DENSE_SUITES]
+    if dense and len(dense) < len(suites):
+        raise EvalError(f"--suite {','.join(suites)}: {', '.join(dense)} score a downstream (dense) export and the "
+                        "others a classifier or backbone; evaluate them in separate runs")
 
 
 def evaluate(
@@ -88,17 +100,18 @@ def evaluate(
     """Evaluate one export (a directory/s3 prefix, or an already loaded `(model, ExportMeta)`) on
     `suites`; returns `eval.<suite>.*` metrics, identical on every rank. Call on all ranks together."""
     from vfm.data.manifest import Manifest
-    from vfm.export import load_export
 
     suites = parse_suites(suites)
     check_data(suites, data)
-    model, meta = load_export(export, device) if isinstance(export, str | Path) else export
+    model, meta = load_any_export(export, device) if isinstance(export, str | Path) else export
     manifests = {key: Manifest.load(url) for key, url in data.items() if key in required_data(suites) | {"knn"}}
     if "knn" in suites and "knn" not in manifests:
         manifests["knn"] = manifests["in1k"] if "in1k" in manifests else Manifest.load(data["in1k"])
     opts = dict(batch_size=batch_size, num_workers=num_workers, device=torch.device(device),
                 autocast_dtype=autocast_dtype)
     metrics: dict[str, float] = {}
+    if any(s in DENSE_SUITES for s in suites):
+        return _dense(model, meta, suites, manifests, data, **opts)
     clean_err: float | None = None
     for suite in ("in1k", "in_c", "in_r", "knn", "linear"):  # in1k first: ImageNet-C's relative mCE needs its error
         if suite not in suites:
@@ -119,6 +132,50 @@ def evaluate(
             clean_err = 1.0 - got["top1"] / 100.0
         metrics.update(prefixed(suite, got))
         log.info("%s: %s", suite, {k: round(v, 3) for k, v in got.items() if "." not in k})
+    return metrics
+
+
+def load_any_export(export: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
+    """A classifier or backbone export (timm), or a downstream stage's dense export (vfm.dense.build)."""
+    import json
+
+    from vfm import storage
+    from vfm.export import META, load_export
+
+    url = storage.join(str(export), META)
+    if storage.exists(url) and "dense" in json.loads(storage.read_bytes(url)).get("extra", {}):
+        from vfm.dense.build import load_dense_export
+
+        model, meta, _ = load_dense_export(str(export), device)
+        return model, meta
+    return load_export(export, device)
+
+
+def _dense(model, meta, suites, manifests, data, *, batch_size, num_workers, device, autocast_dtype) -> dict[str, float]:
+    """The dense suites of a downstream export, reported under its stage (eval.<stage>.<metric>)."""
+    from vfm.dense.build import DenseSpec
+    from vfm.evaluate.dense import evaluate_detection, evaluate_segmentation
+
+    if "dense" not in meta.extra:
+        raise EvalError(f"suites {', '.join(suites)} score a downstream stage's export; {meta.timm_name} of stage "
+                        f"{meta.stage} has no dense head (train one with vfm train {meta.recipe_id} --stage ade20k|coco)")
+    spec = DenseSpec(**meta.extra["dense"])
+    metrics: dict[str, float] = {}
+    for suite in suites:
+        if spec.task != DENSE_SUITES[suite]:
+            raise EvalError(f"suite {suite} scores {DENSE_SUITES[suite]}, but the export of stage {meta.stage} is a "
+                            f"{spec.task} model")
+        try:
+            if spec.task == "semantic_segmentation":
+                got = evaluate_segmentation(model, spec, manifests[suite], device=device, normalize=_normalize(meta, device),
+                                            num_workers=num_workers, autocast_dtype=autocast_dtype)
+            else:
+                got = evaluate_detection(model, spec, manifests[suite], device=device, num_workers=num_workers,
+                                         autocast_dtype=autocast_dtype)
+        except ValueError as exc:
+            raise EvalError(f"{suite} on {data.get(suite)}: {exc}") from exc
+        metrics.update(prefixed(meta.stage, got))
+        log.info("%s (%s): %s", suite, meta.stage, {k: round(v, 3) for k, v in got.items()})
     return metrics
 
 
@@ -250,14 +307,12 @@ def evaluate_seeds(
 ) -> EvalResults:
     """Evaluate each fine-tuning seed's export, aggregate (mean ± std), put claims beside the achieved
     values, and (rank 0) write the JSON and log to the MLflow `run`. One export is one "seed"."""
-    from vfm.export import load_export
-
     if not exports:
         raise EvalError("no checkpoint to evaluate: pass at least one export directory")
     per_seed: dict[str, dict[str, float]] = {}
     metas = []
     for i, export in enumerate(exports):
-        model, meta = load_export(export, kwargs.get("device", "cpu"))
+        model, meta = load_any_export(export, kwargs.get("device", "cpu"))
         seed = meta.seed if meta.seed is not None else i
         if str(seed) in per_seed:
             raise EvalError(f"{export}: seed {seed} is given twice; pass one export per fine-tuning seed")

@@ -16,13 +16,14 @@ from vfm.launch.job import (
     evaluator_args,
     job_name,
     one_node,
+    stage_hardware,
     to_manifest,
     trainer_args,
 )
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
 
 __all__ = ["LAUNCHERS", "Elastic", "Gang", "JobOptions", "JobFailed", "JobResult", "JobTimeout", "build_job",
-           "build_manifest", "evaluator_args", "job_name", "one_node", "read_pod_template", "run_job", "to_manifest",
+           "build_manifest", "evaluator_args", "job_name", "one_node", "stage_hardware", "read_pod_template", "run_job", "to_manifest",
            "trainer_args"]
 
 Backend = Literal["cluster", "local"]

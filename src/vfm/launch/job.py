@@ -189,6 +189,16 @@ def evaluator_args(export: str, suite: str, data: dict[str, str], *, out: str, r
     return args + (["--bf16"] if gpu else [])
 
 
+def stage_hardware(recipe: Recipe, stage: str) -> Recipe:
+    """The recipe with the hardware stage `stage` runs on: a downstream (transfer) stage has GPUs of its own
+    (`downstream.<stage>.gpus`, whole nodes of `hardware.gpus_per_node`); every other stage the recipe's."""
+    if stage not in recipe.downstream:
+        return recipe
+    gpus = recipe.downstream[stage].gpus
+    return recipe.model_copy(update={"hardware": recipe.hardware.model_copy(
+        update={"gpus": gpus, "gpus_per_node": min(gpus, recipe.hardware.gpus_per_node)})})
+
+
 def one_node(recipe: Recipe) -> Recipe:
     """The recipe on one node (its GPUs per node; one process on CPU): the shape of an evaluation job."""
     procs = recipe.hardware.procs_per_node if uses_gpus(recipe) else 1
@@ -235,7 +245,7 @@ def loader_workers(recipe: Recipe, stage: str, opts: JobOptions, pod_template: d
     """Loader workers per rank: the stage's `data.workers` when the recipe sets it, else the pod's CPU
     request (the pipeline task's passthrough, else the PodTemplate's when there is one) shared out over its ranks, less `RANK_CORES` each
     (e.g. 96 cores / 8 GPUs → 10 workers)."""
-    set_ = recipe.stages[stage].data.workers  # type: ignore[index]
+    set_ = recipe.stage(stage).data.workers
     if set_ is not None:
         return set_
     procs = recipe.hardware.procs_per_node

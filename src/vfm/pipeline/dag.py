@@ -5,13 +5,17 @@ and evaluation suites, so `pipelines/<id>.py` is one call to `build_pipeline(id)
                                                                      └─► aggregate_seeds ─► report
     all inside dsl.ExitHandler(on_exit)
 
+A recipe with `downstream:` stages (paper 001's ADE20K and COCO transfer) also shards their train and val splits
+and, after its last stage, runs ParallelFor(downstream stage × seed): train the stage from the pretraining export
+→ evaluate it on its val split (ade20k: mIoU; coco: box/mask AP); those results join the same aggregate and report.
+
 A recipe with an `ablation:` grid (paper 002) also has `<id>-ablation`: the IN-1K subset sharded once, then
 ParallelFor(cells × seeds, parallelism-limited): train the small variant → evaluate in1k, then one report.
 
 The last training stage fans out over its seeds (DINOv2: pretraining itself with seeds [0]), so every
 recipe ends in the same per-seed evaluation, fan-in and report. For a headless SSL backbone the suites
 that need a classifier run on its linear probe's classifier export (`DagPlan.linear_probe`); what a paper
-declares and vfm does not run yet (dense transfer) is in `DagPlan.skipped` and the pipeline description.
+declares and vfm does not run is in `DagPlan.skipped` and the pipeline description.
 
 kfp.local 2.17 runs all of this with SubprocessRunner (ParallelFor, Collected, ExitHandler with
 PipelineTaskFinalStatus, retries: kubeflow/pipelines tag sdk-2.17.0-1, sdk/python/kfp/local/orchestrator/
@@ -32,7 +36,8 @@ from vfm.pipeline import config
 
 SUITE_ORDER = ("in1k", "in_c", "in_r", "knn")
 IMAGENET_C_CPUS = 8  # the ImageNet-C step's CPU request, and by default one corruption worker per CPU
-SHARD_LAYOUTS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder")
+SHARD_LAYOUTS = ("in22k-fall11", "in21k-winter21", "in1k", "in1k-val", "imagenet-r", "imagenet-c", "folder", "ade20k",
+                 "coco2017")
 # where the raw archives are expected on the raw-data volume, under their official names (ILSVRC2012_*:
 # pytorch/vision torchvision/datasets/imagenet.py ARCHIVE_META; fall11_whole.tar, winter21_whole.tar.gz:
 # Alibaba-MIIL/ImageNet21K dataset_preprocessing/processing_instructions.md)
@@ -44,8 +49,17 @@ RAW_SOURCES = {
     "imagenet-r": "imagenet-r",
     "curated-1.2b": "curated-1.2b",  # paper 003's curated corpus: a folder of images (a later curation step writes it)
     "uncurated-142m": "uncurated-142m",  # paper 004's web-scraped images: a folder
+    # the dense transfer sets under their release names (CSAILVision/sceneparsing; cocodataset.org downloads)
+    "ade20k-train": "ade20k/ADEChallengeData2016.zip",
+    "ade20k-val": "ade20k/ADEChallengeData2016.zip",
+    "coco2017-train": "coco/train2017.zip",
+    "coco2017-val": "coco/val2017.zip",
 }
 VAL_LABELS = "imagenet/LOC_val_solution.csv"
+COCO_LABELS = "coco/annotations_trainval2017.zip"
+# the dense datasets' data roles (train and val split of each), and the eval suite that scores each dataset
+DENSE_ROLES = {"ade20k": ("ade20k_train", "ade20k_val"), "coco2017": ("coco_train", "coco_val")}
+DENSE_SUITE = {"ade20k": "ade20k", "coco2017": "coco"}
 
 
 ABLATION_SUFFIX = "-ablation"  # `<recipe>-ablation`: the pipeline of a recipe's `ablation:` grid (paper 002)
@@ -81,10 +95,16 @@ class DataRole:
     role: str
     dataset: str  # recipe dataset id; also the folder under data_prefix
     layout: str  # `vfm shard` layout of the default source
+    split: str = ""  # the split of a release that holds several (ade20k, coco2017: train or val)
+
+    @property
+    def name(self) -> str:
+        """The folder under data_prefix (and the shard step's display name)."""
+        return f"{self.dataset}-{self.split}" if self.split else self.dataset
 
     @property
     def default_source(self) -> str:
-        return f"{config.RAW_DATA_MOUNT}/{RAW_SOURCES.get(self.dataset, self.dataset)}"
+        return f"{config.RAW_DATA_MOUNT}/{RAW_SOURCES.get(self.name, self.dataset)}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,8 @@ class DagPlan:
     cells: list[str] = field(default_factory=list)
     """The ablation's cells (`k7-r4`, ...); empty for a recipe's main pipeline."""
     concurrent_cells: int = 1
+    downstream: list[str] = field(default_factory=list)
+    """The recipe's downstream (dense transfer) stages, trained from the pretraining export once per seed each."""
 
     @property
     def last(self) -> str:
@@ -127,8 +149,6 @@ def plan_dag(recipe_id: str) -> DagPlan:
     # e.g. DINOv2 pretraining exports a backbone without a classifier: the classification suites run on its
     # linear probe (DINOv2's linear protocol, vfm.evaluate.linear)
     probe = bool(task_for(recipe, last).headless and set(suites) - {"knn"})
-    for d in recipe.downstream:  # paper 001's COCO / ADE20K transfer
-        skipped[f"{d.task}:{d.dataset}"] = "declared by the paper; vfm has no dense-transfer stage yet"
     data: dict[str, DataRole] = {}
     for stage in stages:
         ds = recipe.stages[stage].data.dataset
@@ -140,9 +160,13 @@ def plan_dag(recipe_id: str) -> DagPlan:
     if ("knn" in suites or probe) and "finetune" not in data:  # the k-NN memory bank; the probe's train set
         data["knn_train"] = DataRole("knn_train", "in1k", "in1k")
     knn_during = bool(task_for(recipe, last).headless and recipe.eval.knn_every_steps and "knn" in suites)
+    for ds in dict.fromkeys(d.data.dataset for d in recipe.downstream.values()):  # paper 001's ADE20K / COCO
+        for role, split in zip(DENSE_ROLES[ds], ("train", "val"), strict=True):
+            data[role] = DataRole(role, ds, ds, split)
     return DagPlan(recipe_id=recipe.id, stages=stages, seeds=list(recipe.stages[last].seeds), suites=suites,
                    data=data, skipped=skipped, gpus_per_node=recipe.hardware.procs_per_node,
-                   knn_during_training=knn_during, linear_probe=probe, pipeline_id=recipe.id)
+                   knn_during_training=knn_during, linear_probe=probe, pipeline_id=recipe.id,
+                   downstream=list(recipe.downstream))
 
 
 def _plan_ablation(pipeline_id: str) -> DagPlan:
@@ -205,9 +229,11 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
         return _ablation_pipeline(plan, components_image=components_image, trainer_image=trainer_image)
     c = {n: _with_image(component(n), components_image)
          for n in ("start_run", "shard_dataset", "imagenet_c", "train", "fan_out_seeds", "evaluate", "linear_probe",
-                   "aggregate_seeds", "report", "on_exit")}
+                   "aggregate_seeds", "report", "on_exit", "fan_out_downstream")}
     desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), "
             + ("linear probe, " if plan.linear_probe else "") + f"evaluate {', '.join(plan.suites)}"
+            + (f"; downstream {', '.join(plan.downstream)} from the pretraining export, each per seed → evaluate"
+               if plan.downstream else "")
             + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items()))
     src = {role: d.default_source for role, d in plan.data.items()}
     lay = {role: d.layout for role, d in plan.data.items()}
@@ -227,6 +253,15 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
         imagenet_r_layout: str = lay.get("imagenet_r", ""),
         knn_train_source: str = src.get("knn_train", ""),
         knn_train_layout: str = lay.get("knn_train", ""),
+        ade20k_train_source: str = src.get("ade20k_train", ""),
+        ade20k_train_layout: str = lay.get("ade20k_train", ""),
+        ade20k_val_source: str = src.get("ade20k_val", ""),
+        ade20k_val_layout: str = lay.get("ade20k_val", ""),
+        coco_train_source: str = src.get("coco_train", ""),
+        coco_train_layout: str = lay.get("coco_train", ""),
+        coco_val_source: str = src.get("coco_val", ""),
+        coco_val_layout: str = lay.get("coco_val", ""),
+        coco_labels: str = f"{config.RAW_DATA_MOUNT}/{COCO_LABELS}" if "coco_train" in plan.data else "",
         imagenet_c_source: str = "",
         imagenet_c_corruptions: str = "",
         imagenet_c_severities: str = "",
@@ -259,14 +294,18 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
 
             sources = {"pretrain": (pretrain_source, pretrain_layout), "finetune": (finetune_source, finetune_layout),
                        "val": (val_source, val_layout), "imagenet_r": (imagenet_r_source, imagenet_r_layout),
-                       "knn_train": (knn_train_source, knn_train_layout)}
+                       "knn_train": (knn_train_source, knn_train_layout),
+                       "ade20k_train": (ade20k_train_source, ade20k_train_layout),
+                       "ade20k_val": (ade20k_val_source, ade20k_val_layout),
+                       "coco_train": (coco_train_source, coco_train_layout), "coco_val": (coco_val_source, coco_val_layout)}
+            labels = {"val": val_labels, "coco_train": coco_labels, "coco_val": coco_labels}
             shards: dict[str, Any] = {}
             for role, d in plan.data.items():
                 source, layout = sources[role]
-                t = c["shard_dataset"](dataset=layout, source=source, data_prefix=data_prefix, name=d.dataset,
-                                       labels=val_labels if role == "val" else "", seed=0, shard_size=shard_size, workers=shard_workers,
-                                       s3_endpoint=s3_endpoint)
-                t.set_display_name(f"shard {d.dataset}")
+                t = c["shard_dataset"](dataset=layout, source=source, data_prefix=data_prefix, name=d.name,
+                                       labels=labels.get(role, ""), seed=0, shard_size=shard_size, workers=shard_workers,
+                                       s3_endpoint=s3_endpoint, split=d.split)
+                t.set_display_name(f"shard {d.name}")
                 # the shard step's inputs determine its output, so KFP's own cache is safe here
                 _credentials(_io_task(t), credentials_secret).set_caching_options(True)
                 t.set_cpu_request("4").set_memory_request("16G").set_memory_limit("16G")
@@ -343,6 +382,36 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
                                                            knn_train=item.knn_train), f"evaluate {suite}")
             collected = {s: dsl.Collected(evals[s].output) if s in evals else [] for s in SUITE_ORDER}
             collected["linear"] = dsl.Collected(probe.outputs["result"]) if probe is not None else []
+            collected["dense"] = []
+            if plan.downstream:
+                def manifest(role: str, out: str = "manifest") -> Any:
+                    return shards[role].outputs[out] if role in shards else ""
+
+                down = c["fan_out_downstream"](
+                    **common, exports=dsl.Collected(last.output), recipe_sha=start.outputs["recipe_sha"],
+                    parent_run_id=start.outputs["parent_run_id"], ade20k_train=manifest("ade20k_train"),
+                    ade20k_train_digest=manifest("ade20k_train", "sha256"), ade20k_val=manifest("ade20k_val"),
+                    coco_train=manifest("coco_train"), coco_train_digest=manifest("coco_train", "sha256"),
+                    coco_val=manifest("coco_val"))
+                down.set_caching_options(False)
+                with dsl.ParallelFor(down.output, name="downstream") as d:
+                    # the stage's own GPUs and schedule (recipe `downstream.<stage>`), from the pretraining export
+                    dense_export = c["train"](**train, stage=d.stage, data=d.data, data_digest=d.data_digest,
+                                              recipe_sha=d.recipe_sha, parent_run_id=d.parent_run_id, init=d.init,
+                                              seed=d.seed, knn_train="", knn_val="").set_display_name("downstream")
+                    dense_export.set_retry(num_retries=1, backoff_duration="60s").set_caching_options(False)
+                    _credentials(dense_export.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G"),
+                                 credentials_secret)
+                    dense_eval = c["evaluate"](**common, seed=d.seed, parent_run_id=d.parent_run_id,
+                                               mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint, image=image,
+                                               run_id=run_id, namespace=namespace, backend=backend,
+                                               timeout_hours=train_timeout_hours, secret=credentials_secret,
+                                               queue=kueue_queue, launcher=launcher, export=dense_export.output,
+                                               suite=d.suite, val=d.val, imagenet_c="", imagenet_r="", knn_train="")
+                    dense_eval.set_display_name("evaluate downstream")
+                    _credentials(_io_task(dense_eval, retries=2), credentials_secret).set_caching_options(False)
+                    dense_eval.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
+                collected["dense"] = dsl.Collected(dense_eval.output)
             agg = c["aggregate_seeds"](**collected)
             _io_task(agg).set_caching_options(False)
             rep = c["report"](**common, parent_run_id=start.outputs["parent_run_id"], summary=agg.output,

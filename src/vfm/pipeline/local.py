@@ -4,7 +4,8 @@
   pair on loopback (vfm.services.embedded_services), exactly as the components talk to them in a cluster;
 - data: scikit-learn's handwritten digits (real scans, no download) written in the official ImageNet
   archive layouts (vfm.data.digits) unless `data_dir` already holds them, sharded by the pipeline's own
-  shard steps into `s3://<bucket>/data`, so the run reads them as it would read a user's ImageNet;
+  shard steps into `s3://<bucket>/data`, so the run reads them as it would read a user's ImageNet; the dense
+  transfer sets are shapes on texture in the official ADE20K / COCO layouts (vfm.data.dense_synthetic);
 - training: the same PyTorchJob spec through the launcher's local backend (backend=local);
 - kfp.local's SubprocessRunner with use_venv=False runs every lightweight component in this
   interpreter's environment (the components image's role).
@@ -64,6 +65,11 @@ class LocalRun:
 
 
 IMAGENET_C_ROLE = "imagenet_c"  # `--source imagenet_c=PATH`: the official tarballs (the imagenet_c_source parameter)
+COCO_LABELS_ROLE = "coco_labels"  # `--source coco_labels=PATH`: annotations_trainval2017.zip (the coco_labels parameter)
+# the local default dense sets (vfm.data.dense_synthetic): shapes on texture in the official ADE20K / COCO layouts,
+# images of DENSE_IMAGE_SIZE px so that the smoke profile's 64 px crops and sliding windows have something to do
+DENSE_IMAGE_SIZE = 96
+DENSE_TRAIN, DENSE_VAL = 64, 16
 
 
 def default_sources(recipe_id: str, data_dir: Path) -> tuple[dict[str, tuple[str, str]], str]:
@@ -75,11 +81,33 @@ def default_sources(recipe_id: str, data_dir: Path) -> tuple[dict[str, tuple[str
     digits = make_digits_archives(data_dir, size=LOCAL_IMAGE_SIZE)
     sources = {}
     for role, d in plan_dag(recipe_id).data.items():
+        if d.layout in ("ade20k", "coco2017"):
+            sources.update(_dense_default(d.layout, d.split, data_dir / "dense", role))
+            continue
         try:
             sources[role] = (digits.source(d.layout), d.layout)
         except ValueError as exc:
             raise UserError(f"{recipe_id}: the local default data has no `{role}` set: {exc}") from None
     return sources, str(digits.val_labels)
+
+
+def _dense_default(layout: str, split: str, root: Path, role: str) -> dict[str, tuple[str, str]]:
+    """The synthetic ADE20K zip or COCO zips (made once under `root`) for a dense data role."""
+    from vfm.data.dense_synthetic import write_ade20k_zip, write_coco_zips
+
+    if layout == "ade20k":
+        zip_path = root / "ADEChallengeData2016.zip"
+        if not zip_path.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = zip_path.with_suffix(".partial")
+            write_ade20k_zip(tmp, DENSE_TRAIN, DENSE_VAL, size=DENSE_IMAGE_SIZE, seed=0)
+            tmp.rename(zip_path)
+        return {role: (str(zip_path), layout)}
+    coco = root / "coco"
+    if not (coco / "annotations_trainval2017.zip").exists():  # written last: its presence means a whole set
+        write_coco_zips(coco, DENSE_TRAIN, DENSE_VAL, size=DENSE_IMAGE_SIZE, seed=0)
+    return {role: (str(coco / f"{split}2017.zip"), layout),
+            COCO_LABELS_ROLE: (str(coco / "annotations_trainval2017.zip"), "")}
 
 
 def parse_sources(recipe_id: str, items: list[str]) -> tuple[dict[str, tuple[str, str]], str]:
@@ -95,6 +123,8 @@ def parse_sources(recipe_id: str, items: list[str]) -> tuple[dict[str, tuple[str
     roles = dict(plan.data)
     if "in_c" in plan.suites:
         roles[IMAGENET_C_ROLE] = DataRole(IMAGENET_C_ROLE, "imagenet-c", "imagenet-c")
+    if "coco_train" in roles:
+        roles[COCO_LABELS_ROLE] = DataRole(COCO_LABELS_ROLE, "coco2017", "")
     out: dict[str, tuple[str, str]] = {}
     labels = ""
     for item in items:
@@ -284,6 +314,8 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
         val_labels=val_labels if "val" in plan.data else "")
     for role in plan.data:
         args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
+    if COCO_LABELS_ROLE in sources:
+        args["coco_labels"] = sources[COCO_LABELS_ROLE][0]
     if plan.cells:  # the ablation's pipeline: no ImageNet-C, no seeds parameter (the grid's are the recipe's)
         if seeds is not None:
             raise UserError(f"{recipe_id}: --seeds does not apply; the grid's seeds are the recipe's ablation.seeds "

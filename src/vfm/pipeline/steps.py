@@ -137,7 +137,7 @@ def finish(*, state: str, error: str, recipe_id: str, run_id: str, namespace: st
 # --- data ---------------------------------------------------------------------------------------
 def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int = 0, labels: str = "", shard_size: str = "1GB",
           workers: int = 4, s3_endpoint: str = "", subset_classes: int = 0, subset_fraction: float = 1.0,
-          subset_seed: int = 0, subset_class_list: list[str] | None = None) -> tuple[str, str]:
+          subset_seed: int = 0, subset_class_list: list[str] | None = None, split: str = "") -> tuple[str, str]:
     """`vfm shard` to `<data_prefix>/<name>` (resumable; a complete manifest there is reused); returns
     (manifest URL, sha256). `subset_classes` > 0 shards only that class subset (`vfm shard --subset-classes`),
     `subset_class_list` exactly those classes (`--subset-class-file`)."""
@@ -150,6 +150,8 @@ def shard(*, dataset: str, source: str, data_prefix: str, name: str, seed: int =
            "--workers", str(workers)]
     if labels:
         cmd += ["--labels", labels]
+    if split:
+        cmd += ["--split", split]
     if subset_classes or subset_class_list:
         cmd += ["--subset-fraction", repr(float(subset_fraction)), "--subset-seed", str(subset_seed)]
     if not subset_class_list:
@@ -249,7 +251,10 @@ def train(*, recipe_id: str, stage: str, profile: str, overrides: list[str], dat
                          namespace=namespace or _namespace(backend),
                          image=image, secret=secret, env=env, timeout_hours=timeout_hours, queue=queue,
                          run_key=run_key, data_digest=data_digest, recipe_sha=recipe_sha, task_config=task_config)
-    result = _run_as_job(recipe, stage, opts, backend=backend, launcher=launcher, timeout_hours=timeout_hours, env=env,
+    from vfm.launch.job import stage_hardware
+
+    result = _run_as_job(stage_hardware(recipe, stage), stage, opts, backend=backend, launcher=launcher,
+                         timeout_hours=timeout_hours, env=env,
                          args_for=lambda w:
                          trainer_args(recipe_id, stage, data=data, out=out, profile=profile, overrides=overrides,
                                       init=init or None, seed=seed_arg, run_key=run_key,
@@ -336,6 +341,28 @@ def fan_out_seeds(seeds: list[int], **shared: str) -> list[dict[str, Any]]:
     return [{"seed": int(s), **shared} for s in seeds]
 
 
+def fan_out_downstream(*, recipe_id: str, profile: str, overrides: list[str], exports: list[str], recipe_sha: str,
+                       parent_run_id: str, manifests: dict[str, tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """ParallelFor items of the downstream stages: each stage × its seeds, from the pretraining export (of the first
+    pretraining seed, when pretraining has several), with its dataset's train and val manifests (`manifests`:
+    dataset → (train, train sha256, val))."""
+    from vfm.pipeline.dag import DENSE_SUITE
+
+    recipe = _recipe(recipe_id, profile, overrides)
+    if not exports:
+        raise UserError("no pretraining export to start the downstream stages from")
+    items = []
+    for name, stage in recipe.downstream.items():
+        train, digest, val = manifests.get(stage.data.dataset, ("", "", ""))
+        if not (train and val):
+            raise UserError(f"downstream.{name} trains on {stage.data.dataset}, but the pipeline sharded no "
+                            f"{stage.data.dataset} train and val split")
+        items += [{"stage": name, "seed": int(s), "suite": DENSE_SUITE[stage.data.dataset], "init": sorted(exports)[0],
+                   "data": train, "data_digest": digest, "val": val, "recipe_sha": recipe_sha,
+                   "parent_run_id": parent_run_id} for s in stage.seeds]
+    return items
+
+
 def fan_out_cells(*, recipe_id: str, profile: str, overrides: list[str], data: str, data_digest: str,
                   parent_run_id: str, val: str, s3_endpoint: str = "") -> list[dict[str, Any]]:
     """ParallelFor items of paper 002's ablation: one per (cell, seed), each with the cell's overrides (the
@@ -409,7 +436,8 @@ def _namespace(backend: str) -> str:
 def suite_data(suite: str, *, val: str, imagenet_c: str = "", imagenet_r: str = "", knn_train: str = "") -> dict[str, str]:
     """The manifests one suite reads (see vfm.evaluate.suite)."""
     table = {"in1k": {"in1k": val}, "in_c": {"in_c": imagenet_c}, "in_r": {"in_r": imagenet_r},
-             "knn": {"knn_train": knn_train, "knn": val}, "linear": {"knn_train": knn_train, "in1k": val}}
+             "knn": {"knn_train": knn_train, "knn": val}, "linear": {"knn_train": knn_train, "in1k": val},
+             "ade20k": {"ade20k": val}, "coco": {"coco": val}}
     if suite not in table:
         raise UserError(f"unknown suite {suite!r}; choose from {', '.join(table)}")
     data = table[suite]
@@ -439,7 +467,9 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
     suite_dir = storage.join(storage.join(storage.parent(export), "eval"), suite)
     results_url = storage.join(suite_dir, "results.json")
     classifier = storage.join(suite_dir, "classifier") if suite == "linear" else ""
-    what = f"{suite}-{cell}" if cell else suite
+    # a dense suite scores a downstream stage's export, named after the stage (ade20k and ade20k_linear share a suite)
+    stage = _export_stage(export) if suite in ("ade20k", "coco") else ""
+    what = f"{suite}-{cell}" if cell else stage.replace("_", "-") or suite
     opts = eval_options(recipe_id, what, run_id=run_id, seed=seed, namespace=namespace or _namespace(backend),
                         image=image, secret=secret, env=env, timeout_hours=timeout_hours, ranks=node.hardware.gpus,
                         queue=queue)
@@ -459,11 +489,22 @@ def evaluate(*, recipe_id: str, profile: str, overrides: list[str], export: str,
         if not storage.exists(storage.join(classifier, META)):
             raise RuntimeError(f"the linear probe job succeeded but wrote no classifier at {classifier}")
         return {"seed": seed, "suite": suite, "metrics": metrics, "classifier": classifier}
-    return {"seed": seed, "suite": suite, "metrics": metrics, **({"cell": cell} if cell else {})}
+    return {"seed": seed, "suite": suite, "metrics": metrics, **({"cell": cell} if cell else {}),
+            **({"stage": stage} if stage else {})}
 
 
-def aggregate(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Per-seed metrics of every suite → mean ± std over seeds (vfm.evaluate.results.aggregate_seeds)."""
+def _export_stage(export: str) -> str:
+    """The stage an export's model.json names (the downstream stage a dense export comes from)."""
+    from vfm import storage
+    from vfm.export import META
+
+    return str(json.loads(storage.read_bytes(storage.join(export, META)))["stage"])
+
+
+def aggregate(results: list[dict[str, Any]], dense: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Per-seed metrics of every suite → mean ± std over seeds (vfm.evaluate.results.aggregate_seeds). `dense`:
+    the downstream stages' results, aggregated per stage over that stage's seeds (`eval.<stage>.*`, with
+    `eval.<stage>.num_seeds`), since a downstream stage has seeds of its own."""
     from vfm.evaluate.results import aggregate_seeds
 
     per_seed: dict[int, dict[str, float]] = {}
@@ -472,6 +513,13 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, float]:
     if not per_seed:
         raise UserError("no evaluation results to aggregate")
     agg = aggregate_seeds(per_seed)
+    per_stage: dict[str, dict[int, dict[str, float]]] = {}
+    for item in dense or []:
+        per_stage.setdefault(item["stage"], {}).setdefault(int(item["seed"]), {}).update(item["metrics"])
+    for stage, seeds in sorted(per_stage.items()):
+        got = aggregate_seeds(seeds)
+        got[f"eval.{stage}.num_seeds"] = float(got.pop("eval.num_seeds", len(seeds)))
+        agg.update(got)
     print(json.dumps(agg, indent=1, sort_keys=True))
     return agg
 

@@ -17,6 +17,10 @@ DATASET_SIZES: dict[str, int] = {
     # paper 004: "142 million diverse, uncurated images, totaling approximately 1.2 terabytes"
     "uncurated-142m": 142_000_000,
     "imagenet-r": 30_000,
+    # the dense transfer sets (paper 001): ADEChallengeData2016 training (CSAILVision/sceneparsing) and COCO
+    # train2017 images (cocodataset.org; instances_train2017.json lists 118,287 images)
+    "ade20k": 20_210,
+    "coco2017": 118_287,
     "synthetic": 512,  # the smoke profile's learnable synthetic set
 }
 
@@ -27,5 +31,7 @@ NUM_CLASSES: dict[str, int] = {
     "curated-1.2b": 0,  # unlabelled
     "uncurated-142m": 0,  # unlabelled
     "imagenet-r": 200,
+    "ade20k": 150,  # SceneParsing's 150 classes; mask value 0 ("other") is ignored
+    "coco2017": 80,  # 80 categories, ids 1..90 with gaps
     "synthetic": 10,
 }

@@ -58,7 +58,7 @@ class ResolvedStage:
 
     recipe: Recipe
     name: str
-    """`pretrain` or `finetune`."""
+    """`pretrain`, `finetune`, or a downstream stage (`ade20k`, `coco`)."""
     task: TaskSpec
     world_size: int
     num_samples: int
@@ -74,12 +74,12 @@ class ResolvedStage:
 
     @property
     def config(self) -> StageConfig:
-        return self.recipe.stages[self.name]  # type: ignore[index]
+        return self.recipe.stage(self.name)
 
     @property
     def where(self) -> str:
         """The stage's field path in the recipe, for error messages."""
-        return f"stages.{self.name}"
+        return self.recipe.stage_path(self.name)
 
     @cached_property
     def train_flops_per_sample(self) -> float:
@@ -94,10 +94,10 @@ def resolve_stage(recipe: Recipe, stage: str, world_size: int, num_samples: int 
 
     `num_samples` is the data's size when known (the training manifest's); the stage's own
     `num_samples` wins over it, and the dataset's standard size (vfm.recipes.datasets) is the fallback."""
-    if stage not in recipe.stages:
-        raise RecipeError(f"recipe {recipe.id} has no stage `{stage}`; it has: {', '.join(recipe.stages)}")
-    st = recipe.stages[stage]  # type: ignore[index]
-    where = f"stages.{stage}"
+    if stage not in recipe.stage_names:
+        raise RecipeError(f"recipe {recipe.id} has no stage `{stage}`; it has: {', '.join(recipe.stage_names)}")
+    st = recipe.stage(stage)
+    where = recipe.stage_path(stage)
     task = task_for(recipe, stage)
     samples = st.num_samples or num_samples or DATASET_SIZES.get(st.data.dataset, 0)
     fixed_epoch = recipe.ssl.epoch_length_steps if task.name == "dinov2" and recipe.ssl is not None else None

@@ -258,11 +258,65 @@ class Claims(_Strict):
     country: str | None = None
 
 
-class DownstreamTask(_Strict):
-    """A transfer task the paper fine-tunes the pretrained backbone on (dense tasks are not IN-1K stages)."""
+class SlideConfig(_Strict):
+    """Sliding-window inference of a segmentation stage (mmsegmentation's `test_cfg=dict(mode="slide")`)."""
+
+    crop: int = Field(ge=8)
+    stride: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _covers(self) -> SlideConfig:
+        if self.stride > self.crop:
+            raise ValueError(f"slide.stride={self.stride} > slide.crop={self.crop} leaves pixels no window covers")
+        return self
+
+
+DENSE_TASK_OF = {"ade20k": "semantic_segmentation", "coco2017": "object_detection"}
+DENSE_HEADS = {"semantic_segmentation": ("linear", "fpn"), "object_detection": ("mask_rcnn", "faster_rcnn")}
+
+
+class DownstreamStage(StageConfig):
+    """A transfer task the paper fine-tunes the pretrained backbone on: a training stage of its own, started from
+    the pretraining export, on a dense dataset (`data.dataset`: ade20k or coco2017), with its own head, GPUs,
+    schedule, batch and seeds; `vfm train RECIPE --stage NAME` trains it like any stage."""
 
     task: Literal["object_detection", "semantic_segmentation"]
-    dataset: Literal["coco2017", "ade20k"]
+    head: Literal["linear", "fpn", "mask_rcnn", "faster_rcnn"]
+    """`linear`: BN + 1x1 conv on frozen patch tokens (DINOv2's linear protocol); `fpn`: ViTDet's simple feature
+    pyramid + a semantic-FPN head, fine-tuned end to end; `mask_rcnn` / `faster_rcnn`: torchvision's detector on
+    the simple feature pyramid (vfm.dense.models)."""
+    gpus: int = Field(8, ge=1)
+    """GPUs of this stage's job (a transfer run is smaller than pretraining)."""
+    freeze_backbone: bool = False
+    slide: SlideConfig | None = None
+    """Segmentation: sliding-window evaluation of whole val images; None evaluates each image at `resolution`."""
+    fpn_channels: int = Field(256, ge=8)
+    anchor_sizes: list[int] | None = None
+    """Detection: one anchor size (px) per pyramid level, stride 4 to 64; None scales ViTDet's 32..512 at 1024 px
+    to the resolution."""
+    roi_batch_per_image: int = Field(512, ge=8)
+    """Detection: RoIs sampled per image for the box head's loss (detectron2's and torchvision's 512)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DownstreamStage:
+        want = DENSE_TASK_OF.get(self.data.dataset)
+        if want is None:
+            raise ValueError(f"data.dataset={self.data.dataset!r}: a downstream stage trains on one of "
+                             f"{', '.join(DENSE_TASK_OF)}")
+        if want != self.task:
+            raise ValueError(f"task={self.task} on {self.data.dataset}, which is a {want} dataset")
+        if self.head not in DENSE_HEADS[self.task]:
+            raise ValueError(f"head={self.head} is not a {self.task} head; use one of {', '.join(DENSE_HEADS[self.task])}")
+        if self.head == "linear" and not self.freeze_backbone:
+            raise ValueError("head=linear is the frozen-backbone protocol: set freeze_backbone: true (or head: fpn)")
+        if self.anchor_sizes is not None and len(self.anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes={self.anchor_sizes}: give one size per pyramid level (5: strides 4..64)")
+        if self.slide is not None and self.task != "semantic_segmentation":
+            raise ValueError("slide applies to semantic_segmentation stages only")
+        if self.parallelism != "ddp":
+            raise ValueError(f"parallelism={self.parallelism}: downstream stages train with ddp (a dense model's "
+                             "heads are not FSDP2-sharded by vfm)")
+        return self
 
 
 class AblationSubset(_Strict):
@@ -358,8 +412,9 @@ class Recipe(_Strict):
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     claims: Claims = Field(default_factory=Claims)
-    downstream: list[DownstreamTask] = Field(default_factory=list)
-    """Transfer tasks the paper runs after pretraining (declared here; the pipeline says which it runs)."""
+    downstream: dict[str, DownstreamStage] = Field(default_factory=dict)
+    """Transfer stages the paper runs after pretraining, by name (`ade20k`, `coco`): each is trained from the
+    pretraining export once per seed and evaluated on its dataset's val split."""
     ablation: AblationConfig | None = None
     upstream: list[UpstreamNote] = Field(default_factory=list)
     ambiguous: list[Ambiguity] = Field(default_factory=list)
@@ -377,10 +432,32 @@ class Recipe(_Strict):
                     raise ValueError(
                         f"stages.{name}.batch.micro_batch={b.micro_batch} must be even with Mixup/CutMix"
                     )
+        for name, ds in self.downstream.items():
+            if name in self.stages:
+                raise ValueError(f"downstream.{name}: a downstream stage cannot share a name with stages.{name}")
+            grad_accum(ds.batch, ds.gpus, f"downstream.{name}")  # its own GPUs must make its batch
+        if self.downstream and "pretrain" not in self.stages:
+            raise ValueError("downstream stages start from the pretraining export: the recipe needs stages.pretrain")
         if self.ssl is not None and "pretrain" in self.stages:
             if self.stages["pretrain"].data.multicrop is None:
                 raise ValueError("stages.pretrain.data.multicrop is required when `ssl` is set")
         return self
+
+    def stage(self, name: str) -> StageConfig:
+        """Stage `name`: `stages.<name>` (pretrain, finetune) or `downstream.<name>` (ade20k, coco)."""
+        if name in self.stages:
+            return self.stages[name]  # type: ignore[index]
+        if name in self.downstream:
+            return self.downstream[name]
+        raise KeyError(f"recipe {self.id} has no stage `{name}`; it has: {', '.join(self.stage_names)}")
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [*self.stages, *self.downstream]
+
+    def stage_path(self, name: str) -> str:
+        """The field path of stage `name`, for errors and provenance (`stages.pretrain`, `downstream.ade20k`)."""
+        return f"downstream.{name}" if name in self.downstream else f"stages.{name}"
 
     def stated(self, path: str) -> bool:
         """Whether the paper states the field at `path`: it does unless `provenance` marks the field or a

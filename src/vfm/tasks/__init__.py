@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    """Registry name: `supervised` or `dinov2`."""
+    """Registry name: `supervised`, `dinov2` or `dense`."""
     implementation: str
     """`module:Class` of the `Task` (imported by `task_class`)."""
     headless: bool = False
@@ -52,10 +52,16 @@ SUPERVISED = TaskSpec(name="supervised", implementation="vfm.tasks.supervised:Su
 # DINOv2 pretrains a headless backbone; one backbone embeds the 224 px global and 98 px local crops
 DINOV2 = TaskSpec(name="dinov2", implementation="vfm.tasks.dino:DinoTask", headless=True, teacher=True,
                   exact_accumulation=False, model_overrides={"num_classes": 0, "dynamic_img_size": True})
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (SUPERVISED, DINOV2)}
+# paper 001's transfer: the backbone under a segmentation head or a detector, trained from the pretraining export
+DENSE = TaskSpec(name="dense", implementation="vfm.tasks.dense:DenseTask", headless=True,
+                 model_overrides={"num_classes": 0})
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (SUPERVISED, DINOV2, DENSE)}
 
 
 def task_for(recipe: Recipe, stage: str) -> TaskSpec:
-    """The objective `stage` of `recipe` trains: DINOv2 for the pretraining of a recipe with `ssl:`,
-    supervised classification otherwise (every fine-tune, and supervised pretraining)."""
+    """The objective `stage` of `recipe` trains: a dense transfer task for a `downstream` stage, DINOv2 for the
+    pretraining of a recipe with `ssl:`, supervised classification otherwise (every fine-tune, and supervised
+    pretraining)."""
+    if stage in recipe.downstream:
+        return TASKS["dense"]
     return TASKS["dinov2" if recipe.ssl is not None and stage == "pretrain" else "supervised"]
