@@ -41,9 +41,11 @@ def register(app: typer.Typer) -> None:
         checkpoints: Annotated[list[str], typer.Argument(
             help="Export dir(s), s3:// prefix(es) or registry models (models:/vfm-<recipe>@champion); several = seeds.")],
         suite: Annotated[str, typer.Option("--suite", help="Comma list of in1k,in_c,in_r,knn,linear (linear: a "
-                                           "probe trained on knn_train, scored on in1k).")] = "in1k",
+                                           "probe trained on knn_train, scored on in1k); ade20k or coco for the "
+                                           "export of a downstream stage (mIoU; box/mask AP).")] = "in1k",
         data: Annotated[list[str] | None, typer.Option(
-            "--data", help="SUITE=MANIFEST_URL (in1k, in_c, in_r, knn_train, knn), or a bare manifest URL.")] = None,
+            "--data", help="SUITE=MANIFEST_URL (in1k, in_c, in_r, knn_train, knn, ade20k, coco), or a bare manifest "
+            "URL.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
         workers: Annotated[int, typer.Option("--workers", help="Loader worker processes per rank.")] = 0,
         device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N (default: cuda if present).")] = "",
@@ -73,7 +75,8 @@ def register(app: typer.Typer) -> None:
         overrides: Annotated[list[str] | None, typer.Option("--set", help="The recipe overrides it was trained "
                                                             "with (for the run's params).")] = None,
     ) -> None:
-        """Top-1/5, ImageNet-C mCE, ImageNet-R and k-NN of an export; mean ± std over several seeds."""
+        """Top-1/5, ImageNet-C mCE, ImageNet-R and k-NN of an export (ADE20K mIoU, COCO AP of a downstream stage's);
+        mean ± std over several seeds."""
         import torch
 
         from vfm.dist import rank_and_world
