@@ -106,6 +106,7 @@ def test_downstream_stages_are_recipe_stages_validated_like_the_rest():
     assert coco.grad_accum == 1 and coco.total_steps == 75 * -(-118_287 // 64)  # 75 epochs of train2017
     assert coco.task.name == "dense" and resolve_stage(r, "ade20k", 8).total_steps == 160_000
     assert not r.stated("downstream.ade20k.optim.lr")  # the paper says nothing of how it transferred
+    assert r.stated("downstream.coco.task") and r.stated("downstream.ade20k.data.dataset")  # only which tasks
     smoke = load_recipe("vit-huge-pretrain", profile="smoke")
     assert {n: (d.gpus, d.data.resolution, d.steps, d.seeds) for n, d in smoke.downstream.items()} == {
         n: (2, 64, 40, [0, 1]) for n in ("ade20k", "ade20k_linear", "coco")}

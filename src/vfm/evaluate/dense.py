@@ -299,7 +299,7 @@ def segment(model: torch.nn.Module, image: torch.Tensor, spec: Any, normalize: A
 
 
 def evaluate_segmentation(model: torch.nn.Module, spec: Any, manifest: Any, *, device: torch.device,
-                          normalize: Any, batch_size: int = 1, num_workers: int = 0,
+                          normalize: Any, num_workers: int = 0,
                           autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """mIoU, aAcc and mAcc (percent) of a segmentation export over every sample of `manifest` (all ranks)."""
     from vfm.data.dense_transforms import seg_eval_sample
@@ -310,7 +310,8 @@ def evaluate_segmentation(model: torch.nn.Module, spec: Any, manifest: Any, *, d
     meter = SegmentationMeter(spec.num_classes)
     seen = 0
     model.eval()
-    for images, targets in _progress(_eval_loader(manifest, seg_eval_sample, batch_size=batch_size,
+    # one image a step: each is slid over at its own size
+    for images, targets in _progress(_eval_loader(manifest, seg_eval_sample, batch_size=1,
                                                   num_workers=num_workers), "eval segmentation"):
         for image, target in zip(images, targets, strict=True):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
