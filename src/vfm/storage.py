@@ -238,6 +238,21 @@ def list_prefix(url: str, endpoint_url: str | None = None) -> Iterator[str]:
             yield f"s3://{bucket}/{obj['Key']}"
 
 
+def list_sizes(url: str, endpoint_url: str | None = None) -> Iterator[tuple[str, int]]:
+    """(URL, bytes) of every object/file under a prefix/directory (recursive), sorted: the sizes come with S3's
+    listing, so no HEAD per object."""
+    if not is_s3(url):
+        for path in list_prefix(url):
+            yield path, os.path.getsize(path)
+        return
+    bucket, key = split_s3(url)
+    prefix = key.rstrip("/") + "/" if key else ""
+    pages = _client(endpoint_url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        for obj in page.get("Contents", []):
+            yield f"s3://{bucket}/{obj['Key']}", int(obj["Size"])
+
+
 def upload_dir(local: str | Path, url: str, endpoint_url: str | None = None) -> None:
     """Copy every file under the local directory `local` to the same relative names under `url`."""
     root = Path(local)

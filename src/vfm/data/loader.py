@@ -276,7 +276,9 @@ def decode_sample(sample: dict[str, Any], as_tensor: bool = False) -> tuple[Imag
             img = img.convert("RGB")
     meta = json.loads(sample["json"]) if "json" in sample else {}
     meta["key"] = key
-    return img, int(sample["cls"]), meta
+    # an unlabelled sample (`vfm curate`'s output, for self-supervised pretraining) has no `.cls`: label -1, which
+    # no classification loss accepts, so a labelled task given unlabelled data fails at its first batch
+    return img, int(sample["cls"]) if "cls" in sample else -1, meta
 
 
 def _batch_seed(seed: int, rank: int, k: int) -> int:

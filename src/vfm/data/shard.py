@@ -27,6 +27,7 @@ import tarfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,11 @@ import numpy as np
 from vfm import storage
 from vfm.data.dense_sources import dense_members
 from vfm.data.manifest import MANIFEST_NAME, TIMM_INFO_NAME, Manifest, ShardInfo
-from vfm.data.sources import DamagedMemberError, SourceIndex, sample_key
+from vfm.data.sources import DamagedMemberError, SourceIndex
 from vfm.data.validate import VERIFY_MODES, check_image
 
 DEFAULT_SHARD_SIZE = 1_000_000_000
+UNLABELLED = "unlabelled"  # SourceIndex.task of images without labels (vfm.curate): image + json, no `.cls`
 PROGRESS_DIR = "_progress"
 # Reliability tests set this to SIGKILL the sharder after publishing the Nth shard's tar and before its
 # progress record: the worst moment for a crash (an object exists that nothing vouches for yet).
@@ -284,7 +286,7 @@ def _write_shard(shard: PlannedShard) -> dict:
         dense = index.task != "classification"
         for i, data in _read_ahead(index, shard.entries, with_companion=index.companions is not None):
             name, label = index.name(i), index.label[i]
-            key = sample_key(name)
+            key = index.key(i)
             if isinstance(data, DamagedMemberError):
                 failures.append({"key": key, "name": name, "source": index.source_of(i), "reason": str(data),
                                  "action": "skipped"})
@@ -297,7 +299,9 @@ def _write_shard(shard: PlannedShard) -> dict:
                                  "action": "skipped" if checked.data is None else "repaired"})
             if checked.data is None:
                 continue
-            if dense:
+            if index.task == UNLABELLED:  # `vfm curate`'s output: the image and its curation json (source, name)
+                members = {checked.ext: checked.data, "json": index.payload(i) or b"{}"}
+            elif dense:
                 members = dense_members(index, i, checked.data, checked.ext, companion, job.verify)
                 if isinstance(members, str):
                     failures.append({"key": key, "name": name, "source": index.source_of(i), "reason": members,
@@ -349,9 +353,12 @@ def write_dataset(
     on_shard: Callable[[dict], None] = lambda _rec: None,
     on_plan: Callable[[int, int], None] = lambda _shards, _samples: None,
     verify: str = "header",
+    runner: Callable[[SourceIndex, Any, list[PlannedShard]], Iterable[tuple[int, dict]]] | None = None,
 ) -> ShardReport:
     """Shard `index` to `dest` (a directory or s3:// prefix); resumable; the manifest is written last.
-    `verify`: "header" checks each image's bytes and header (vfm.data.validate), "decode" decodes it too."""
+    `verify`: "header" checks each image's bytes and header (vfm.data.validate), "decode" decodes it too.
+    `runner(index, job, shards)` writes the planned shards elsewhere than this machine's process pool (vfm.curate
+    writes them as Ray tasks, each calling `write_planned_shard`) and yields (shard number, its record)."""
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify={verify!r}: use one of {', '.join(VERIFY_MODES)}")
     plan = plan_shards(index, seed, shard_size, index.dataset, max_samples_per_shard)
@@ -371,7 +378,7 @@ def write_dataset(
             else:
                 todo.append(s)
         todo = todo[:max_new_shards]
-    for number, rec in _run(index, job, todo, workers):
+    for number, rec in (runner or partial(_run, workers=workers))(index, job, todo):
         results[number] = rec
         on_shard(rec)
     written = sum(1 for r in results.values() if not r["resumed"])
@@ -397,6 +404,13 @@ def write_dataset(
     storage.write_bytes(manifest_url, manifest.to_json().encode(), endpoint_url)
     manifest.location = manifest_url
     return ShardReport(manifest, written, resumed, 0)
+
+
+def write_planned_shard(index: SourceIndex, job: _Job, shard: PlannedShard) -> dict:
+    """Write (or verify and keep) one planned shard in this process: what a `write_dataset` runner's task calls."""
+    if _INDEX is not index or _JOB is not job:
+        _init_worker(index, job)
+    return _write_shard(shard)
 
 
 def _run(index: SourceIndex, job: _Job, todo: list[PlannedShard], workers: int) -> Iterable[tuple[int, dict]]:

@@ -165,6 +165,9 @@ class SourceIndex:
     """Per entry when any entry is a compressed zip member (see DEFLATED); empty: every entry is its bytes."""
     companions: Members | None = None
     _payload: Packed = field(default_factory=Packed)
+    _keys: Packed | None = None
+    """Per entry when its sample key is not its name's (`add_dense(key=...)`: vfm.curate names each image by source,
+    and writes a repeated image under a key of its own); None: `sample_key(name)`."""
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -188,9 +191,17 @@ class SourceIndex:
         self._names.append(name.encode())
 
     def add_dense(self, file_id: int, offset: int, size: int, name: str, *, codec: int = 0,
-                  companion: tuple[int, int, int, str, int] | None = None, payload: bytes = b"") -> None:
-        """An entry of a dense layout: its image, then the companion member (file_id, offset, size, name, codec)
-        or inline `payload` bytes. Label 0 and group 0: a dense sample has no class label of its own."""
+                  companion: tuple[int, int, int, str, int] | None = None, payload: bytes = b"",
+                  key: str | None = None) -> None:
+        """An entry of a dense layout (or an unlabelled one): its image, then the companion member (file_id, offset,
+        size, name, codec) or inline `payload` bytes. Label 0 and group 0: such a sample has no class label of its
+        own. `key`: its sample key, when not `sample_key(name)` (give it for every entry or for none)."""
+        if key is not None:
+            if self._keys is None:
+                if len(self):
+                    raise ValueError("add_dense(key=...): give every entry its key, from the first one")
+                self._keys = Packed()
+            self._keys.append(key.encode())
         self.add(file_id, offset, size, 0, name)
         self.codec.append(codec)
         if companion is not None or self.companions is not None:
@@ -222,6 +233,10 @@ class SourceIndex:
 
     def name(self, i: int) -> str:
         return self._names[i].decode()
+
+    def key(self, i: int) -> str:
+        """Entry i's WebDataset sample key."""
+        return self._keys[i].decode() if self._keys is not None else sample_key(self.name(i))
 
     def source_of(self, i: int) -> str:
         return self.files[self.file_id[i]]
