@@ -382,6 +382,147 @@ class AblationConfig(_Strict):
         return self
 
 
+class CurateSource(_Strict):
+    """One input of `vfm curate` (vfm.curate.inputs reads each kind), named and weighted."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    """Names the source in the report and in every output sample's json (`source`)."""
+    kind: Literal["folder", "tar", "wds", "in22k", "openimages"]
+    """folder: image files under a directory or `s3://` prefix (any depth; tars met there are read too); tar: a tar
+    (or a directory of tars) of images; wds: shards of `vfm shard` / `vfm curate` (their manifest); in22k: the
+    official fall11_whole.tar (tar of per-wnid tars, the wnid kept in each sample's json); openimages: a folder of
+    `<ImageID>.jpg` with the image-id CSV of the release (`ids_csv`)."""
+    path: str
+    """Absolute, `s3://`, or relative to the raw-data volume (the pipeline's `/mnt/raw`)."""
+    weight: float = Field(1.0, gt=0)
+    """Expected copies in the output of each image of this source that survives curation: 1 as is, 0.5 keeps a
+    seeded half, 2 writes each twice. A duplicate across sources keeps the copy of the heavier source."""
+    ids_csv: str | None = None
+    """openimages: the CSV whose `ImageID` column lists the images (e.g. train-images-boxable-with-rotation.csv)."""
+    seed_set: bool = False
+    """Retrieval (`embedding.retrieval_k` > 0): this source is a curated seed set; the others only keep images among
+    the k nearest neighbours of its images (DINOv2's LVD-142M retrieval)."""
+
+    @model_validator(mode="after")
+    def _csv(self) -> CurateSource:
+        if (self.kind == "openimages") != (self.ids_csv is not None):
+            raise ValueError(f"source {self.name}: `ids_csv` is for (and required by) kind openimages")
+        return self
+
+
+class QualityStage(_Strict):
+    """Stage 1: decode, then drop what fails a threshold (vfm.curate.quality)."""
+
+    enabled: bool = True
+    min_side: int = Field(112, ge=1)
+    max_aspect: float = Field(3.0, ge=1.0)
+    min_bytes: int = Field(2048, ge=0)
+    min_entropy: float = Field(3.0, ge=0)
+    """Bits of the grey-level histogram; a near-constant image is close to 0."""
+    min_laplacian_var: float = Field(30.0, ge=0)
+    """Variance of the Laplacian of the grey image at 256 px short side: the usual blur measure."""
+    drop_grayscale: bool = False
+
+
+class ExactStage(_Strict):
+    """Stage 2: the same decoded pixels (sha256) kept once."""
+
+    enabled: bool = True
+
+
+class NearStage(_Strict):
+    """Stage 3: perceptual-hash near duplicates, found through multi-index hashing (vfm.curate.hashing): a pair is
+    within `phash_max_distance` bits of pHash or `dhash_max_distance` of dHash. Both: an opaque strip over an image
+    moves its pHash by 8-24 bits but its dHash by 0-6 (measured on tests/helpers/curate_data.py's watermarks)."""
+
+    enabled: bool = True
+    hash_size: int = Field(8, ge=4)
+    """ImageHash's hash_size: hash_size² bits."""
+    phash_max_distance: int = Field(10, ge=-1)
+    """-1: pHash not used."""
+    dhash_max_distance: int = Field(6, ge=-1)
+    """-1: dHash not used."""
+    chunk_bits: int = Field(16, ge=4, le=32)
+    """Multi-index hashing's substring length: candidates grow as N² × probes / 2^chunk_bits (vfm plan estimates
+    them for the recipe's images)."""
+
+    @model_validator(mode="after")
+    def _chunks(self) -> NearStage:
+        if (self.hash_size ** 2) % self.chunk_bits:
+            raise ValueError(f"near.chunk_bits={self.chunk_bits} must divide the hash's {self.hash_size ** 2} bits")
+        return self
+
+
+class EmbeddingStage(_Strict):
+    """Stage 4: embedding near duplicates above a cosine threshold (faiss), and optional retrieval around seed sets."""
+
+    enabled: bool = True
+    model: str = "timm:vit_huge_patch14_224.orig_in21k"
+    """`timm:<name>[.<pretrained tag>]` (pretrained weights from the timm hub) or the URL of a vfm export."""
+    image_size: int = Field(224, ge=16)
+    threshold: float = Field(0.6, gt=0, le=1)
+    """Cosine similarity at or above which two images are copies."""
+    k: int = Field(64, ge=1)
+    """Neighbours searched per image."""
+    index: Literal["auto", "flat", "ivfpq"] = "auto"
+    """auto: exact (flat) up to a million vectors, IVF-PQ above (vfm.curate.embed.build_index)."""
+    retrieval_k: int = Field(0, ge=0)
+    """> 0: keep only the pool images among the k nearest neighbours of a `seed_set` source's images."""
+
+
+class DecontaminateStage(_Strict):
+    """Stage 5: remove every pool image that is a copy of an evaluation image: the same pixels, within the near
+    stage's hash distances, or (with the embedding stage on) at or above `threshold` cosine."""
+
+    enabled: bool = True
+    sets: list[CurateSource] = Field(default_factory=list)
+    """The evaluation sets (IN-1K val, ImageNet-R; ImageNet-C is made from IN-1K val, so its sources are IN-1K val)."""
+    threshold: float = Field(0.45, gt=0, le=1)
+    """Cosine similarity (with the embedding stage's model) at or above which it is one."""
+
+    @model_validator(mode="after")
+    def _sets(self) -> DecontaminateStage:
+        if self.enabled and not self.sets:
+            raise ValueError("curate.decontaminate is enabled with no `sets`: name the evaluation sets, or disable it")
+        return self
+
+
+class CurateConfig(_Strict):
+    """`vfm curate`: sources → quality filter → decontamination → exact, near and embedding dedup → WebDataset shards
+    + manifest (unlabelled) + a curation report in MLflow. Every stage is optional; each counts what it removes."""
+
+    dataset: str
+    """The output's dataset name (the pretraining stage's `data.dataset`)."""
+    sources: list[CurateSource] = Field(min_length=1)
+    quality: QualityStage = Field(default_factory=QualityStage)
+    exact: ExactStage = Field(default_factory=ExactStage)
+    near: NearStage = Field(default_factory=NearStage)
+    embedding: EmbeddingStage = Field(default_factory=EmbeddingStage)
+    decontaminate: DecontaminateStage = Field(default_factory=lambda: DecontaminateStage(enabled=False))
+    seed: int = 0
+    shard_size: str = "1GB"
+    part_size: int = Field(4096, ge=1)
+    """Images per unit of work: a Ray task analyses one part and commits its features; a rerun skips committed parts."""
+    workers: int = Field(64, ge=1)
+    """Ray workers on a cluster (the RayJob's worker group); locally the CPUs Ray is given."""
+    cpus_per_worker: int = Field(16, ge=1)
+    gpus_per_worker: int = Field(0, ge=0)
+    """GPUs of each Ray worker, for the embedding model (0: it runs on the workers' CPUs)."""
+    memory_per_worker: str = "64Gi"
+
+    @model_validator(mode="after")
+    def _names(self) -> CurateConfig:
+        names = [s.name for s in self.sources] + [s.name for s in self.decontaminate.sets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"curate: source names must be unique; {dupes} appear more than once")
+        if self.embedding.retrieval_k and not any(s.seed_set for s in self.sources):
+            raise ValueError("curate.embedding.retrieval_k > 0 needs a source with `seed_set: true`")
+        if self.embedding.retrieval_k and not self.embedding.enabled:
+            raise ValueError("curate.embedding.retrieval_k > 0 needs the embedding stage enabled")
+        return self
+
+
 class UpstreamNote(_Strict):
     """A place where the paper and the upstream code disagree (or the paper is ambiguous)."""
 
@@ -416,6 +557,8 @@ class Recipe(_Strict):
     """Transfer stages the paper runs after pretraining, by name (`ade20k`, `coco`): each is trained from the
     pretraining export once per seed and evaluated on its dataset's val split."""
     ablation: AblationConfig | None = None
+    curate: CurateConfig | None = None
+    """How the pretraining data is made from raw image pools (`vfm curate`, a pipeline step before pretraining)."""
     upstream: list[UpstreamNote] = Field(default_factory=list)
     ambiguous: list[Ambiguity] = Field(default_factory=list)
     provenance: dict[str, str] = Field(default_factory=dict)
@@ -438,6 +581,10 @@ class Recipe(_Strict):
             grad_accum(ds.batch, ds.gpus, f"downstream.{name}")  # its own GPUs must make its batch
         if self.downstream and "pretrain" not in self.stages:
             raise ValueError("downstream stages start from the pretraining export: the recipe needs stages.pretrain")
+        if self.curate is not None and "pretrain" in self.stages:
+            if self.curate.dataset != self.stages["pretrain"].data.dataset:
+                raise ValueError(f"curate.dataset={self.curate.dataset!r} must be what stages.pretrain trains on "
+                                 f"({self.stages['pretrain'].data.dataset!r})")
         if self.ssl is not None and "pretrain" in self.stages:
             if self.stages["pretrain"].data.multicrop is None:
                 raise ValueError("stages.pretrain.data.multicrop is required when `ssl` is set")
