@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((REPO / "images").glob("*/Dockerfile"))
 # Packages each image must install (and pin): the trainer runs training, components run pipeline steps.
 REQUIRED = {
-    "trainer": {"torch", "torchvision", "torchcodec", "timm", "webdataset", "mlflow", "boto3", "kubeflow-training", "kubeflow-trainer-api"},
+    # ... and the pods of a curation step's RayJob (vfm.launch.rayjob): Ray (dashboard + Ray Data), faiss, ImageHash
+    "trainer": {"torch", "torchvision", "torchcodec", "timm", "webdataset", "mlflow", "boto3", "kubeflow-training",
+                "kubeflow-trainer-api", "ray", "faiss-cpu", "imagehash"},
     "components": {
         "torch",
         "torchvision",
@@ -39,11 +41,12 @@ def pyproject_requirements() -> dict[str, Requirement]:
 
 
 def image_pins(dockerfile: Path) -> dict[str, str]:
-    """{package: version} from `pip install "pkg==${ARG}"` lines with their ARG defaults resolved."""
+    """{package: version} from `pip install "pkg==${ARG}"` (or "pkg[extra,...]==${ARG}") lines with their ARG
+    defaults resolved."""
     text = dockerfile.read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
     pins = {}
-    for name, ref in re.findall(r'"([A-Za-z0-9_.-]+)==\$\{(\w+)\}(?:\+\w+)?"', text):
+    for name, ref in re.findall(r'"([A-Za-z0-9_.-]+)(?:\[[A-Za-z0-9_,.-]+\])?==\$\{(\w+)\}(?:\+\w+)?"', text):
         assert ref in args, f"{dockerfile}: {name} uses ${{{ref}}} without an ARG default"
         pins[name.lower()] = args[ref]
     return pins
@@ -74,9 +77,10 @@ def test_image_pins_agree_with_pyproject(dockerfile):
 
 def test_pin_parser_sees_a_wrong_pin(tmp_path):
     bad = tmp_path / "Dockerfile"
-    bad.write_text('ARG TORCH_VERSION=2.0.0\nRUN pip install "torch==${TORCH_VERSION}+cpu"\n')
+    bad.write_text('ARG TORCH_VERSION=2.0.0\nARG RAY_VERSION=2.1.0\n'
+                   'RUN pip install "torch==${TORCH_VERSION}+cpu" "ray[default,data]==${RAY_VERSION}"\n')
     pins = image_pins(bad)
-    assert pins == {"torch": "2.0.0"}
+    assert pins == {"torch": "2.0.0", "ray": "2.1.0"}
     assert not pyproject_requirements()["torch"].specifier.contains(Version(pins["torch"]))
 
 

@@ -82,7 +82,8 @@ def test_ipc_lock_only_with_the_documented_exemption(rendered):
 
 
 def test_h100_trainer_template_targets_gpu_nodes(rendered):
-    tpl = next(o for o in rendered["overlays/h100"] if o["kind"] == "PodTemplate")["template"]["spec"]
+    tpl = next(o for o in rendered["overlays/h100"]
+               if o["kind"] == "PodTemplate" and o["metadata"]["name"] == "vfm-trainer")["template"]["spec"]
     assert tpl["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tpl["tolerations"]
     res = tpl["containers"][0]["resources"]
@@ -92,7 +93,7 @@ def test_h100_trainer_template_targets_gpu_nodes(rendered):
     assert shm["emptyDir"]["medium"] == "Memory"
 
 
-def test_pipeline_runner_may_only_manage_pytorchjobs_in_vfm(rendered):
+def test_pipeline_runner_may_only_manage_pytorchjobs_and_rayjobs_in_vfm(rendered):
     objs = rendered["overlays/h100"]
     assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     (role,) = [o for o in objs if o["kind"] == "Role"]
@@ -100,7 +101,8 @@ def test_pipeline_runner_may_only_manage_pytorchjobs_in_vfm(rendered):
     for rule in role["rules"]:
         writes = set(rule["verbs"]) - {"get", "list", "watch"}
         if writes:
-            assert rule["apiGroups"] == ["kubeflow.org"] and rule["resources"] == ["pytorchjobs"], rule
+            assert (rule["apiGroups"], rule["resources"]) in ((["kubeflow.org"], ["pytorchjobs"]),
+                                                              (["ray.io"], ["rayjobs"])), rule
     (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "vfm-pipeline-runner", "namespace": "kubeflow"}
@@ -112,7 +114,7 @@ def test_network_policies_default_deny(rendered):
         policies = {o["metadata"]["name"]: o for o in rendered[overlay] if o["kind"] == "NetworkPolicy"}
         deny = policies["default-deny-ingress"]["spec"]
         assert deny["podSelector"] == {} and "ingress" not in deny
-        assert {"mlflow-from-clients", "postgres-from-mlflow", "pytorchjob-peers"} <= set(policies)
+        assert {"mlflow-from-clients", "postgres-from-mlflow", "pytorchjob-peers", "ray-cluster-peers"} <= set(policies)
 
 
 def test_argocd_applications_use_server_side_apply(rendered):

@@ -1,4 +1,5 @@
-"""Remote upstream bases are pinned to release tags that match the SDK pins in pyproject."""
+"""Remote upstream bases are pinned to release tags that match the SDK pins in pyproject (and, for KubeRay,
+the release the RayJob CRD in src/vfm/deploy/crds/ and the launcher's RayJob builder come from)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def sdk_version(name: str) -> str:
 
 def test_every_platform_kustomization_is_remote_and_pinned():
     found = remote_resources()
-    assert set(found) == {"training-operator", "trainer-v2", "kfp/cluster-scoped-resources", "kfp/platform-agnostic"}
+    assert set(found) == {"training-operator", "trainer-v2", "kuberay", "kfp/cluster-scoped-resources",
+                          "kfp/platform-agnostic"}
     for where, refs in found.items():
         assert refs, f"{where}: no remote base"
         for ref in refs:
@@ -62,3 +64,24 @@ def test_kfp_matches_kfp_sdk():
         (ref,) = remote_resources()[where]
         assert ref.startswith("https://github.com/kubeflow/pipelines.git//manifests/kustomize/")
         assert ref.rsplit("ref=", 1)[1].startswith(major_minor + "."), ref
+
+
+def test_kuberay_matches_the_rayjob_crd_and_the_launcher():
+    """The operator the platform installs is the release whose RayJob CRD vfm validates against and whose
+    status fields and labels vfm.launch.rayjob / vfm.launch.cluster read."""
+    from vfm.launch import rayjob
+
+    (ref,) = remote_resources()["kuberay"]
+    assert ref.startswith("https://github.com/ray-project/kuberay.git//ray-operator/config/default?")
+    tag = ref.rsplit("ref=", 1)[1]
+    assert tag == rayjob.KUBERAY_VERSION
+    crd_file = REPO / "src/vfm/deploy/crds/ray.io_rayjobs.yaml"
+    header = crd_file.read_text().split("\n---\n", 1)[0]
+    assert re.search(rf"ray-project/kuberay ray-operator/config/crd/bases/ray.io_rayjobs.yaml at tag {re.escape(tag)}\b",
+                     header), header
+    readme = (REPO / "src/vfm/deploy/crds/README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `ray.io_rayjobs.yaml`")]
+    assert f"at tag {tag} " in row, row
+    crd = yaml.load(crd_file.read_text().split("\n---\n", 1)[1], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == (rayjob.GROUP, rayjob.KIND)
+    assert [v["name"] for v in crd["spec"]["versions"] if v["served"] and v["storage"]] == [rayjob.VERSION]

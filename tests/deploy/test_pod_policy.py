@@ -200,3 +200,40 @@ def test_launcher_jobs_are_restricted_and_valid():
                 assert problems == [], f"{recipe_id}/{profile}/{extra}:\n" + "\n".join(problems)
                 checked += 1
     assert checked >= 30
+
+
+def test_launcher_rayjobs_are_restricted_and_valid_and_a_bad_template_is_caught_in_every_ray_pod():
+    # The RayJob of a curation step: head, workers and submitter, from restricted defaults and from the
+    # base's `vfm-ray` PodTemplate; validated against the KubeRay v1.7.0 CRD (vfm.deploy.crds).
+    from pathlib import Path
+
+    import yaml
+
+    rayjob = importlib.import_module("vfm.launch.rayjob")
+    base = Path(__file__).resolve().parents[2] / "manifests/base/ray-podtemplate.yaml"
+    template = yaml.safe_load(base.read_text())["template"]
+
+    def build(pod_template):
+        return rayjob.build_rayjob(
+            name="curate-run-1", namespace="vfm", image="ghcr.io/vfm-project/vfm-trainer:0.1.0",
+            entrypoint=["python", "-m", "vfm.curate"], workers=2, cpus_per_worker=8, memory_per_worker="32Gi",
+            pod_template=pod_template, labels={"vfm.io/run": "run-1"}, env={}, secret="vfm-credentials",
+            timeout_s=3600)
+
+    for pod_template in (None, template):
+        manifest = build(pod_template)
+        assert [p for p, _ in pod_specs(manifest)] == [
+            ".spec.rayClusterSpec.headGroupSpec.template.spec",
+            ".spec.rayClusterSpec.workerGroupSpecs[0].template.spec",
+            ".spec.submitterPodTemplate.spec",
+        ]
+        problems = (restricted_violations(manifest) + hygiene_violations(manifest)
+                    + validation_errors(manifest, K8S_VERSION))
+        assert problems == [], "\n".join(problems)
+    bad = copy.deepcopy(template)
+    bad["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = ["SYS_ADMIN"]
+    bad["spec"]["securityContext"].pop("runAsNonRoot")
+    violations = restricted_violations(build(bad))
+    for where in ("ray-head", "ray-worker", "ray-job-submitter"):
+        assert any(f"[{where}]: capabilities.add ['SYS_ADMIN']" in v for v in violations), violations
+        assert any(f"[{where}]: runAsNonRoot must be true" in v for v in violations), violations

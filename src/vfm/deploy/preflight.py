@@ -32,6 +32,9 @@ ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"
 OPTIONAL_KEYS_ANNOTATION = "vfm.io/optional-keys"  # manifests/secrets/vfm-secrets.yaml.example
 SHM_MOUNT = "/dev/shm"
 GRACE_MARGIN_S = 30  # after the ranks' checkpoint window: torchrun's own teardown and the pod's exit
+# the executors of a compiled pipeline whose step launches a KubeRay RayJob (a Ray Data curation step,
+# vfm.launch.rayjob): the runner then needs LAUNCHER_PERMISSIONS["rayjob"] too
+RAYJOB_EXECUTOR = re.compile(r"^exec-curate(-|$)")
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,13 @@ class Plan:
         """The pipeline's `launcher` parameter: pytorchjob or trainjob."""
         return str(self.params.get("launcher") or "pytorchjob")
 
+    @property
+    def job_kinds(self) -> tuple[str, ...]:
+        """The kinds of job one run creates (keys of vfm.launch.cluster.LAUNCHER_PERMISSIONS): the `launcher`
+        parameter's, and `rayjob` where the pipeline has a Ray Data curation step (RAYJOB_EXECUTOR)."""
+        curates = any(RAYJOB_EXECUTOR.match(t.executor) for t in self.tasks)
+        return (self.launcher, "rayjob") if curates else (self.launcher,)
+
 
 def build_jobs(recipe_id: str, params: dict[str, Any], template: dict[str, Any] | None,
                kfp_namespace: str = "kubeflow", runtime: dict[str, Any] | None = None) -> list[PlannedJob]:
@@ -262,9 +272,13 @@ def runtime_of(objects: Objects) -> dict[str, Any] | None:
 
 # --- helpers over job manifests -----------------------------------------------------------------
 def job_replicas(job: dict[str, Any], runtime: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any], int]]:
-    """(role, pod template, count) of a PyTorchJob's replica specs, or of a TrainJob's nodes on `runtime`."""
+    """(role, pod template, count) of a PyTorchJob's replica specs, of a TrainJob's nodes on `runtime`, or of a
+    RayJob's head, workers and submitter."""
+    from vfm.launch import rayjob as rj
     from vfm.launch import trainjob as tj
 
+    if job.get("kind") == rj.KIND:
+        return rj.pod_templates(job)
     if job.get("kind") == tj.KIND:
         if runtime is None:
             return []
@@ -428,16 +442,19 @@ def check_rbac(plan: Plan, objects: Objects) -> list[Finding]:
 
     out = []
     user = SA_USER.format(namespace=plan.kfp_namespace, name=plan.runner)
-    permissions = LAUNCHER_PERMISSIONS[plan.launcher]
-    for ns in sorted({(j.manifest.get("metadata") or {}).get("namespace") or "" for j in plan.jobs}):
-        denied = [f"{verb} {resource}{'/' + name if name else ''}" for group, resource, verb, name in permissions
-                  if not allowed(objects, plan.kfp_namespace, plan.runner, ns, group, resource, verb, name)]
-        if denied:
-            out.append(Finding("rbac", f"ServiceAccount {plan.kfp_namespace}/{plan.runner}", f"namespace {ns}",
-                               f"{user} may not {', '.join(denied)} in {ns}; the launcher does (403 at the first job)",
-                               f"bind it a Role with those rules in {ns} (manifests/base/rbac.yaml grants them in vfm"
-                               + (", manifests/components/trainer-v2 for TrainJobs" if plan.launcher == "trainjob" else "")
-                               + "), or send the jobs where it may: --param namespace=vfm"))
+    namespaces = sorted({(j.manifest.get("metadata") or {}).get("namespace") or "" for j in plan.jobs})
+    for kind in plan.job_kinds:  # a curation step's RayJob goes where the training jobs go (`namespace`)
+        permissions = LAUNCHER_PERMISSIONS[kind]
+        for ns in namespaces:
+            denied = [f"{verb} {resource}{'/' + name if name else ''}" for group, resource, verb, name in permissions
+                      if not allowed(objects, plan.kfp_namespace, plan.runner, ns, group, resource, verb, name)]
+            if denied:
+                out.append(Finding("rbac", f"ServiceAccount {plan.kfp_namespace}/{plan.runner}", f"namespace {ns}",
+                                   f"{user} may not {', '.join(denied)} in {ns}; the launcher does (403 at the first "
+                                   "job)", f"bind it a Role with those rules in {ns} (manifests/base/rbac.yaml grants "
+                                   "them in vfm"
+                                   + (", manifests/components/trainer-v2 for TrainJobs" if kind == "trainjob" else "")
+                                   + "), or send the jobs where it may: --param namespace=vfm"))
     return out
 
 
@@ -488,6 +505,14 @@ def check_template(plan: Plan, objects: Objects, template: dict[str, Any] | None
                         "PodTemplate in the jobs' namespace; the launcher builds every replica from it",
                         "render an overlay that includes manifests/base (trainer-podtemplate.yaml)")]
     out = []
+    if "rayjob" in plan.job_kinds:
+        from vfm.launch.rayjob import RAY_POD_TEMPLATE
+
+        if objects.get("PodTemplate", ns, RAY_POD_TEMPLATE) is None:
+            out.append(Finding("template", f"PodTemplate {ns}/{RAY_POD_TEMPLATE}", "metadata", "the overlay has no Ray "
+                               "PodTemplate in the jobs' namespace; the curation step's RayJob builds its head, "
+                               "workers and submitter from it", "render an overlay that includes manifests/base "
+                               "(ray-podtemplate.yaml)"))
     if plan.launcher == "trainjob" and runtime_of(objects) is None:
         from vfm.launch.trainjob import RUNTIME, RUNTIME_KIND
 
@@ -757,6 +782,8 @@ OPERATORS = {
                    "manifests/platform/training-operator", "PyTorchJobs"),
     "trainjob": ("trainjobs.trainer.kubeflow.org", ("kubeflow-system", "kubeflow-trainer-controller-manager"),
                  "manifests/platform/trainer-v2", "TrainJobs"),  # kubeflow/trainer v2.3 manifests/base/manager
+    # ray-project/kuberay v1.7.0 ray-operator/config/manager/manager.yaml, moved to ray-system
+    "rayjob": ("rayjobs.ray.io", ("ray-system", "kuberay-operator"), "manifests/platform/kuberay", "RayJobs"),
 }
 
 
@@ -769,6 +796,7 @@ def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoi
 
     from vfm.launch.cluster import LAUNCHER_PERMISSIONS
     from vfm.launch.job import GPU_PRODUCT_LABEL, GPU_RESOURCE, POD_TEMPLATE
+    from vfm.launch.rayjob import RAY_POD_TEMPLATE
 
     core, out = k8s.CoreV1Api(api), []
 
@@ -783,17 +811,18 @@ def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoi
                                "who may read it (kubectl auth can-i get ...)"))
             return False
 
-    crd_name, (op_ns, op_name), install, jobs = OPERATORS[plan.launcher]
-    crd = read(f"CustomResourceDefinition {crd_name}", k8s.ApiextensionsV1Api(api).read_custom_resource_definition,
-               crd_name)
-    if crd is None:
-        out.append(Finding("live", f"CustomResourceDefinition {crd_name}", "metadata.name", "is not installed",
-                           f"kubectl apply --server-side -k {install}"))
-    op = read(f"Deployment {op_ns}/{op_name}", k8s.AppsV1Api(api).read_namespaced_deployment, op_name, op_ns)
-    if op is None or (op and not (op.status.available_replicas or 0)):
-        out.append(Finding("live", f"Deployment {op_ns}/{op_name}", "status.availableReplicas",
-                           f"the {jobs[:-1]} controller is not running: {jobs} are accepted but never start",
-                           f"kubectl apply --server-side -k {install}; then kubectl -n {op_ns} get pods"))
+    for kind in plan.job_kinds:
+        crd_name, (op_ns, op_name), install, jobs = OPERATORS[kind]
+        crd = read(f"CustomResourceDefinition {crd_name}",
+                   k8s.ApiextensionsV1Api(api).read_custom_resource_definition, crd_name)
+        if crd is None:
+            out.append(Finding("live", f"CustomResourceDefinition {crd_name}", "metadata.name", "is not installed",
+                               f"kubectl apply --server-side -k {install}"))
+        op = read(f"Deployment {op_ns}/{op_name}", k8s.AppsV1Api(api).read_namespaced_deployment, op_name, op_ns)
+        if op is None or (op and not (op.status.available_replicas or 0)):
+            out.append(Finding("live", f"Deployment {op_ns}/{op_name}", "status.availableReplicas",
+                               f"the {jobs[:-1]} controller is not running: {jobs} are accepted but never start",
+                               f"kubectl apply --server-side -k {install}; then kubectl -n {op_ns} get pods"))
     if plan.launcher == "trainjob":
         from vfm.launch import trainjob as tj
 
@@ -822,8 +851,10 @@ def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoi
                                    "plugin (kubectl describe node), or use an overlay for this cluster's GPUs"))
     user = SA_USER.format(namespace=plan.kfp_namespace, name=plan.runner)
     authz = k8s.AuthorizationV1Api(api)
+    permissions = list(dict.fromkeys(p for kind in plan.job_kinds for p in LAUNCHER_PERMISSIONS[kind]))
+    templates = [POD_TEMPLATE] + ([RAY_POD_TEMPLATE] if "rayjob" in plan.job_kinds else [])
     for ns in sorted({pj.manifest["metadata"]["namespace"] for pj in plan.jobs}):
-        for group, resource, verb, name in LAUNCHER_PERMISSIONS[plan.launcher]:
+        for group, resource, verb, name in permissions:
             res, _, sub = resource.partition("/")
             review = k8s.V1SubjectAccessReview(spec=k8s.V1SubjectAccessReviewSpec(
                 user=user, groups=["system:serviceaccounts", f"system:serviceaccounts:{plan.kfp_namespace}"],
@@ -840,9 +871,10 @@ def check_live(plan: Plan, api: Any, *, mlflow_uri: str | None = None, s3_endpoi
                                    f"may not {verb} {resource} ({group or 'core'}) (kubectl auth can-i {verb} "
                                    f"{resource} -n {ns} --as {user})", "kubectl apply -k manifests/overlays/<overlay> "
                                    "(manifests/base/rbac.yaml)"))
-        if read(f"PodTemplate {ns}/{POD_TEMPLATE}", core.read_namespaced_pod_template, POD_TEMPLATE, ns) is None:
-            out.append(Finding("live", f"PodTemplate {ns}/{POD_TEMPLATE}", "metadata.name", "does not exist",
-                               "apply the overlay (or let Argo CD sync it)"))
+        for template in templates:
+            if read(f"PodTemplate {ns}/{template}", core.read_namespaced_pod_template, template, ns) is None:
+                out.append(Finding("live", f"PodTemplate {ns}/{template}", "metadata.name", "does not exist",
+                                   "apply the overlay (or let Argo CD sync it)"))
     wanted: dict[tuple[str, str], set[str]] = {}
     for t in plan.tasks:
         for name, keys, optional in t.secrets:

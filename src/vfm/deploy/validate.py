@@ -6,9 +6,10 @@ OpenAPI schemas. `kubernetes-validate` has no custom-resource schemas, so:
 * PyTorchJob (kubeflow.org/v1) gets a schema *generated* from the kubeflow-training SDK models pinned in
   pyproject (1.9.4, generated from the training-operator v1.9 CRD), with the enums the v1.9 CRD declares;
   its replica `template` is checked against the real core/v1 PodTemplateSpec schema of that version.
-* TrainJob and ClusterTrainingRuntime (Kubeflow Trainer v2.3) are checked against the OpenAPI schema of
-  the release's own CRDs (src/vfm/deploy/crds/, copied from kubeflow/trainer v2.3.0), as the API server
-  with strict field validation would: unknown fields are rejected where the CRD does not preserve them.
+* TrainJob and ClusterTrainingRuntime (Kubeflow Trainer v2.3) and RayJob (KubeRay v1.7) are checked
+  against the OpenAPI schema of the release's own CRDs (src/vfm/deploy/crds/, copied from kubeflow/trainer
+  v2.3.0 and ray-project/kuberay v1.7.0), as the API server with strict field validation would: unknown
+  fields are rejected where the CRD does not preserve them.
 * The other custom resources our manifests render (Argo CD Application, Kueue queues) are checked against
   the hand-written subsets in `vfm.deploy.crd_schemas`, which reject unknown fields.
 """
@@ -48,6 +49,7 @@ _PYTORCHJOB_REQUIRED = {"KubeflowOrgV1PyTorchJobSpec": ["pytorchReplicaSpecs"], 
 CRD_FILES = {
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
     ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    ("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml",  # vfm.launch.rayjob (KubeRay v1.7.0)
 }
 
 

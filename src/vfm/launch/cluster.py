@@ -1,11 +1,17 @@
-"""Run a PyTorchJob or a Trainer v2 TrainJob on a cluster and turn its outcome into the step's outcome.
+"""Run a PyTorchJob, a Trainer v2 TrainJob or a KubeRay RayJob on a cluster and turn its outcome into the
+step's outcome.
 
     ClusterBackend.from_environment().run(manifest, timeout_s=..., max_restarts=3)
 
-create → wait with a real deadline (while streaming the master's / node 0's log into this process's
-stdout) → `Succeeded` (PyTorchJob) or `Complete` (TrainJob) returns; `Failed`, a deadline, more restarts than the cap, or the job vanishing raise
+create → wait with a real deadline (while streaming the master's / node 0's / the Ray driver's log into
+this process's stdout) → `Succeeded` (PyTorchJob) or `Complete` (TrainJob; RayJob with its Ray job
+SUCCEEDED) returns; `Failed`, a deadline, more restarts than the cap, or the job vanishing raise
 `JobFailed`/`JobTimeout` with the job's own reason. Any exit other than success (including SIGTERM
 from a cancelled KFP run) deletes the job, so no GPU pod outlives its pipeline step.
+
+PyTorchJobs and TrainJobs report through status conditions; a RayJob has none but two status fields,
+`jobDeploymentStatus` (the RayJob's lifecycle) and `jobStatus` (the Ray job's, as Ray reports it), plus
+`reason` / `message` (ray-project/kuberay ray-operator/apis/ray/v1/rayjob_types.go, v1.7.0).
 
 This talks to the API server with the plain `kubernetes` client rather than `TrainingClient`: the
 latter folds every API error into a `RuntimeError` string, and the launcher must tell "already exists"
@@ -15,6 +21,7 @@ latter folds every API error into a `RuntimeError` string, and the launcher must
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -27,36 +34,82 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from vfm.errors import UserError
+from vfm.launch import rayjob as rj
 from vfm.launch import trainjob as tj
 from vfm.launch.job import CONTAINER, GROUP, PLURAL, POD_TEMPLATE, RUN_LABEL, VERSION
 from vfm.launch.result import JobFailed, JobResult, JobTimeout
 
+# RayJob status values (ray-project/kuberay ray-operator/apis/ray/v1/rayjob_types.go, v1.7.0):
+# `JobDeploymentStatus` Initializing, Running, Complete, Failed, ValidationFailed, Suspending, Suspended,
+# Retrying, Waiting; `JobStatus` (Ray's own) PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED. The controller
+# (ray-operator/controllers/ray/rayjob_controller.go) sets Complete once the Ray job is terminal and the
+# submitter has finished — Failed with reason AppFailed when the Ray job FAILED, Complete when it was
+# STOPPED — and Failed with its own reason (SubmissionFailed, DeadlineExceeded, ...) otherwise.
+RAYJOB_FAILED_DEPLOYMENT = ("Failed", "ValidationFailed")
+RAYJOB_FAILED_JOB = ("FAILED", "STOPPED")
+
 
 @dataclass(frozen=True)
 class JobKind:
-    """What the launcher needs to know of a job kind: where it lives, which condition means success, whose
-    log to follow."""
+    """What the launcher needs to know of a job kind: where it lives, how its status reads (conditions, or
+    a RayJob's status fields), whose log to follow."""
 
     kind: str
     group: str
     version: str
     plural: str
-    complete: str  # the status condition of success
-    container: str  # the trainer's container in its pods
+    complete: str  # the status condition (RayJob: jobDeploymentStatus) of success
+    container: str  # the container whose log is the step's: the trainer's, or the Ray job submitter's
     counts_restarts: bool  # PyTorchJob: a Restarting condition per re-creation; TrainJob: the JobSet counts
+    rbac: str = "manifests/base/rbac.yaml"  # where the pipeline runner's permissions for it are granted
+    install: str = "manifests/platform/training-operator"  # what installs its CRD and controller
+    conditions: bool = True  # False: RayJob status fields instead of conditions
+    drain_on_failure: bool = False  # read the log to its end before deleting a failed job (the driver's traceback)
 
     def log_selector(self, name: str, elastic: bool = False) -> str:
         if self.kind == tj.KIND:  # JobSet's pod labels; node 0 is completion index 0 of the `node` job
             return (f"jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name={tj.NODE},"
                     "batch.kubernetes.io/job-completion-index=0")
+        if self.kind == rj.KIND:  # the submitter Job is named like the RayJob; KubeRay labels its pods' origin
+            return f"{rj.SUBMITTER_JOB_LABEL}={name},{rj.ORIGIN_CRD_LABEL}={rj.KIND}"
         role = ("training.kubeflow.org/replica-type=worker,training.kubeflow.org/replica-index=0" if elastic
                 else "training.kubeflow.org/job-role=master")
         return f"training.kubeflow.org/job-name={name},{role}"
 
+    def succeeded(self, job: dict[str, Any]) -> bool:
+        if self.conditions:
+            return _last(job, self.complete) is not None
+        status = job.get("status") or {}
+        return status.get("jobDeploymentStatus") == self.complete and status.get("jobStatus") == "SUCCEEDED"
+
+    def failure(self, job: dict[str, Any]) -> tuple[str, str] | None:
+        """(reason, message) when the job failed, else None."""
+        if self.conditions:
+            failed = _last(job, "Failed")
+            return None if failed is None else (failed.get("reason") or "Failed", failed.get("message") or "")
+        status = job.get("status") or {}
+        deployment, ray_job = status.get("jobDeploymentStatus") or "", status.get("jobStatus") or ""
+        if deployment in RAYJOB_FAILED_DEPLOYMENT or ray_job in RAYJOB_FAILED_JOB:
+            reason = status.get("reason") or (deployment if deployment in RAYJOB_FAILED_DEPLOYMENT else ray_job)
+            message = status.get("message") or f"jobDeploymentStatus {deployment or '-'}, jobStatus {ray_job or '-'}"
+            return reason, message
+        return None
+
+    def state(self, job: dict[str, Any]) -> str:
+        """The job's current state in words (for a timeout)."""
+        if self.conditions:
+            return (_conditions(job) or [{}])[-1].get("type", "Pending")
+        status = job.get("status") or {}
+        return (f"jobDeploymentStatus {status.get('jobDeploymentStatus') or 'New'}, "
+                f"jobStatus {status.get('jobStatus') or 'PENDING'}")
+
 
 PYTORCHJOB = JobKind("PyTorchJob", GROUP, VERSION, PLURAL, "Succeeded", CONTAINER, counts_restarts=True)
-TRAINJOB = JobKind(tj.KIND, tj.GROUP, tj.VERSION, tj.PLURAL, "Complete", tj.NODE, counts_restarts=False)
-KINDS = {k.kind: k for k in (PYTORCHJOB, TRAINJOB)}
+TRAINJOB = JobKind(tj.KIND, tj.GROUP, tj.VERSION, tj.PLURAL, "Complete", tj.NODE, counts_restarts=False,
+                   rbac="manifests/components/trainer-v2/rbac.yaml", install="manifests/platform/trainer-v2")
+RAYJOB = JobKind(rj.KIND, rj.GROUP, rj.VERSION, rj.PLURAL, "Complete", rj.SUBMITTER, counts_restarts=False,
+                 install="manifests/platform/kuberay", conditions=False, drain_on_failure=True)
+KINDS = {k.kind: k for k in (PYTORCHJOB, TRAINJOB, RAYJOB)}
 
 
 def kind_of(manifest: dict[str, Any]) -> JobKind:
@@ -69,11 +122,15 @@ SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 REQUEST_TIMEOUT = 30  # seconds per API call; the *wait* budget is `timeout_s`
 # (API group, resource, verb, name) of every call below, in the job's namespace: what the pipeline runner's
 # service account must be allowed (manifests/base/rbac.yaml grants it; `vfm preflight` checks it)
-_READS = (("", "podtemplates", "get", POD_TEMPLATE), ("", "pods", "list", None), ("", "pods/log", "get", None))
+_LOG_READS = (("", "pods", "list", None), ("", "pods/log", "get", None))
+_READS = (("", "podtemplates", "get", POD_TEMPLATE),) + _LOG_READS
 LAUNCHER_PERMISSIONS = {
     "pytorchjob": tuple((GROUP, PLURAL, verb, None) for verb in ("create", "get", "list", "delete")) + _READS,
     # manifests/components/trainer-v2/rbac.yaml; the launcher never reads the (cluster-scoped) runtime
     "trainjob": tuple((tj.GROUP, tj.PLURAL, verb, None) for verb in ("create", "get", "list", "delete")) + _READS,
+    # a Ray Data step's RayJob: its pods come from the `vfm-ray` PodTemplate; the log read is the submitter's
+    "rayjob": tuple((rj.GROUP, rj.PLURAL, verb, None) for verb in ("create", "get", "list", "delete"))
+    + (("", "podtemplates", "get", rj.RAY_POD_TEMPLATE),) + _LOG_READS,
 }
 
 
@@ -84,6 +141,14 @@ def current_namespace(default: str = "default") -> str:
             return fh.read().strip() or default
     except OSError:
         return default
+
+
+def _api_message(exc: ApiException) -> str:
+    """The message of the API server's Status in an error's body (else the body's start)."""
+    try:
+        return str(json.loads(exc.body or "")["message"])
+    except (ValueError, KeyError, TypeError):
+        return (exc.body or "")[:300]
 
 
 def _conditions(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -129,7 +194,8 @@ class ClusterBackend:
             obj = self._core.read_namespaced_pod_template(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
-                raise UserError(f"no PodTemplate {namespace}/{name}: the training pods are built from it; apply "
+                pods = "the Ray pods" if name == rj.RAY_POD_TEMPLATE else "the training pods"
+                raise UserError(f"no PodTemplate {namespace}/{name}: {pods} are built from it; apply "
                                 "the overlay (kubectl apply -k manifests/overlays/<overlay>) or let Argo CD sync "
                                 "it") from None
             if exc.status == 403:
@@ -157,12 +223,21 @@ class ClusterBackend:
             return self._custom.create_namespaced_custom_object(
                 kind.group, kind.version, ns, kind.plural, manifest, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
+            if exc.status == 403:  # RBAC: say which permission, where it is granted, and how to check it
+                raise JobFailed(name, "CreateFailed", f"API server refused the job: 403 Forbidden: this step's "
+                                f"service account may not create {kind.plural} ({kind.group}) in {ns}; grant it "
+                                f"create, get, list and delete on {kind.plural} ({kind.rbac}) and check with `vfm "
+                                f"preflight`: {_api_message(exc)}", kind=kind.kind) from None
+            if exc.status == 404:  # the API server serves no such resource: the CRD is not installed
+                raise JobFailed(name, "CreateFailed", f"API server refused the job: 404 Not Found: the cluster has "
+                                f"no {kind.plural}.{kind.group} CRD; install it (kubectl apply --server-side -k "
+                                f"{kind.install})", kind=kind.kind) from None
             if exc.status != 409:
                 raise JobFailed(name, "CreateFailed", f"API server refused the job: {exc.status} {exc.reason}: "
                                 f"{(exc.body or '')[:500]}", kind=kind.kind) from None
         existing = self.get(name, ns, kind)
         mine = (existing or {}).get("metadata", {}).get("labels", {}).get(RUN_LABEL)
-        if existing is not None and mine == meta.get("labels", {}).get(RUN_LABEL) and not _last(existing, "Failed"):
+        if existing is not None and mine == meta.get("labels", {}).get(RUN_LABEL) and kind.failure(existing) is None:
             self.log(f"adopting {kind.kind} {ns}/{name} created by an earlier attempt of this step")
             return existing
         self.log(f"{kind.kind} {ns}/{name} exists from a failed or foreign attempt; replacing it")
@@ -186,7 +261,7 @@ class ClusterBackend:
         return True
 
     def delete_run_jobs(self, run_label: str, namespace: str) -> list[str]:
-        """Delete every job of one pipeline run, of either kind (the exit handler's cleanup); returns their
+        """Delete every job of one pipeline run, of every kind (the exit handler's cleanup); returns their
         names. A kind whose CRD the cluster lacks (404 on the list) has no jobs to delete, nor one the
         runner may not list (403: the run could not have created any)."""
         names = []
@@ -223,6 +298,11 @@ class ClusterBackend:
                 succeeded = True
                 return JobResult(name=name, state=kind.complete, restarts=restarts if kind.counts_restarts else None,
                                  seconds=time.monotonic() - start)
+            except JobFailed as exc:
+                # a RayJob's driver log ends with the traceback: read it to the end before the pods go
+                if kind.drain_on_failure and exc.reason not in ("Cancelled", "Deleted"):
+                    streamer.stop(drain=True)
+                raise
             finally:
                 if not succeeded:
                     self.log(f"deleting {kind.kind} {ns}/{name}")
@@ -238,21 +318,21 @@ class ClusterBackend:
             job = self.get(name, ns, kind)
             if job is None:
                 raise JobFailed(name, "Deleted", f"the {kind.kind} was deleted before it finished", kind=kind.kind)
-            if _last(job, kind.complete):
+            if kind.succeeded(job):
                 self.log(f"{kind.kind} {ns}/{name} {kind.complete}")
                 return len(seen_restarts)
-            if failed := _last(job, "Failed"):
-                raise JobFailed(name, failed.get("reason") or "Failed", failed.get("message") or "", kind=kind.kind)
-            for cond in _conditions(job):  # each Restarting transition is one (re)creation of failed pods
-                if kind.counts_restarts and cond.get("type") == "Restarting":
+            if failed := kind.failure(job):
+                raise JobFailed(name, *failed, kind=kind.kind)
+            for cond in _conditions(job) if kind.counts_restarts else ():  # each Restarting: one pod re-creation
+                if cond.get("type") == "Restarting":
                     seen_restarts.add(str(cond.get("lastTransitionTime") or cond.get("lastUpdateTime")))
             if len(seen_restarts) > max_restarts:
                 raise JobFailed(name, "RestartCapExceeded",
                                 f"restarted {len(seen_restarts)} times, more than the cap of {max_restarts}",
                                 kind=kind.kind)
             if time.monotonic() >= deadline:
-                state = (_conditions(job) or [{}])[-1].get("type", "Pending")
-                raise JobTimeout(name, f"not finished after {timeout_s:.0f} s (last condition: {state})",
+                what = "last condition" if kind.conditions else "last status"
+                raise JobTimeout(name, f"not finished after {timeout_s:.0f} s ({what}: {kind.state(job)})",
                                  kind=kind.kind)
             time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
 
