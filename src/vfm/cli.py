@@ -170,6 +170,7 @@ def _print_ablation_plan(recipe_id: str, sets: list[str], profile: str, mfu: flo
 # each area's commands; a module listed here exposes `register(app)`
 _AREAS: list[str] = [
     "vfm.data.cli",
+    "vfm.curate.cli",
     "vfm.evaluate.cli",
     "vfm.trainer",
     "vfm.pipeline.cli",
