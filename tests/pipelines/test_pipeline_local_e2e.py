@@ -187,5 +187,11 @@ def test_dinov2_giant_smoke_dag_end_to_end_as_trainjobs(services, tmp_path):
     for name in ("eval.linear.top1", "eval.linear.heldout_top1", "eval.in1k.top1", "eval.in_r.top1"):
         assert name in metrics, sorted(metrics)
     assert metrics["eval.in1k.top1"] == pytest.approx(metrics["eval.linear.top1"], abs=1e-3)  # the same head on val
-    stages = sorted(r.data.tags.get("vfm.stage") for r in children(client, run))
-    assert stages == ["eval"] * 4 + ["pretrain"]  # linear, in1k, in_r, knn
+    kids = children(client, run)
+    stages = sorted(r.data.tags.get("vfm.stage") for r in kids)
+    assert stages == ["curate"] + ["eval"] * 4 + ["pretrain"]  # linear, in1k, in_r, knn
+    # paper 004's pool is sharded uncurated: nothing removed but what does not decode, and the report is written
+    curated = next(r for r in kids if r.data.tags.get("vfm.stage") == "curate")
+    assert curated.data.metrics["written"] == curated.data.metrics["kept"] > 0
+    assert not any(k.startswith("removed.") and not k.startswith("removed.decode") for k in curated.data.metrics)
+    assert any(a.path == "curation/report.json" for a in client.list_artifacts(curated.info.run_id, "curation"))

@@ -226,3 +226,23 @@ def test_paper_001s_downstream_stages_train_from_the_pretraining_export_and_join
                     for t in tasks.values() if t["componentRef"]["name"].startswith("comp-shard-dataset")}
     assert shard_splits["shard ade20k-val"] == "val" and shard_splits["shard in22k-fall11"] == ""
     assert not plan_dag("vit-huge").downstream  # only paper 001 declares dense transfer
+
+
+@pytest.mark.parametrize("recipe_id", ["meta-dinov2-giant", "dinov2-giant"])
+def test_the_ssl_recipes_curate_their_pretraining_data_before_pretraining(recipe_id):
+    """Papers 003 and 004: a curate step (a RayJob on the cluster) makes the pretraining shards; nothing shards the
+    pretrain role, and the pretraining loop reads the curate step's manifest."""
+    plan = plan_dag(recipe_id)
+    assert plan.curate
+    spec, platform = compiled(recipe_id)
+    tasks = dict(all_tasks(spec))
+    curate = next(t for t in tasks.values() if t["componentRef"]["name"] == "comp-curate")
+    assert curate["taskInfo"]["name"] == "curate"
+    assert "curate" in curate["inputs"]["parameters"]["sources"]["componentInputParameter"]
+    assert not any(t["taskInfo"]["name"] == f"shard {plan.data['pretrain'].name}" for t in tasks.values())
+    fan = next(t for t in tasks.values() if t["componentRef"]["name"] == "comp-fan-out-seeds")
+    assert fan["inputs"]["parameters"]["data"]["taskOutputParameter"] == {
+        "outputParameterKey": "manifest", "producerTask": next(k for k, t in tasks.items() if t is curate)}
+    assert platform["exec-curate"]["secretAsEnv"], "the RayJob launcher needs the S3 / MLflow credentials"
+    assert spec["root"]["inputDefinitions"]["parameters"]["pretrain_source"]["defaultValue"] == ""
+    assert not plan_dag("vit-huge").curate

@@ -388,3 +388,30 @@ def test_a_downstream_stages_job_runs_on_the_stages_own_gpus(monkeypatch, tmp_pa
         assert 1 + specs.get("Worker", {}).get("replicas", 0) == nodes, stage
         args = specs["Master"]["template"]["spec"]["containers"][0]["args"]
         assert args[args.index("--stage") + 1] == stage and args[args.index("--init") + 1] == "s3://r/pre/export"
+
+
+def test_the_curate_step_runs_a_rayjob_of_the_recipe_on_a_cluster(monkeypatch, fake_k8s):
+    """steps.curate with backend=cluster: a RayJob of the trainer image runs `vfm curate` with the recipe's pools from
+    the raw-data volume, sized by curate.workers; its failure fails the step, naming the job's reason."""
+    from kubernetes import client as k8s
+
+    from vfm.launch import JobFailed
+    from vfm.launch.cluster import ClusterBackend, kube_configuration
+
+    api = k8s.ApiClient(kube_configuration(fake_k8s.url))
+    monkeypatch.setattr(ClusterBackend, "from_environment", classmethod(lambda cls, **kw: cls(api=api, poll_s=0.05)))
+    fake_k8s.pod_templates[("vfm", "vfm-ray")] = {"spec": {"containers": [{"name": "ray", "image": "x"}]}}
+    fake_k8s.default_rayjob_timeline = [
+        {"jobDeploymentStatus": "Initializing"},
+        {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "driver exited 1"}]
+    with pytest.raises(JobFailed, match="AppFailed"):
+        steps.curate(recipe_id="meta-dinov2-giant", profile="paper", overrides=[], data_prefix="s3://vfm/data",
+                     sources=[], eval_sets=[], run_id="run-1", parent_run_id="", image="reg/vfm-trainer:1",
+                     namespace="vfm", backend="cluster", timeout_hours=1.0)
+    job = fake_k8s.created[0]
+    assert job["kind"] == "RayJob" and job["metadata"]["namespace"] == "vfm"
+    entry = job["spec"]["entrypoint"]
+    assert entry.startswith("vfm curate meta-dinov2-giant --dest s3://vfm/data/curated-1.2b") and "--raw-root" in entry
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 64 and workers["rayStartParams"]["num-gpus"] == "8"
+    assert fake_k8s.deleted == [job["metadata"]["name"]], "a failed RayJob is deleted"

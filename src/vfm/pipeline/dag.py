@@ -128,6 +128,8 @@ class DagPlan:
     concurrent_cells: int = 1
     downstream: list[str] = field(default_factory=list)
     """The recipe's downstream (dense transfer) stages, trained from the pretraining export once per seed each."""
+    curate: bool = False
+    """The pretraining data is made by `vfm curate` from the recipe's `curate:` pools (a RayJob), not sharded."""
 
     @property
     def last(self) -> str:
@@ -166,7 +168,7 @@ def plan_dag(recipe_id: str) -> DagPlan:
     return DagPlan(recipe_id=recipe.id, stages=stages, seeds=list(recipe.stages[last].seeds), suites=suites,
                    data=data, skipped=skipped, gpus_per_node=recipe.hardware.procs_per_node,
                    knn_during_training=knn_during, linear_probe=probe, pipeline_id=recipe.id,
-                   downstream=list(recipe.downstream))
+                   downstream=list(recipe.downstream), curate=recipe.curate is not None and "pretrain" in stages)
 
 
 def _plan_ablation(pipeline_id: str) -> DagPlan:
@@ -229,13 +231,17 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
         return _ablation_pipeline(plan, components_image=components_image, trainer_image=trainer_image)
     c = {n: _with_image(component(n), components_image)
          for n in ("start_run", "shard_dataset", "imagenet_c", "train", "fan_out_seeds", "evaluate", "linear_probe",
-                   "aggregate_seeds", "report", "on_exit", "fan_out_downstream")}
+                   "aggregate_seeds", "report", "on_exit", "fan_out_downstream", "curate")}
     desc = (f"vfm {recipe_id}: {' → '.join(plan.stages)} (seeds {plan.seeds}), "
             + ("linear probe, " if plan.linear_probe else "") + f"evaluate {', '.join(plan.suites)}"
             + (f"; downstream {', '.join(plan.downstream)} from the pretraining export, each per seed → evaluate"
                if plan.downstream else "")
-            + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items()))
+            + "".join(f"; {s} skipped: {why}" for s, why in plan.skipped.items())
+            + ("; pretraining data: vfm curate of the recipe's pools (curate_sources / curate_eval_sets replace them)"
+               if plan.curate else ""))
     src = {role: d.default_source for role, d in plan.data.items()}
+    if plan.curate:  # the curate step reads the recipe's sources; pretrain_source is not an input of this pipeline
+        src["pretrain"] = ""
     lay = {role: d.layout for role, d in plan.data.items()}
 
     @dsl.pipeline(name=f"vfm-{recipe_id}", description=desc)
@@ -281,6 +287,8 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
         backend: str = "cluster",
         launcher: str = "pytorchjob",  # or trainjob: Kubeflow Trainer v2 (manifests/components/trainer-v2)
         train_timeout_hours: float = 24.0 * 30,
+        curate_sources: list = [],  # noqa: B006 - NAME=KIND:PATH pools instead of the recipe's curate.sources
+        curate_eval_sets: list = [],  # noqa: B006 - NAME=KIND:PATH instead of curate.decontaminate.sets
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         common = dict(recipe_id=recipe_id, profile=profile, overrides=overrides)
@@ -301,6 +309,17 @@ def build_pipeline(recipe_id: str, *, components_image: str | None = None, train
             labels = {"val": val_labels, "coco_train": coco_labels, "coco_val": coco_labels}
             shards: dict[str, Any] = {}
             for role, d in plan.data.items():
+                if role == "pretrain" and plan.curate:
+                    t = c["curate"](**common, data_prefix=data_prefix, sources=curate_sources,
+                                    eval_sets=curate_eval_sets, run_id=run_id,
+                                    parent_run_id=start.outputs["parent_run_id"], image=image, namespace=namespace,
+                                    backend=backend, timeout_hours=train_timeout_hours, secret=credentials_secret,
+                                    mlflow_uri=mlflow_uri, s3_endpoint=s3_endpoint).set_display_name("curate")
+                    # launches a RayJob (adopted by name on a retry); the Ray pods do the work
+                    t.set_retry(num_retries=1, backoff_duration="60s").set_caching_options(False)
+                    t.set_cpu_request("500m").set_memory_request("1G").set_memory_limit("2G")
+                    shards[role] = _credentials(t, credentials_secret)
+                    continue
                 source, layout = sources[role]
                 t = c["shard_dataset"](dataset=layout, source=source, data_prefix=data_prefix, name=d.name,
                                        labels=labels.get(role, ""), seed=0, shard_size=shard_size, workers=shard_workers,

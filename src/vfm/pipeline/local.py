@@ -314,6 +314,14 @@ def pipeline_arguments(recipe_id: str, *, sources: dict[str, tuple[str, str]], b
         val_labels=val_labels if "val" in plan.data else "")
     for role in plan.data:
         args[f"{role}_source"], args[f"{role}_layout"] = sources[role]
+    if plan.curate:
+        # the local pool and the eval set that decontamination checks it against: the pretrain and val roles' data
+        from vfm.pipeline.steps import curate_kind
+
+        source, layout = sources["pretrain"]
+        args["curate_sources"] = [f"local={curate_kind(layout)}:{source}"]
+        if "val" in sources:
+            args["curate_eval_sets"] = [f"in1k-val={curate_kind(sources['val'][1])}:{sources['val'][0]}"]
     if COCO_LABELS_ROLE in sources:
         args["coco_labels"] = sources[COCO_LABELS_ROLE][0]
     if plan.cells:  # the ablation's pipeline: no ImageNet-C, no seeds parameter (the grid's are the recipe's)

@@ -204,6 +204,66 @@ def imagenet_c(*, source: str = "", val_manifest: str, data_prefix: str, name: s
     return _run_vfm(cmd, dest, s3_endpoint)
 
 
+# `vfm shard` layouts → `vfm curate` source kinds, for a pipeline's own pool (`pretrain_source`) and eval sets
+CURATE_KINDS = {"folder": "folder", "in22k-fall11": "in22k", "in21k-winter21": "in22k", "in1k": "in22k", "wds": "wds"}
+
+
+def curate_kind(layout: str) -> str:
+    """The `vfm curate` source kind that reads a `vfm shard` layout's archive as unlabelled images."""
+    return CURATE_KINDS.get(layout, "tar")
+
+
+def curate(*, recipe_id: str, profile: str, overrides: list[str], data_prefix: str, sources: list[str],
+           eval_sets: list[str], run_id: str, parent_run_id: str, image: str, namespace: str = "",
+           backend: str = "cluster", timeout_hours: float = 24.0, secret: str = "vfm-credentials",
+           mlflow_uri: str = "", s3_endpoint: str = "") -> tuple[str, str]:
+    """`vfm curate` of the recipe's pools to `<data_prefix>/<curate.dataset>`; returns (manifest URL, sha256).
+    `sources` / `eval_sets` (NAME=KIND:PATH) replace the recipe's; empty: the recipe's, under the raw-data volume.
+    On a cluster it runs as a KubeRay RayJob of the trainer image (its pods mount the raw-data volume through the
+    `vfm-ray` PodTemplate); locally on a Ray started in this process."""
+    from vfm import storage
+    from vfm.data.manifest import MANIFEST_NAME
+    from vfm.pipeline import config
+
+    env = use_endpoints(mlflow_uri, s3_endpoint)
+    recipe = _recipe(recipe_id, profile, overrides)
+    if recipe.curate is None:
+        raise UserError(f"recipe {recipe_id} has no `curate:` block")
+    dest = storage.join(data_prefix, recipe.curate.dataset)
+    cmd = ["curate", recipe_id, "--dest", dest, "--profile", profile, "--raw-root", config.RAW_DATA_MOUNT]
+    for o in overrides:
+        cmd += ["--set", o]
+    for s in sources:
+        cmd += ["--source", s]
+    for s in eval_sets:
+        cmd += ["--eval-set", s]
+    if parent_run_id:
+        cmd += ["--parent-run-id", stage_parent(parent_run_id)]
+    if backend == "local":
+        return _run_vfm(cmd, dest, s3_endpoint)
+    from vfm.launch import JobFailed, job_name, run_job
+    from vfm.launch.cluster import ClusterBackend
+    from vfm.launch.job import RUN_LABEL, label_value
+    from vfm.launch.rayjob import RAY_POD_TEMPLATE, build_rayjob
+
+    ns = namespace or _namespace(backend)
+    cfg = recipe.curate
+    manifest = build_rayjob(
+        name=job_name(recipe_id, "curate", run_id), namespace=ns, image=image, entrypoint=["vfm", *cmd],
+        workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, memory_per_worker=cfg.memory_per_worker,
+        gpus_per_worker=cfg.gpus_per_worker if cfg.embedding.enabled else 0,
+        pod_template=ClusterBackend.from_environment().pod_template(ns, RAY_POD_TEMPLATE),
+        labels={RUN_LABEL: label_value(run_id), "vfm.io/stage": "curate"}, env=env, secret=secret,
+        timeout_s=int(timeout_hours * 3600))
+    result = run_job(manifest, backend="cluster", timeout_s=timeout_hours * 3600, max_restarts=0, env=env)
+    url = storage.join(dest, MANIFEST_NAME)
+    if not storage.exists(url):
+        raise JobFailed(result.name, "NoManifest", f"the RayJob succeeded but wrote no manifest at {url}")
+    digest, _ = storage.sha256_of(url)
+    print(f"curated in {result.seconds:.0f} s: {url}")
+    return url, digest
+
+
 def _run_vfm(cmd: list[str], dest: str, s3_endpoint: str) -> tuple[str, str]:
     from vfm import storage
     from vfm.cli import app

@@ -121,7 +121,28 @@ def _smoke(d: dict[str, Any]) -> dict[str, Any]:
         d["ablation"].update(SMOKE_ABLATION)
     for stage in (d.get("downstream") or {}).values():
         _smoke_downstream(stage)
+    if d.get("curate"):
+        _smoke_curate(d["curate"])
     return d
+
+
+# `vfm curate` on the local default pool (vfm.data.digits: 32 px scans, upscaled from 8 px, so soft and small): the
+# same stages at thresholds such images pass unless they are really constant or tiny; the embedding stage runs a
+# randomly initialised ResNet-10-T (no download here), whose features only tell near-identical images apart, hence
+# the high cosine thresholds
+SMOKE_CURATE_QUALITY = {"min_side": 16, "min_bytes": 100, "min_entropy": 1.0, "min_laplacian_var": 1.0}
+SMOKE_CURATE_EMBEDDING = {"model": "timm:resnet10t", "image_size": 32, "threshold": 0.999, "k": 8}
+SMOKE_CURATE_RAY = {"part_size": 256, "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0,
+                    "memory_per_worker": "2Gi", "shard_size": "8MB"}
+
+
+def _smoke_curate(c: dict[str, Any]) -> None:
+    c.update(SMOKE_CURATE_RAY)
+    for stage, values in (("quality", SMOKE_CURATE_QUALITY), ("embedding", SMOKE_CURATE_EMBEDDING)):
+        if c.get(stage, {}).get("enabled", True):
+            c.setdefault(stage, {}).update(values)
+    if c.get("decontaminate", {}).get("enabled"):
+        c["decontaminate"]["threshold"] = SMOKE_CURATE_EMBEDDING["threshold"]
 
 
 def _smoke_downstream(stage: dict[str, Any]) -> None:
