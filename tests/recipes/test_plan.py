@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from vfm.plan import GPU_SPECS, plan
+from vfm.plan import GPU_SPECS, CurateRates, curation_estimate, plan
 from vfm.recipes import list_recipes, load_recipe
 
 A100, H100 = GPU_SPECS["A100-SXM-80GB"][0], GPU_SPECS["H100-SXM-80GB"][0]
@@ -145,6 +145,7 @@ def test_plan_cli_json_for_every_recipe(rid):
 def test_plan_cli_prints_the_checks():
     out = _cli("plan", "meta-dinov2-giant")
     assert "the paper against itself" in out and "executed plan pretrain: 256 × micro-batch" in out
+    assert "curation total:" in out and "Ray workers for 24 h:" in out and "curation assumes:" in out
     assert "\x1b[" not in out  # no colour codes into a pipe
 
 
@@ -193,3 +194,57 @@ def test_data_plane_lines_shard_count_and_reader_slots():
     assert pre.reader_slots == r.hardware.gpus * workers
     r2 = load_recipe("dinov2-giant", ["stages.pretrain.data.workers=3"])
     assert [s for s in plan(r2).stages if s.stage == "pretrain"][0].reader_slots == r2.hardware.gpus * 3
+
+
+def test_curation_section_adds_up_for_meta_dinov2():
+    """1.2 B images through the recipe's stages: the section is there and its arithmetic is its own, whatever the
+    measured rates (vfm.plan's constants, from benchmarks/curate_throughput.py) are."""
+    r = load_recipe("meta-dinov2-giant")
+    p = plan(r)
+    cp = p.curation
+    assert cp is not None and cp.images == 1_200_000_000 and cp.eval_images == 50_000 + 30_000
+    assert (cp.workers, cp.cpus_per_worker, cp.gpus_per_worker) == (64, 16, 8)
+    assert cp.parts == math.ceil((1_200_000_000 + 80_000) / 4096)
+    stages = {s.stage: s for s in cp.stages}
+    assert {"analyse", "pairs", "near", "embedding", "write"} <= set(stages)
+    assert any(n.startswith("curation total:") for n in p.notes)
+    assert p.to_dict()["curation"]["workers_for_24h"] == cp.workers_for_24h
+    # near: N² · m · probes / 2^16 / 2 for pHash ≤ 10 (4 chunks, radius 2: 1 + 16 + 120 probes) and dHash ≤ 6 (17)
+    n = 1_200_080_000
+    assert "6.02e+15" in stages["near"].work and "7.47e+14" in stages["near"].work
+    assert stages["near"].cpu_core_hours == pytest.approx(n**2 * 4 * (137 + 17) / 2**16 / 2
+                                                          / CurateRates().near_pairs_per_core_s / 3600, rel=1e-9)
+    # embedding: ViT-H/14 at 224 px (334.6 GFLOP) at 40 % of the H100's bf16 peak
+    assert stages["embedding"].gpu_hours == pytest.approx(n * 334.6e9 / (H100 * 0.4) / 3600, rel=0.01)
+    # totals and wall time are the stages' own
+    assert cp.cpu_core_hours == pytest.approx(sum(s.cpu_core_hours for s in cp.stages))
+    assert cp.gpu_hours == pytest.approx(sum(s.gpu_hours for s in cp.stages))
+    for s in cp.stages:
+        if not s.serial:
+            assert s.worker_hours == pytest.approx(max(s.cpu_core_hours / 16, s.gpu_hours / 8))
+    assert cp.wall_hours == pytest.approx(cp.parallel_worker_hours / 64 + cp.serial_hours)
+    # the faiss search runs in one actor (vfm.curate.run.embedding_pairs): no worker count beats the serial stages
+    assert stages["faiss"].serial and stages["decontaminate"].serial
+    assert cp.serial_hours == pytest.approx(stages["faiss"].worker_hours + stages["decontaminate"].worker_hours)
+    for hours, w in ((24, cp.workers_for_24h), (24 * 7, cp.workers_for_7d)):
+        assert (w is None) == (cp.serial_hours >= hours)
+    assert any("curation total:" in n and "Ray workers for 24 h: impossible" in n for n in p.notes)
+    # without the embedding stage every stage is parallel: the workers for 24 h (7 days) finish in time, one fewer not
+    off = plan(load_recipe("meta-dinov2-giant", ["curate.embedding.enabled=false"])).curation
+    assert off is not None and off.serial_hours == 0 and "embedding" not in {s.stage for s in off.stages}
+    for hours, w in ((24, off.workers_for_24h), (24 * 7, off.workers_for_7d)):
+        assert w is not None and w * hours >= off.parallel_worker_hours
+        assert off.wall_hours_at(w) <= hours + 1e-9 and (w == 1 or off.wall_hours_at(w - 1) > hours)
+
+
+def test_curation_of_dinov2_giant_is_decode_only_and_scales_linearly():
+    p = plan(load_recipe("dinov2-giant"))
+    cp = p.curation
+    assert cp is not None and cp.images == 142_000_000 and cp.eval_images == 0 and cp.gpu_hours == 0
+    assert [s.stage for s in cp.stages] == ["analyse", "write"]  # every stage off: decode (and hash) and write
+    rates = CurateRates(analyse_core_s=0.01, write_core_s=0.002)
+    cfg = load_recipe("dinov2-giant").curate
+    one, two = curation_estimate(cfg, 1_000_000, rates), curation_estimate(cfg, 2_000_000, rates)
+    assert one.cpu_core_hours == pytest.approx(1_000_000 * 0.012 / 3600)
+    assert two.wall_hours == pytest.approx(2 * one.wall_hours) and one.serial_hours == 0
+    assert one.wall_hours == pytest.approx(1_000_000 * 0.012 / 3600 / 16 / 16)  # 16 workers × 16 CPUs
