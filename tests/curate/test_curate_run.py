@@ -24,8 +24,9 @@ from vfm.curate.run import DECISIONS, FAULT_KILL_ENV, curate
 from vfm.data.manifest import MANIFEST_NAME, Manifest
 from vfm.recipes import load_recipe
 
-# exact + pHash/dHash + decontamination; the embedding stage has its own test (test_embedding_run.py)
-HASH_ONLY = ["curate.embedding.enabled=false", "curate.part_size=12", "curate.shard_size=1MB"]
+# exact + pHash/dHash at vfm's default radii (paper 003's recipe narrows them for 1.2 B images) + decontamination
+HASH_ONLY = ["curate.embedding.enabled=false", "curate.near.phash_max_distance=10", "curate.near.dhash_max_distance=6",
+             "curate.part_size=12", "curate.shard_size=1MB"]
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ class _Analyse:
                 except Exception as exc:  # a damaged member or a vanished object: reported, the part goes on
                     f: Any = f"unreadable: {exc}"
                 else:
-                    f = analyze(data, index.name(e))
+                    f = analyze(data, index.name(e), hash_size=self.settings["hash_size"])
                 rows["id"].append((part.rank << ID_SHIFT) | e)
                 if isinstance(f, str):
                     rows["status"].append(f)
@@ -339,41 +339,32 @@ def hash_pairs(ids: np.ndarray, shas: np.ndarray, hashes: dict[str, np.ndarray],
 
 
 class _Search:
-    """Ray Data UDF: the neighbours of a batch of vectors in one faiss index (deserialised once per actor)."""
+    """Ray Data UDF: the pairs above a cosine threshold between a batch of query vectors and one faiss index
+    (deserialised once per actor), through vfm.curate.embed.similar_pairs (IVF-PQ re-ranked with exact vectors)."""
 
-    def __init__(self, index_ref: Any, index_ids: np.ndarray, k: int, threshold: float):
+    def __init__(self, index_ref: Any, index_ids: np.ndarray, index_vectors_ref: Any, k: int, threshold: float):
         import faiss
         import ray
 
-        blob = ray.get(index_ref) if isinstance(index_ref, ray.ObjectRef) else index_ref
-        self.index = faiss.deserialize_index(blob)
+        self.index = faiss.deserialize_index(ray.get(index_ref))
+        self.exact = ray.get(index_vectors_ref)
         self.index_ids, self.k, self.threshold = index_ids, k, threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from vfm.curate.embed import search
+        from vfm.curate.embed import similar_pairs
 
-        vectors = np.stack(batch["embedding"]).astype(np.float32)
-        sims, pos = search(self.index, vectors, min(self.k, self.index.ntotal))
-        a, b, s = [], [], []
-        for qi, q in enumerate(batch["id"]):
-            for sim, p in zip(sims[qi], pos[qi], strict=True):
-                if p < 0 or sim < self.threshold:
-                    continue
-                other = int(self.index_ids[p])
-                if other != int(q):
-                    lo, hi = sorted((int(q), other))
-                    a.append(lo)
-                    b.append(hi)
-                    s.append(float(sim))
-        return {"a": np.array(a, np.int64), "b": np.array(b, np.int64), "sim": np.array(s, np.float64)}
+        pairs = similar_pairs(self.index, np.stack(batch["embedding"]).astype(np.float32), batch["id"],
+                              threshold=self.threshold, k=min(self.k, self.index.ntotal), exact_vectors=self.exact,
+                              index_ids=self.index_ids)
+        return {"a": np.array([p[0] for p in pairs], np.int64), "b": np.array([p[1] for p in pairs], np.int64)}
 
 
 def embedding_pairs(index_ids: np.ndarray, index_vectors: np.ndarray, query_ids: np.ndarray,
                     query_vectors: np.ndarray, *, threshold: float, k: int, kind: str, seed: int,
-                    rerank: bool = True) -> np.ndarray:
-    """(a, b) pairs with cosine ≥ threshold between the queries and the index's vectors (faiss through
-    vfm.curate.embed), searched as Ray Data batches against one serialised index; IVF-PQ's approximate
-    similarities are re-ranked with the exact vectors."""
+                    workers: int = 1) -> np.ndarray:
+    """(a, b) pairs, unique and sorted, with cosine ≥ threshold between the queries and the index's vectors: one
+    faiss index (vfm.curate.embed.build_index), the queries searched against it in Ray Data batches by `workers`
+    actors, each with a replica of the index from the object store."""
     import faiss
     import ray
 
@@ -382,21 +373,14 @@ def embedding_pairs(index_ids: np.ndarray, index_vectors: np.ndarray, query_ids:
     if not len(index_ids) or not len(query_ids):
         return np.zeros((0, 2), np.int64)
     index = build_index(index_vectors, kind=kind, seed=seed)
-    # approximate candidates a little below the threshold, then exact cosine decides
-    approximate = not isinstance(index, faiss.IndexFlat)
     ds = ray.data.from_items([{"id": int(i), "embedding": v} for i, v in zip(query_ids, query_vectors, strict=True)])
-    ds = ds.map_batches(_Search, batch_format="numpy", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1),
+    actors = max(1, min(workers, -(-len(query_ids) // 4096)))
+    ds = ds.map_batches(_Search, batch_format="numpy", batch_size=4096, compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs=dict(index_ref=ray.put(faiss.serialize_index(index)),
-                                                   index_ids=index_ids, k=k,
-                                                   threshold=threshold - (0.1 if approximate else 0.0)))
+                                                   index_ids=index_ids, index_vectors_ref=ray.put(index_vectors),
+                                                   k=k, threshold=threshold))
     rows = sorted({(r["a"], r["b"]) for r in ds.iter_rows()})
-    pairs = np.array(rows, dtype=np.int64).reshape(-1, 2)
-    if approximate and rerank and len(pairs):
-        lookup = dict(zip(np.concatenate([index_ids, query_ids]).tolist(),
-                          np.concatenate([index_vectors, query_vectors]), strict=True))
-        exact = np.array([float(np.dot(lookup[int(x)], lookup[int(y)])) for x, y in pairs])
-        pairs = pairs[exact >= threshold]
-    return pairs
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 # --- decide -----------------------------------------------------------------------------------------------
@@ -534,12 +518,9 @@ def decide_and_write(cfg: Any, dest: str, inputs: list[Input], by_rank: dict[int
                            chunk_bits=cfg.near.chunk_bits, partitions=max(2, min(64, workers * 2)))
     emb = None
     if cfg.embedding.enabled:
-        emb_col = table.column("embedding")
-        emb = np.zeros((len(ids), 0), np.float32)
-        valid = [v for v in emb_col.to_pylist() if v is not None]
-        dim = len(valid[0]) if valid else 0
-        emb = np.zeros((len(ids), dim), np.float32)
-        for i, v in enumerate(emb_col.to_pylist()):
+        vectors = table.column("embedding").to_pylist()  # None where the image did not decode
+        emb = np.zeros((len(ids), next((len(v) for v in vectors if v is not None), 0)), np.float32)
+        for i, v in enumerate(vectors):
             if v is not None:
                 emb[i] = v
 
@@ -562,7 +543,7 @@ def decide_and_write(cfg: Any, dest: str, inputs: list[Input], by_rank: dict[int
             qrows = pool[dec.alive[pool]]
             erows = np.flatnonzero(is_eval & ok)
             p = embedding_pairs(ids[erows], emb[erows], ids[qrows], emb[qrows], threshold=cfg.decontaminate.threshold,
-                                k=1, kind="flat", seed=cfg.seed)
+                                k=1, kind="flat", seed=cfg.seed, workers=workers)
             pid, eid = against_eval(np.column_stack([p, np.zeros(len(p), np.int64)]) if len(p) else
                                     np.zeros((0, 3), np.int64))
             dec.remove(dec.rows(pid), "decontaminate", "embedding_copy_of_eval", eid)
@@ -580,7 +561,7 @@ def decide_and_write(cfg: Any, dest: str, inputs: list[Input], by_rank: dict[int
         alive = pool[dec.alive[pool]]
         log(f"embedding: {len(alive):,} vectors, cosine ≥ {cfg.embedding.threshold}, k = {cfg.embedding.k}")
         p = embedding_pairs(ids[alive], emb[alive], ids[alive], emb[alive], threshold=cfg.embedding.threshold,
-                            k=cfg.embedding.k, kind=cfg.embedding.index, seed=cfg.seed)
+                            k=cfg.embedding.k, kind=cfg.embedding.index, seed=cfg.seed, workers=workers)
         examples["embedding"] = drop_duplicates(dec, p, "embedding", f"cosine_at_least_{cfg.embedding.threshold}",
                                                 pool)[:8]
         if cfg.embedding.retrieval_k:
