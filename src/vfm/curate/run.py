@@ -475,7 +475,12 @@ def curate(cfg: Any, dest: str, *, raw_root: str = "", workers: int | None = Non
     total = sum(len(inp.index) for inp in inputs)
     log(f"{total:,} images in {len(inputs)} sources ({', '.join(f'{i.name}: {len(i.index):,}' for i in inputs)}), "
         f"{len(parts)} parts of ≤ {cfg.part_size}, {workers} Ray workers")
-    gpus = (cfg.gpus_per_worker / cfg.cpus_per_worker) if cfg.gpus_per_worker and cfg.embedding.enabled else 0.0
+    # each analysis task's share of its worker's GPUs (the embedding model); none where the Ray cluster has no GPU
+    # (this machine), or the tasks would wait for one forever
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = cfg.gpus_per_worker / cfg.cpus_per_worker if cfg.gpus_per_worker and cfg.embedding.enabled and has_gpus else 0.0
+    if cfg.gpus_per_worker and cfg.embedding.enabled and not has_gpus:
+        log(f"curate.gpus_per_worker={cfg.gpus_per_worker} but this Ray cluster has no GPU: embedding on the CPUs")
     resumed, analysed = analyse(inputs, parts, parts_url, settings, thresholds, workers=workers, gpus_per_task=gpus,
                                 endpoint_url=endpoint_url, progress=lambda d, n: progress("analyse", d, n))
     log(f"analysed {analysed} parts, {resumed} committed by an earlier run")
