@@ -458,7 +458,8 @@ class EmbeddingStage(_Strict):
 
     enabled: bool = True
     model: str = "timm:vit_huge_patch14_224.orig_in21k"
-    """`timm:<name>[.<pretrained tag>]` (pretrained weights from the timm hub) or the URL of a vfm export."""
+    """`timm:<name>.<pretrained tag>` (that tag's weights from the timm hub), `timm:<name>` (randomly initialised:
+    smoke runs, which cannot download), or the URL of a vfm export."""
     image_size: int = Field(224, ge=16)
     threshold: float = Field(0.6, gt=0, le=1)
     """Cosine similarity at or above which two images are copies."""
