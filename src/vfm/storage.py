@@ -230,12 +230,7 @@ def list_prefix(url: str, endpoint_url: str | None = None) -> Iterator[str]:
         if root.exists():
             yield from sorted(str(p) for p in root.rglob("*") if p.is_file())
         return
-    bucket, key = split_s3(url)
-    prefix = key.rstrip("/") + "/" if key else ""
-    pages = _client(endpoint_url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    for page in pages:
-        for obj in page.get("Contents", []):
-            yield f"s3://{bucket}/{obj['Key']}"
+    yield from (u for u, _ in list_sizes(url, endpoint_url))
 
 
 def list_sizes(url: str, endpoint_url: str | None = None) -> Iterator[tuple[str, int]]:

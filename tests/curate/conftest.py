@@ -16,3 +16,13 @@ def copy_detector(tmp_path_factory):
     t0 = time.perf_counter()
     export = train_copy_detector(tmp_path_factory.mktemp("copy-detector"))
     return export, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus(services):
+    """Ray on this machine with 2 CPUs for a test module. After `services`: its workers inherit this process's
+    environment when Ray starts, S3 credentials included."""
+    from vfm.curate import ray_session
+
+    with ray_session(2):
+        yield

@@ -30,14 +30,6 @@ HASH_ONLY = ["curate.embedding.enabled=false", "curate.near.phash_max_distance=1
 
 
 @pytest.fixture(scope="module")
-def ray_two_cpus():
-    from vfm.curate import ray_session
-
-    with ray_session(2):
-        yield
-
-
-@pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("curate")
     pool = make_pool(root / "pool", originals=60, seed=0)

@@ -8,21 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from tests.helpers.copy_detector import IMAGE_THRESHOLD
 from tests.helpers.curate_data import ALL_KINDS, make_eval_set, make_pool, plant_eval_copies
 from vfm.curate.cli import curate_config
 from vfm.curate.run import DECISIONS, ID_SHIFT, curate
 from vfm.recipes import load_recipe
-
-
-@pytest.fixture(scope="module")
-def ray_two_cpus():
-    from vfm.curate import ray_session
-
-    with ray_session(2):
-        yield
 
 
 def test_embedding_stage_and_decontamination_with_a_trained_model(ray_two_cpus, copy_detector, tmp_path):

@@ -22,6 +22,8 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from vfm.recipes.schema import QualityStage
+
 # Rejection reasons `analyze` can return (quality_reason's are in QUALITY_REASONS).
 DECODE_REASONS = ("zero_bytes", "corrupt", "truncated", "unsupported", "too_large")
 QUALITY_REASONS = ("too_small", "aspect", "file_size", "low_entropy", "blurry", "grayscale")
@@ -42,34 +44,9 @@ COLOUR_SIDE = 64
 GRAYSCALE_TOLERANCE = 6
 
 
-@dataclass(frozen=True)
-class QualityThresholds:
-    """Thresholds of `quality_reason` (the recipe schema mirrors these field names).
-
-    Defaults were tuned on the planted pool of tests/helpers/curate_data.py so each planted bad image is
-    rejected for its own reason while no original or planted copy is (make_pool(originals=60, seed=0):
-    over the 108 good files the smallest values were short side 137 px, 7.9 KB, entropy 5.7 bits and
-    Laplacian variance 68; the planted blurry image measures 1.6 and the near-constant one 1.6 bits):
-    - min_side 112: half of the 224 px training crop; below it a crop is mostly upsampling.
-    - max_aspect 3.0: a 224 crop of a 3:1 panorama still sees a third of it; banners and strips go.
-    - min_bytes 2048: real photos at >= 112 px are several KB even as JPEG; smaller files are placeholders.
-    - min_entropy 3.0 bits (of 8): flat fills, blank scans and near-constant frames sit near 0-2 bits,
-      natural photos at 6-7.5.
-    - min_laplacian_var 30: the OpenCV "variance of the Laplacian" blur test (Pech-Pacheco et al. 2000;
-      popularised by pyimagesearch's "Blur detection with OpenCV", which uses cv2.Laplacian(gray,
-      CV_64F).var() < 100 on full-resolution frames). We measure on a 256 px thumbnail, which sharpens
-      (downscaling raises the variance), with the same 4-neighbour kernel as cv2.Laplacian's default
-      ksize=1; 30 rejects heavy defocus/motion blur but keeps soft photos.
-    - drop_grayscale False: DINOv2's LVD-142M does not report dropping grayscale photos; they are valid
-      natural images, so removing them is opt-in.
-    """
-
-    min_side: int = 112
-    max_aspect: float = 3.0
-    min_bytes: int = 2048
-    min_entropy: float = 3.0
-    min_laplacian_var: float = 30.0
-    drop_grayscale: bool = False
+# one home for the thresholds: the recipe's `curate.quality` fields (vfm.recipes.schema.QualityStage, whose defaults
+# were tuned here: see its docstring) are what `quality_reason` reads
+QualityThresholds = QualityStage
 
 
 @dataclass(frozen=True)

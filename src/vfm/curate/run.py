@@ -450,8 +450,6 @@ def curate(cfg: Any, dest: str, *, raw_root: str = "", workers: int | None = Non
     (`ray_session`); resumable; returns the manifest and the report (vfm.curate.report writes it to MLflow)."""
     import ray
 
-    from vfm.curate.quality import QualityThresholds
-
     if not ray.is_initialized():
         raise RuntimeError("curate runs inside vfm.curate.ray_session(); start Ray first")
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -468,10 +466,7 @@ def curate(cfg: Any, dest: str, *, raw_root: str = "", workers: int | None = Non
     digest = settings_digest(settings)
     parts_url = storage.join(dest, f"{WORK_DIR}/parts/{digest}")
     parts = plan_parts(inputs, cfg.part_size)
-    q = cfg.quality
-    thresholds = QualityThresholds(min_side=q.min_side, max_aspect=q.max_aspect, min_bytes=q.min_bytes,
-                                   min_entropy=q.min_entropy, min_laplacian_var=q.min_laplacian_var,
-                                   drop_grayscale=q.drop_grayscale)
+    thresholds = cfg.quality
     total = sum(len(inp.index) for inp in inputs)
     log(f"{total:,} images in {len(inputs)} sources ({', '.join(f'{i.name}: {len(i.index):,}' for i in inputs)}), "
         f"{len(parts)} parts of ≤ {cfg.part_size}, {workers} Ray workers")
