@@ -48,7 +48,11 @@ class Embedder:
         from timm.data import create_transform, resolve_data_config
 
         if spec.startswith("timm:"):
-            model = timm.create_model(spec[len("timm:"):], pretrained=pretrained, num_classes=0)
+            import torch
+
+            with torch.random.fork_rng():  # a randomly initialised model is the same in every worker and run
+                torch.manual_seed(0)
+                model = timm.create_model(spec[len("timm:"):], pretrained=pretrained, num_classes=0)
             config = resolve_data_config({"input_size": (3, image_size, image_size)} if image_size else {},
                                          model=model)
         else:
