@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
                                    "--boundary-epochs", "2", "--step-ms", "1"], "with one iterator across epochs"),
     ("jpeg_decode.py", ["--images", "4", "--sizes", "64", "--repeats", "1"], "decode_jpeg, the list"),
     ("imagenet_c_throughput.py", ["--images", "8", "--corruptions", "contrast", "--workers", "2"], "images/s"),
+    ("curate_faiss.py", ["--n", "2000", "--dim", "32", "--threads", "1"], "IVF-PQ: nlist"),
+    ("curate_throughput.py", ["--originals", "12", "--small", "6", "--part-size", "8", "--codes", "2000",
+                              "--embed-images", "4", "--faiss-n", "0"], "extrapolated to meta-dinov2-giant"),
 ])
 def test_data_benchmark_runs(script, args, expect):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW", "AWS_ENDPOINT"))}
