@@ -52,7 +52,7 @@ class Manifest:
     """The class / fraction subset this dataset was drawn as (`vfm shard --subset-classes`); {} when whole."""
     task: str = "classification"
     """What a sample holds (vfm.data.sources.SourceIndex.task): classification (`.cls`), semantic_segmentation
-    (`.seg.png`), object_detection (annotations in `.json`). Absent from manifests of classification datasets, old
+    (`.seg.png`), object_detection (annotations in `.json`), unlabelled (`vfm curate`: the image and its `.json`). Absent from manifests of classification datasets, old
     ones included, which therefore load as before."""
     categories: list[dict[str, Any]] = field(default_factory=list)
     """Dense tasks: [{"id", "name", ...}] with the dataset's own ids (ADE20K 1..150, mask value k; COCO's 80

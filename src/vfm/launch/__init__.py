@@ -2,7 +2,8 @@
 Kubeflow Trainer v2 TrainJob (`trainjob`), the pipeline's `launcher` parameter — and run it on a cluster
 (`cluster`) or as local processes with the operator's environment (`local`). Both backends return a
 `JobResult` or raise `JobFailed` / `JobTimeout`, and both delete / kill what they started when they do
-not succeed."""
+not succeed. The curate step's KubeRay RayJob (`rayjob`) runs on the cluster backend the same way; locally
+`vfm curate` starts Ray itself."""
 
 from __future__ import annotations
 
