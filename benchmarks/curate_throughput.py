@@ -91,13 +91,8 @@ def embed_preprocess(pool: Path, images: int) -> float:
         model = timm.create_model("vit_huge_patch14_224.orig_in21k", pretrained=False, num_classes=0)
     tf = create_transform(**resolve_data_config({"input_size": (3, 224, 224)}, model=model), is_training=False)
     datas = [f.read_bytes() for f in sorted(pool.iterdir()) if f.suffix in (".jpg", ".png")][:images]
-    good = []
-    for d in datas:
-        try:
-            Image.open(io.BytesIO(d)).convert("RGB")
-            good.append(d)
-        except Exception:  # the planted bad files
-            pass
+    # leave out the planted bad files as the analysis does (a rejection reason instead of features)
+    good = [d for d in datas if not isinstance(analyze(d, "benchmark"), str)]
     c0 = time.process_time()
     for d in good:
         tf(Image.open(io.BytesIO(d)).convert("RGB"))
